@@ -1,0 +1,810 @@
+//! Configuration: TOML, typed, unknown keys rejected, validated after parsing.
+//!
+//! Every option except the contract's metric fields has a default, so a config that only lists
+//! `[[metrics]]` is complete. Keys carry their unit (`window_secs`). Errors carry a location
+//! (line and column) so that `guardrail check-config` can point at the offending text.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+pub const SECS_PER_WEEK: f64 = 7.0 * 24.0 * 3600.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<LocatedError>),
+}
+
+/// A semantic error found by `validate()`, with the place it refers to.
+#[derive(Debug, Clone)]
+pub struct LocatedError {
+    pub path: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, e.g. `metrics[2].numerator.type`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for LocatedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.path, self.line, self.column, self.key, self.message
+        )
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub service: ServiceConfig,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub detection: DetectionDefaults,
+    #[serde(default)]
+    pub signing: SigningConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub metrics: Vec<Spanned<MetricConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Names this instance in rollback requests (`source: guardrail/<instance>`).
+    pub instance: String,
+    /// Base URL of the HTTP API as users reach it; alerts link to `{public_url}/incidents/{id}`.
+    pub public_url: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            instance: "guardrail-1".into(),
+            public_url: "http://127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub topics: TopicsConfig,
+    /// librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.*, ...).
+    pub options: BTreeMap<String, String>,
+    /// How long a produce may take before it is reported as failed.
+    pub produce_timeout_secs: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "guardrail".into(),
+            topics: TopicsConfig::default(),
+            options: BTreeMap::new(),
+            produce_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub events: String,
+    pub changes: String,
+    pub alerts: String,
+    pub rollbacks: String,
+    pub audit: String,
+    pub dlq: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            events: "guardrail.events".into(),
+            changes: "guardrail.changes".into(),
+            alerts: "guardrail.alerts".into(),
+            rollbacks: "guardrail.rollbacks".into(),
+            audit: "guardrail.audit".into(),
+            dlq: "guardrail.dlq".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz` and the incident API. Port 0 picks a free port.
+    pub listen: String,
+    /// Per-series observed/expected/score gauges are exported for at most this many series
+    /// (series in an incident first), to keep Prometheus cardinality bounded.
+    pub max_series_gauges: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+            max_series_gauges: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Width of the tumbling event-time windows every series is aggregated into.
+    pub window_secs: u64,
+    /// Watermark = max event time seen minus this. Events older than the watermark's window are
+    /// dead-lettered as `too_late`.
+    pub allowed_lateness_secs: u64,
+    /// Events stamped further than this ahead of the wall clock are dead-lettered.
+    pub max_future_skew_secs: u64,
+    /// Events larger than this are dead-lettered as `too_large`.
+    pub max_event_bytes: usize,
+    /// Series (segment combinations) tracked per metric; events beyond it still count in the
+    /// metric's total series and in `guardrail_series_overflow_total`.
+    pub max_series_per_metric: usize,
+    /// Drop exact duplicates by event `id` within the lateness horizon.
+    pub dedup_by_id: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            window_secs: 300,
+            allowed_lateness_secs: 120,
+            max_future_skew_secs: 300,
+            max_event_bytes: 64 * 1024,
+            max_series_per_metric: 10_000,
+            dedup_by_id: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Seasonality {
+    None,
+    HourOfDay,
+    HourOfWeek,
+}
+
+impl Seasonality {
+    pub fn buckets(self) -> usize {
+        match self {
+            Seasonality::None => 1,
+            Seasonality::HourOfDay => 24,
+            Seasonality::HourOfWeek => 168,
+        }
+    }
+}
+
+/// Detection settings; `[detection]` sets the defaults, each metric may override any of them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectionDefaults {
+    /// The false-alarm rate the detectors are calibrated to, per series and per week. The
+    /// threshold is ln(K * ARL0) with ARL0 = windows per week / this rate (K = parallel CUSUMs).
+    pub false_alarms_per_series_week: f64,
+    /// Smallest relative change worth an alert (practical significance) and the smallest
+    /// effect the CUSUM bank is tuned for (it covers this times 1, 2, 4, 8, 16).
+    pub min_relative_effect: f64,
+    /// Smallest shift worth an alert for `mean` metrics, in units of the per-event spread.
+    pub min_effect_sd: f64,
+    /// Windows whose denominator (sessions, exposure, observations) is below this are not
+    /// tested, so thin segments never alarm.
+    pub min_volume_per_window: f64,
+    /// Expected events since the onset needed before a drop or spike may fire.
+    pub min_expected_events: f64,
+    /// Windows of history a series needs before it is tested.
+    pub warmup_windows: u32,
+    pub seasonality: Seasonality,
+    /// Half-life of the baseline's memory, in windows of the same season bucket.
+    pub baseline_half_life_windows: f64,
+    /// An incident still open after this long is accepted as the new normal: it resolves and the
+    /// baseline re-learns.
+    pub incident_max_secs: u64,
+}
+
+impl Default for DetectionDefaults {
+    fn default() -> Self {
+        Self {
+            false_alarms_per_series_week: 0.01,
+            min_relative_effect: 0.05,
+            min_effect_sd: 0.05,
+            min_volume_per_window: 20.0,
+            min_expected_events: 10.0,
+            warmup_windows: 144,
+            seasonality: Seasonality::HourOfDay,
+            baseline_half_life_windows: 24.0,
+            incident_max_secs: 24 * 3600,
+        }
+    }
+}
+
+/// Per-metric overrides of [`DetectionDefaults`].
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectionOverrides {
+    pub false_alarms_per_series_week: Option<f64>,
+    pub min_relative_effect: Option<f64>,
+    pub min_effect_sd: Option<f64>,
+    pub min_volume_per_window: Option<f64>,
+    pub min_expected_events: Option<f64>,
+    pub warmup_windows: Option<u32>,
+    pub seasonality: Option<Seasonality>,
+    pub baseline_half_life_windows: Option<f64>,
+    pub incident_max_secs: Option<u64>,
+}
+
+impl DetectionOverrides {
+    pub fn resolve(&self, d: &DetectionDefaults) -> DetectionDefaults {
+        DetectionDefaults {
+            false_alarms_per_series_week: self
+                .false_alarms_per_series_week
+                .unwrap_or(d.false_alarms_per_series_week),
+            min_relative_effect: self.min_relative_effect.unwrap_or(d.min_relative_effect),
+            min_effect_sd: self.min_effect_sd.unwrap_or(d.min_effect_sd),
+            min_volume_per_window: self
+                .min_volume_per_window
+                .unwrap_or(d.min_volume_per_window),
+            min_expected_events: self.min_expected_events.unwrap_or(d.min_expected_events),
+            warmup_windows: self.warmup_windows.unwrap_or(d.warmup_windows),
+            seasonality: self.seasonality.unwrap_or(d.seasonality),
+            baseline_half_life_windows: self
+                .baseline_half_life_windows
+                .unwrap_or(d.baseline_half_life_windows),
+            incident_max_secs: self.incident_max_secs.unwrap_or(d.incident_max_secs),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    pub key_id: String,
+    /// HMAC-SHA256 secret for rollback requests. Prefer `secret_env` in production.
+    pub secret: Option<String>,
+    /// Environment variable holding the secret; wins over `secret` when set.
+    pub secret_env: Option<String>,
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        Self {
+            key_id: "k1".into(),
+            secret: None,
+            secret_env: Some("GUARDRAIL_SIGNING_SECRET".into()),
+        }
+    }
+}
+
+impl SigningConfig {
+    pub fn resolve_secret(&self) -> Option<String> {
+        if let Some(var) = &self.secret_env {
+            if let Ok(v) = std::env::var(var) {
+                if !v.is_empty() {
+                    return Some(v);
+                }
+            }
+        }
+        self.secret.clone()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Key of the keyed hash applied to `user` (distinct counts). Raw ids are never stored.
+    pub user_hash_key: Option<String>,
+    pub user_hash_key_env: Option<String>,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            user_hash_key: None,
+            user_hash_key_env: Some("GUARDRAIL_USER_HASH_KEY".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Human,
+    Supervised,
+    Autonomous,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Human => "human",
+            Tier::Supervised => "supervised",
+            Tier::Autonomous => "autonomous",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Tier of a change that names none and whose kind is not listed in `tiers`.
+    pub default_tier: Tier,
+    /// Tier per change kind (`wording`, `offer`, `audience`, ...).
+    pub tiers: BTreeMap<String, Tier>,
+    /// Decide and audit, never act: no rollback request is produced.
+    pub shadow_mode: bool,
+    /// How far before the estimated onset a change may have been applied and still be a
+    /// candidate.
+    pub candidate_lookback_secs: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            default_tier: Tier::Human,
+            tiers: BTreeMap::new(),
+            shadow_mode: false,
+            candidate_lookback_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricKind {
+    Ratio,
+    Count,
+    Mean,
+    Distinct,
+    Share,
+}
+
+impl MetricKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Ratio => "ratio",
+            MetricKind::Count => "count",
+            MetricKind::Mean => "mean",
+            MetricKind::Distinct => "distinct",
+            MetricKind::Share => "share",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Drop,
+    Spike,
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// Which events a metric reads: a type plus optional filters.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub surface: Option<String>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub dims: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricConfig {
+    pub name: String,
+    pub kind: MetricKind,
+    pub numerator: Selector,
+    pub denominator: Option<Selector>,
+    pub exposure: Option<Selector>,
+    #[serde(default = "default_direction")]
+    pub direction: Direction,
+    #[serde(default)]
+    pub dims: Vec<String>,
+    #[serde(default = "default_severity")]
+    pub severity: Severity,
+    /// Also track the metric over all segments (the series with no dims).
+    #[serde(default = "default_true")]
+    pub include_total: bool,
+    /// Who owns this metric (routing, accountability).
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub detection: DetectionOverrides,
+}
+
+fn default_direction() -> Direction {
+    Direction::Both
+}
+fn default_severity() -> Severity {
+    Severity::Warning
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Fields that live at the top level of an event rather than in its `dims` object.
+pub const TOP_LEVEL_DIMS: [&str; 4] = ["surface", "variant", "change_id", "arm"];
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_str_named(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `name` is used in error locations.
+    pub fn from_str_named(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: name.to_string(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        let errors = cfg.validate(text, name);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    pub fn metrics(&self) -> impl Iterator<Item = &MetricConfig> {
+        self.metrics.iter().map(|m| m.get_ref())
+    }
+
+    /// Semantic checks that serde cannot express. Returns every problem, not only the first.
+    pub fn validate(&self, text: &str, name: &str) -> Vec<LocatedError> {
+        let mut errs = Vec::new();
+        let at = |offset: usize, key: String, message: String| {
+            let (line, column) = line_col(text, offset);
+            LocatedError {
+                path: name.to_string(),
+                line,
+                column,
+                key,
+                message,
+            }
+        };
+        let top = 0usize;
+        let e = &self.engine;
+        if e.window_secs == 0 || e.window_secs > 24 * 3600 {
+            errs.push(at(
+                find_key(text, "window_secs").unwrap_or(top),
+                "engine.window_secs".into(),
+                format!("must be between 1 and 86400, got {}", e.window_secs),
+            ));
+        } else if (24 * 3600) % e.window_secs != 0 {
+            errs.push(at(
+                find_key(text, "window_secs").unwrap_or(top),
+                "engine.window_secs".into(),
+                format!(
+                    "must divide a day evenly so windows align with seasonal buckets, got {}",
+                    e.window_secs
+                ),
+            ));
+        }
+        if e.max_event_bytes < 64 {
+            errs.push(at(
+                find_key(text, "max_event_bytes").unwrap_or(top),
+                "engine.max_event_bytes".into(),
+                "must be at least 64".into(),
+            ));
+        }
+        if e.max_series_per_metric == 0 {
+            errs.push(at(
+                find_key(text, "max_series_per_metric").unwrap_or(top),
+                "engine.max_series_per_metric".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        check_detection(&self.detection, "detection", text, &mut errs, &at, top);
+        if self.metrics.is_empty() {
+            errs.push(at(
+                top,
+                "metrics".into(),
+                "no [[metrics]] defined: guardrail needs at least one metric to watch".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.metrics.iter().enumerate() {
+            let off = m.span().start;
+            let mc = m.get_ref();
+            let key = |k: &str| format!("metrics[{i}] ({}).{k}", mc.name);
+            if mc.name.is_empty()
+                || !mc
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+            {
+                errs.push(at(
+                    off,
+                    key("name"),
+                    "must be non-empty and use only letters, digits, '_', '-', '.'".into(),
+                ));
+            }
+            if !seen.insert(mc.name.clone()) {
+                errs.push(at(off, key("name"), "duplicate metric name".into()));
+            }
+            if mc.numerator.event_type.is_empty() {
+                errs.push(at(
+                    off,
+                    key("numerator.type"),
+                    "event type must not be empty".into(),
+                ));
+            }
+            match mc.kind {
+                MetricKind::Ratio => {
+                    if mc.denominator.is_none() {
+                        errs.push(at(
+                            off,
+                            key("denominator"),
+                            "a ratio metric needs a denominator selector, e.g. denominator = { type = \"session\" }".into(),
+                        ));
+                    }
+                    if mc.exposure.is_some() {
+                        errs.push(at(
+                            off,
+                            key("exposure"),
+                            "only count metrics take an exposure; a ratio uses denominator".into(),
+                        ));
+                    }
+                }
+                MetricKind::Count => {
+                    if mc.denominator.is_some() {
+                        errs.push(at(off, key("denominator"), "a count metric takes `exposure` (e.g. tickets per session), not `denominator`".into()));
+                    }
+                }
+                MetricKind::Mean | MetricKind::Distinct => {
+                    if mc.denominator.is_some() || mc.exposure.is_some() {
+                        errs.push(at(
+                            off,
+                            key("denominator"),
+                            format!(
+                                "a {} metric reads only its numerator selector",
+                                mc.kind.as_str()
+                            ),
+                        ));
+                    }
+                }
+                MetricKind::Share => {
+                    errs.push(at(off, key("kind"), "kind `share` (mix drift) is part of the contract but not available in this version; use ratio metrics per value meanwhile".into()));
+                }
+            }
+            if mc.dims.len() > 4 {
+                errs.push(at(
+                    off,
+                    key("dims"),
+                    "at most 4 segment dimensions per metric".into(),
+                ));
+            }
+            let mut dd = std::collections::HashSet::new();
+            for d in &mc.dims {
+                if d.is_empty() || !dd.insert(d) {
+                    errs.push(at(
+                        off,
+                        key("dims"),
+                        format!("dimension {d:?} is empty or repeated"),
+                    ));
+                }
+            }
+            if mc.dims.is_empty() && !mc.include_total {
+                errs.push(at(
+                    off,
+                    key("include_total"),
+                    "a metric without dims is only its total series; include_total cannot be false"
+                        .into(),
+                ));
+            }
+            let d = mc.detection.resolve(&self.detection);
+            check_detection(&d, &key("detection"), text, &mut errs, &at, off);
+        }
+        errs
+    }
+}
+
+fn check_detection(
+    d: &DetectionDefaults,
+    key: &str,
+    _text: &str,
+    errs: &mut Vec<LocatedError>,
+    at: &dyn Fn(usize, String, String) -> LocatedError,
+    off: usize,
+) {
+    if !(d.false_alarms_per_series_week > 0.0 && d.false_alarms_per_series_week <= 100.0) {
+        errs.push(at(
+            off,
+            format!("{key}.false_alarms_per_series_week"),
+            format!(
+                "must be in (0, 100], got {} (the shipped default is 0.01: one false alarm per series per ~2 years)",
+                d.false_alarms_per_series_week
+            ),
+        ));
+    }
+    if !(d.min_relative_effect > 0.0 && d.min_relative_effect < 1.0) {
+        errs.push(at(
+            off,
+            format!("{key}.min_relative_effect"),
+            format!("must be in (0, 1), got {}", d.min_relative_effect),
+        ));
+    }
+    if !(d.min_effect_sd > 0.0 && d.min_effect_sd.is_finite()) {
+        errs.push(at(
+            off,
+            format!("{key}.min_effect_sd"),
+            "must be > 0".into(),
+        ));
+    }
+    if !(d.min_volume_per_window >= 0.0 && d.min_volume_per_window.is_finite()) {
+        errs.push(at(
+            off,
+            format!("{key}.min_volume_per_window"),
+            "must be >= 0".into(),
+        ));
+    }
+    if !(d.min_expected_events >= 0.0 && d.min_expected_events.is_finite()) {
+        errs.push(at(
+            off,
+            format!("{key}.min_expected_events"),
+            "must be >= 0".into(),
+        ));
+    }
+    if !(d.baseline_half_life_windows >= 1.0 && d.baseline_half_life_windows.is_finite()) {
+        errs.push(at(
+            off,
+            format!("{key}.baseline_half_life_windows"),
+            "must be >= 1".into(),
+        ));
+    }
+    if d.incident_max_secs == 0 {
+        errs.push(at(
+            off,
+            format!("{key}.incident_max_secs"),
+            "must be > 0".into(),
+        ));
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map(|p| offset - p).unwrap_or(offset + 1);
+    (line, column)
+}
+
+fn find_key(text: &str, key: &str) -> Option<usize> {
+    let mut off = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if t.starts_with(key) && t[key.len()..].trim_start().starts_with('=') {
+            return Some(off + (line.len() - t.len()));
+        }
+        off += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[[metrics]]
+name = "conversion_rate"
+kind = "ratio"
+numerator = { type = "conversion" }
+denominator = { type = "session" }
+direction = "drop"
+dims = ["surface", "country"]
+severity = "critical"
+"#;
+
+    #[test]
+    fn contract_minimal_metric_is_valid_with_defaults() {
+        let c = Config::from_str_named(MIN, "t.toml").unwrap();
+        assert_eq!(c.metrics.len(), 1);
+        assert_eq!(c.engine.window_secs, 300);
+        assert_eq!(c.detection.false_alarms_per_series_week, 0.01);
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = format!("{MIN}windw_secs = 3\n");
+        let err = Config::from_str_named(&text, "t.toml").unwrap_err();
+        match err {
+            ConfigError::Parse { line, message, .. } => {
+                assert!(message.contains("unknown field"), "{message}");
+                assert!(line >= 2, "line {line}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn ratio_without_denominator_is_rejected_with_line() {
+        let text = "\n\n[[metrics]]\nname = \"x\"\nkind = \"ratio\"\nnumerator = { type = \"conversion\" }\n";
+        let err = Config::from_str_named(text, "t.toml").unwrap_err();
+        let s = err.to_string();
+        assert!(s.contains("t.toml:3:"), "{s}");
+        assert!(s.contains("denominator"), "{s}");
+    }
+
+    #[test]
+    fn bad_detection_values_are_rejected() {
+        let text = format!(
+            "[detection]\nfalse_alarms_per_series_week = 0\n[engine]\nwindow_secs = 7\n{MIN}"
+        );
+        let s = Config::from_str_named(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("false_alarms_per_series_week"), "{s}");
+        assert!(s.contains("t.toml:4:1: engine.window_secs"), "{s}");
+    }
+
+    #[test]
+    fn line_col_is_one_based() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 3), (2, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,1449 @@
+//! The engine: decode -> window -> baseline -> detect -> attribute -> policy, in event time.
+//!
+//! One engine instance is single-threaded and deterministic given its inputs (except the wall
+//! clock used for `emitted_at` and the future-skew check, both passed in). The live service and
+//! replay drive the same engine. Per event the hot path does a hash-map lookup per routed metric,
+//! adds to a window slot and compares a watermark: no allocation (unless a JSON string has
+//! escapes or a new series appears) and no lock. Windows close when the watermark passes them;
+//! closing a window runs the baseline and the detector of every series once.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hasher;
+
+use serde::Serialize;
+use siphasher::sip::SipHasher13;
+use statrs::distribution::{ContinuousCDF, Normal};
+
+use crate::attribute::{human_duration, Candidate, Registry};
+use crate::baseline::{Baseline, Expect, Family};
+use crate::config::{
+    Config, DetectionDefaults, Direction, MetricConfig, MetricKind, Selector, Tier, TOP_LEVEL_DIMS,
+};
+use crate::detect::{Alarm, Detector, Recovery, Side};
+use crate::event::{
+    decode_change, decode_event, fmt_time, Actor, Change, ChangeAction, ErrorCode, Event, Reject,
+};
+use crate::policy::{self, Decision, DecisionAction};
+use crate::sink::{
+    stable_id, Alert, AuditRecord, Output, RollbackData, RollbackMetric, RollbackRequest,
+    TopSegment,
+};
+use crate::window::Ring;
+
+/// Dimensions read from the `dims` object, across all metrics.
+const MAX_OBJ_DIMS: usize = 16;
+/// Windows of per-series history kept for drill-down and the API.
+pub const HISTORY: usize = 48;
+/// Value used for a tracked dimension the event does not carry.
+pub const MISSING_DIM: &str = "unknown";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("metric {metric}: tracks {count} dims read from the `dims` object in total across metrics; at most {MAX_OBJ_DIMS}")]
+    TooManyDims { metric: String, count: usize },
+    #[error("no signing secret: set [signing].secret or the environment variable {0} (rollback requests must be signed)")]
+    NoSecret(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TopField {
+    Surface,
+    Variant,
+    ChangeId,
+    Arm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DimSrc {
+    Top(TopField),
+    Obj(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Num,
+    Den,
+}
+
+#[derive(Debug, Clone)]
+struct Filter {
+    surface: Option<String>,
+    name: Option<String>,
+    dims: Vec<(DimSrc, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct Route {
+    metric: usize,
+    role: Role,
+    filter: Filter,
+}
+
+/// A configured metric, resolved.
+#[derive(Debug, Clone)]
+pub struct MetricDef {
+    pub cfg: MetricConfig,
+    pub family: Family,
+    pub det: DetectionDefaults,
+    dims: Vec<DimSrc>,
+    /// Count metrics without exposure measure events per window.
+    per_window: bool,
+    total: Option<usize>,
+    series_count: usize,
+}
+
+impl MetricDef {
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct HistEntry {
+    num: f32,
+    den: f32,
+    /// Expected rate (NaN when the baseline had no forecast).
+    exp: f32,
+}
+
+/// Latest closed window of a series, as exported to gauges and the API.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LastWindow {
+    pub window_start_ms: i64,
+    pub observed: f64,
+    pub expected: f64,
+    pub expected_low: f64,
+    pub expected_high: f64,
+    pub volume: f64,
+    pub score: f64,
+}
+
+/// One tracked series: a metric over one combination of segment values (or the total).
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub metric: usize,
+    pub dims: Vec<(String, String)>,
+    pub label: String,
+    ring: Ring,
+    first_window: i64,
+    baseline: Baseline,
+    detector: Detector,
+    pub incident: Option<usize>,
+    hist: [HistEntry; HISTORY],
+    pub last: LastWindow,
+    /// Smoothed volume, to pick which series get gauges.
+    pub volume: f32,
+}
+
+impl Series {
+    fn hist_at(&self, w: i64, last_w: i64) -> Option<HistEntry> {
+        if w > last_w || last_w - w >= HISTORY as i64 || w < self.first_window {
+            return None;
+        }
+        Some(self.hist[w.rem_euclid(HISTORY as i64) as usize])
+    }
+
+    /// (window start ms, observed rate, expected rate) for the last `n` closed windows.
+    pub fn history(&self, last_w: i64, window_ms: i64) -> Vec<(i64, f64, Option<f64>)> {
+        let mut out = Vec::new();
+        for w in (last_w - HISTORY as i64 + 1)..=last_w {
+            if let Some(h) = self.hist_at(w, last_w) {
+                let obs = if h.den > 0.0 {
+                    (h.num / h.den) as f64
+                } else {
+                    f64::NAN
+                };
+                let exp = (!h.exp.is_nan()).then_some(h.exp as f64);
+                out.push((w * window_ms, obs, exp));
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentStatus {
+    Firing,
+    Resolved,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Incident {
+    pub id: String,
+    pub metric: String,
+    #[serde(skip)]
+    pub metric_idx: usize,
+    #[serde(skip)]
+    pub series_idx: usize,
+    pub series: serde_json::Map<String, serde_json::Value>,
+    pub status: IncidentStatus,
+    pub kind: &'static str,
+    pub severity: &'static str,
+    pub onset_ms: i64,
+    pub detected_ms: i64,
+    pub resolved_ms: Option<i64>,
+    pub resolution: Option<String>,
+    pub observed: f64,
+    pub expected: f64,
+    pub expected_low: f64,
+    pub expected_high: f64,
+    pub effect: f64,
+    pub score: f64,
+    /// Windows from onset to detection, and events read in them.
+    pub delay_windows: i64,
+    pub delay_events: f64,
+    pub candidates: Vec<Candidate>,
+    pub top_segments: Vec<TopSegment>,
+    pub decision: Decision,
+    pub rollback_id: Option<String>,
+    #[serde(skip)]
+    recovery: Recovery,
+}
+
+/// Plain counters, bumped on the hot path without atomics; telemetry folds them into
+/// Prometheus once per batch.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub events: u64,
+    pub accepted: u64,
+    pub rejected: [u64; ErrorCode::ALL.len()],
+    pub unselected: u64,
+    pub missing_value: u64,
+    pub missing_user: u64,
+    pub series_overflow: u64,
+    pub windows_closed: u64,
+    pub changes: u64,
+    pub alerts_firing: u64,
+    pub alerts_resolved: u64,
+    pub rollbacks_requested: u64,
+    pub rollbacks_confirmed: u64,
+    /// Decisions by (action, tier) as labels.
+    pub decisions: HashMap<(&'static str, &'static str), u64>,
+}
+
+/// A partition stops holding the watermark back after this long without messages (wall time).
+pub const SOURCE_IDLE_MS: i64 = 10_000;
+
+#[derive(Debug, Clone, Copy)]
+struct SourceClock {
+    source: i32,
+    max_ts: i64,
+    seen_ms: i64,
+}
+
+struct Dedup {
+    cur: HashSet<u64>,
+    prev: HashSet<u64>,
+    gen_start: i64,
+    span_ms: i64,
+}
+
+impl Dedup {
+    /// True if `h` was seen within the horizon; records it otherwise.
+    fn seen(&mut self, h: u64, ts: i64) -> bool {
+        if ts - self.gen_start > self.span_ms {
+            self.prev = std::mem::take(&mut self.cur);
+            self.gen_start = ts;
+        }
+        if self.prev.contains(&h) {
+            return true;
+        }
+        !self.cur.insert(h)
+    }
+}
+
+/// Immutable after construction: what to read and how.
+struct Schema {
+    metrics: Vec<MetricDef>,
+    routes: HashMap<String, Vec<Route>>,
+    obj_dims: Vec<&'static str>,
+    window_ms: i64,
+    lateness_ms: i64,
+    skew_ms: i64,
+    max_bytes: usize,
+    max_series: usize,
+    ring_slots: usize,
+    dedup: bool,
+    user_key: (u64, u64),
+    series_key: (u64, u64),
+    z99: f64,
+}
+
+pub struct Engine {
+    cfg: Config,
+    schema: Schema,
+    pub series: Vec<Series>,
+    index: HashMap<u64, usize>,
+    max_ts: Option<i64>,
+    /// Per input partition: latest event time and the wall time it was last heard from. The
+    /// watermark follows the slowest partition that is not idle, so a lagging partition's
+    /// events are not declared late because another partition ran ahead.
+    sources: Vec<SourceClock>,
+    closed_upto: Option<i64>,
+    pub incidents: Vec<Incident>,
+    incident_ids: HashMap<String, usize>,
+    pub registry: Registry,
+    /// change id -> rollback request id, while waiting for confirmation.
+    pending_rollbacks: HashMap<String, String>,
+    emitted_rollbacks: HashSet<String>,
+    outputs: Vec<Output>,
+    pub stats: EngineStats,
+    dedup: Dedup,
+    audit_seq: u64,
+    /// Something the API shows changed since the last `take_dirty`.
+    dirty: bool,
+    windows_since_view: u64,
+    /// Changes from a file, applied in event-time order as events pass their timestamps.
+    scheduled: std::collections::VecDeque<Change>,
+}
+
+fn family_of(kind: MetricKind) -> Family {
+    match kind {
+        MetricKind::Ratio => Family::Binomial,
+        MetricKind::Count | MetricKind::Distinct => Family::Poisson,
+        MetricKind::Mean | MetricKind::Share => Family::Gaussian,
+    }
+}
+
+fn key_from(s: &str) -> (u64, u64) {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(s.as_bytes());
+    (
+        u64::from_le_bytes(d[0..8].try_into().unwrap()),
+        u64::from_le_bytes(d[8..16].try_into().unwrap()),
+    )
+}
+
+impl Engine {
+    pub fn new(cfg: &Config) -> Result<Engine, EngineError> {
+        let mut obj_dims: Vec<String> = Vec::new();
+        let mut src_of = |name: &str, metric: &str| -> Result<DimSrc, EngineError> {
+            Ok(match name {
+                "surface" => DimSrc::Top(TopField::Surface),
+                "variant" => DimSrc::Top(TopField::Variant),
+                "change_id" => DimSrc::Top(TopField::ChangeId),
+                "arm" => DimSrc::Top(TopField::Arm),
+                other => {
+                    let i = match obj_dims.iter().position(|d| d == other) {
+                        Some(i) => i,
+                        None => {
+                            obj_dims.push(other.to_string());
+                            obj_dims.len() - 1
+                        }
+                    };
+                    if i >= MAX_OBJ_DIMS {
+                        return Err(EngineError::TooManyDims {
+                            metric: metric.to_string(),
+                            count: i + 1,
+                        });
+                    }
+                    DimSrc::Obj(i)
+                }
+            })
+        };
+        debug_assert!(TOP_LEVEL_DIMS.len() == 4);
+        let mut metrics = Vec::new();
+        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        for (mi, m) in cfg.metrics().enumerate() {
+            let dims = m
+                .dims
+                .iter()
+                .map(|d| src_of(d, &m.name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut add = |sel: &Selector, role: Role| -> Result<(), EngineError> {
+                let filter = Filter {
+                    surface: sel.surface.clone(),
+                    name: sel.name.clone(),
+                    dims: sel
+                        .dims
+                        .iter()
+                        .map(|(k, v)| Ok((src_of(k, &m.name)?, v.clone())))
+                        .collect::<Result<Vec<_>, EngineError>>()?,
+                };
+                routes
+                    .entry(sel.event_type.clone())
+                    .or_default()
+                    .push(Route {
+                        metric: mi,
+                        role,
+                        filter,
+                    });
+                Ok(())
+            };
+            add(&m.numerator, Role::Num)?;
+            if let Some(d) = m.denominator.as_ref().or(m.exposure.as_ref()) {
+                add(d, Role::Den)?;
+            }
+            metrics.push(MetricDef {
+                family: family_of(m.kind),
+                det: m.detection.resolve(&cfg.detection),
+                dims,
+                per_window: m.kind == MetricKind::Distinct
+                    || (m.kind == MetricKind::Count && m.exposure.is_none()),
+                total: None,
+                series_count: 0,
+                cfg: m.clone(),
+            });
+        }
+        let obj_dims: Vec<&'static str> = obj_dims
+            .into_iter()
+            .map(|s| &*Box::leak(s.into_boxed_str()))
+            .collect();
+        let e = &cfg.engine;
+        let window_ms = e.window_secs as i64 * 1000;
+        let lateness_ms = e.allowed_lateness_secs as i64 * 1000;
+        let user_key = cfg
+            .privacy
+            .user_hash_key_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+            .or_else(|| cfg.privacy.user_hash_key.clone())
+            .map(|k| key_from(&k))
+            .unwrap_or_else(|| (rand::random(), rand::random()));
+        let schema = Schema {
+            metrics,
+            routes,
+            obj_dims,
+            window_ms,
+            lateness_ms,
+            skew_ms: e.max_future_skew_secs as i64 * 1000,
+            max_bytes: e.max_event_bytes,
+            max_series: e.max_series_per_metric,
+            ring_slots: (lateness_ms / window_ms) as usize + 2,
+            dedup: e.dedup_by_id,
+            user_key,
+            series_key: key_from("guardrail-series"),
+            z99: Normal::new(0.0, 1.0).unwrap().inverse_cdf(0.995),
+        };
+        let mut eng = Engine {
+            cfg: cfg.clone(),
+            schema,
+            series: Vec::new(),
+            index: HashMap::new(),
+            max_ts: None,
+            sources: Vec::new(),
+            closed_upto: None,
+            incidents: Vec::new(),
+            incident_ids: HashMap::new(),
+            registry: Registry::default(),
+            pending_rollbacks: HashMap::new(),
+            emitted_rollbacks: HashSet::new(),
+            outputs: Vec::new(),
+            stats: EngineStats::default(),
+            dedup: Dedup {
+                cur: HashSet::new(),
+                prev: HashSet::new(),
+                gen_start: i64::MIN / 2,
+                span_ms: lateness_ms + window_ms,
+            },
+            audit_seq: 0,
+            dirty: false,
+            windows_since_view: 0,
+            scheduled: Default::default(),
+        };
+        for mi in 0..eng.schema.metrics.len() {
+            if eng.schema.metrics[mi].cfg.include_total || eng.schema.metrics[mi].dims.is_empty() {
+                let si = eng.new_series(mi, Vec::new(), i64::MIN);
+                eng.schema.metrics[mi].total = Some(si);
+            }
+        }
+        Ok(eng)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &[MetricDef] {
+        &self.schema.metrics
+    }
+
+    pub fn window_ms(&self) -> i64 {
+        self.schema.window_ms
+    }
+
+    /// The watermark: windows ending at or before it are closed.
+    pub fn watermark_ms(&self) -> Option<i64> {
+        self.closed_upto.map(|c| c * self.schema.window_ms)
+    }
+
+    pub fn max_event_time_ms(&self) -> Option<i64> {
+        self.max_ts
+    }
+
+    /// Index of the last closed window.
+    pub fn last_closed_window(&self) -> Option<i64> {
+        self.closed_upto.map(|c| c - 1)
+    }
+
+    pub fn take_outputs(&mut self) -> std::vec::Drain<'_, Output> {
+        self.outputs.drain(..)
+    }
+
+    pub fn has_outputs(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
+    /// True (once) if incidents, changes or series views changed since the last call.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Windows closed since the last call (to refresh gauges only when needed).
+    pub fn take_windows_closed(&mut self) -> u64 {
+        std::mem::take(&mut self.windows_since_view)
+    }
+
+    fn new_series(
+        &mut self,
+        metric: usize,
+        dims: Vec<(String, String)>,
+        first_window: i64,
+    ) -> usize {
+        let s = make_series(&self.schema, metric, dims, first_window);
+        self.series.push(s);
+        self.schema.metrics[metric].series_count += 1;
+        self.series.len() - 1
+    }
+
+    /// Decodes and applies one event. `source` names it in dead letters; `now_ms` is the wall
+    /// clock for the future-skew check.
+    pub fn process_event(&mut self, bytes: &[u8], now_ms: i64) -> Result<(), Reject> {
+        self.process_event_from(0, bytes, now_ms)
+    }
+
+    /// As [`Engine::process_event`], for an event read from input partition `source`.
+    pub fn process_event_from(
+        &mut self,
+        source: i32,
+        bytes: &[u8],
+        now_ms: i64,
+    ) -> Result<(), Reject> {
+        self.stats.events += 1;
+        let r = self.process_event_inner(source, bytes, now_ms);
+        match &r {
+            Ok(()) => self.stats.accepted += 1,
+            Err(e) => self.stats.rejected[e.code.index()] += 1,
+        }
+        r
+    }
+
+    fn process_event_inner(
+        &mut self,
+        source: i32,
+        bytes: &[u8],
+        now_ms: i64,
+    ) -> Result<(), Reject> {
+        let ev = decode_event(bytes, self.schema.max_bytes)?;
+        while self
+            .scheduled
+            .front()
+            .map(|c| c.ts <= ev.ts_ms)
+            .unwrap_or(false)
+        {
+            let c = self.scheduled.pop_front().expect("front exists");
+            self.apply_change(&c);
+        }
+        let sc = &self.schema;
+        if ev.ts_ms > now_ms + sc.skew_ms {
+            return Err(Reject::new(
+                ErrorCode::FutureTimestamp,
+                format!(
+                    "ts {} is {} ahead of the clock (limit {} s)",
+                    fmt_time(ev.ts_ms),
+                    human_duration(ev.ts_ms - now_ms),
+                    sc.skew_ms / 1000
+                ),
+            ));
+        }
+        let w = ev.ts_ms.div_euclid(sc.window_ms);
+        if let Some(c) = self.closed_upto {
+            if w < c {
+                return Err(Reject::new(
+                    ErrorCode::TooLate,
+                    format!(
+                        "ts {} falls in a closed window (watermark {}); allowed lateness is {} s",
+                        fmt_time(ev.ts_ms),
+                        fmt_time(c * sc.window_ms),
+                        sc.lateness_ms / 1000
+                    ),
+                ));
+            }
+        }
+        if sc.dedup {
+            if let Some(id) = &ev.id {
+                let mut h = SipHasher13::new_with_keys(sc.series_key.0, sc.series_key.1);
+                h.write(id.as_bytes());
+                if self.dedup.seen(h.finish(), ev.ts_ms) {
+                    return Err(Reject::new(
+                        ErrorCode::Duplicate,
+                        format!(
+                            "duplicate event id {:?}",
+                            id.chars().take(64).collect::<String>()
+                        ),
+                    ));
+                }
+            }
+        }
+        self.apply(&ev, w);
+        self.advance(source, ev.ts_ms, now_ms);
+        Ok(())
+    }
+
+    fn apply(&mut self, ev: &Event<'_>, w: i64) {
+        let Engine {
+            schema: sc,
+            series,
+            index,
+            stats,
+            ..
+        } = self;
+        let Some(routes) = sc.routes.get(ev.ty.as_ref()) else {
+            stats.unselected += 1;
+            return;
+        };
+        let mut vals: [Option<Cow<'_, str>>; MAX_OBJ_DIMS] = Default::default();
+        if !sc.obj_dims.is_empty() {
+            ev.scan_dims(&sc.obj_dims, &mut vals);
+        }
+        let get = |src: DimSrc| -> Option<&str> {
+            match src {
+                DimSrc::Top(TopField::Surface) => ev.surface.as_deref(),
+                DimSrc::Top(TopField::Variant) => ev.variant.as_deref(),
+                DimSrc::Top(TopField::ChangeId) => ev.change_id.as_deref(),
+                DimSrc::Top(TopField::Arm) => ev.arm.as_deref(),
+                DimSrc::Obj(i) => vals[i].as_deref(),
+            }
+        };
+        let mut user_hash: Option<u64> = None;
+        let mut any = false;
+        for r in routes {
+            let f = &r.filter;
+            if let Some(s) = &f.surface {
+                if ev.surface.as_deref() != Some(s.as_str()) {
+                    continue;
+                }
+            }
+            if let Some(n) = &f.name {
+                if ev.name.as_deref() != Some(n.as_str()) {
+                    continue;
+                }
+            }
+            if !f.dims.iter().all(|(src, v)| get(*src) == Some(v.as_str())) {
+                continue;
+            }
+            let m = &sc.metrics[r.metric];
+            // What this event adds to the window.
+            let (dn, dd, dsq, user) = match (m.cfg.kind, r.role) {
+                (MetricKind::Mean, Role::Num) | (MetricKind::Share, Role::Num) => match ev.value {
+                    Some(v) => (v, 1.0, v * v, None),
+                    None => {
+                        stats.missing_value += 1;
+                        continue;
+                    }
+                },
+                (MetricKind::Distinct, Role::Num) => match &ev.user {
+                    Some(u) => {
+                        let h = *user_hash.get_or_insert_with(|| {
+                            let mut h = SipHasher13::new_with_keys(sc.user_key.0, sc.user_key.1);
+                            h.write(u.as_bytes());
+                            h.finish()
+                        });
+                        (0.0, 0.0, 0.0, Some(h))
+                    }
+                    None => {
+                        stats.missing_user += 1;
+                        continue;
+                    }
+                },
+                (_, Role::Num) => (1.0, 0.0, 0.0, None),
+                (_, Role::Den) => (0.0, 1.0, 0.0, None),
+            };
+            any = true;
+            let add = |s: &mut Series| {
+                let a = s.ring.slot(w);
+                a.num += dn;
+                a.den += dd;
+                a.sumsq += dsq;
+                if let Some(h) = user {
+                    s.ring.add_user(w, h);
+                }
+            };
+            if let Some(t) = m.total {
+                add(&mut series[t]);
+            }
+            if m.dims.is_empty() {
+                continue;
+            }
+            let mut h = SipHasher13::new_with_keys(sc.series_key.0, sc.series_key.1);
+            h.write_usize(r.metric);
+            for d in &m.dims {
+                h.write(get(*d).unwrap_or(MISSING_DIM).as_bytes());
+                h.write_u8(0xff);
+            }
+            let key = h.finish();
+            let si = match index.get(&key) {
+                Some(&si) => si,
+                None => {
+                    if m.series_count >= sc.max_series {
+                        stats.series_overflow += 1;
+                        continue;
+                    }
+                    let dims: Vec<(String, String)> = m
+                        .cfg
+                        .dims
+                        .iter()
+                        .zip(&m.dims)
+                        .map(|(n, d)| (n.clone(), get(*d).unwrap_or(MISSING_DIM).to_string()))
+                        .collect();
+                    let s = make_series(sc, r.metric, dims, w);
+                    series.push(s);
+                    let si = series.len() - 1;
+                    index.insert(key, si);
+                    sc.metrics[r.metric].series_count += 1;
+                    si
+                }
+            };
+            let s = &mut series[si];
+            if w < s.first_window {
+                s.first_window = w;
+            }
+            add(s);
+        }
+        if !any {
+            stats.unselected += 1;
+        }
+    }
+
+    /// Moves event time forward and closes the windows the watermark has passed. The watermark
+    /// is the minimum over active partitions of their latest event time, minus the lateness.
+    fn advance(&mut self, source: i32, ts: i64, now_ms: i64) {
+        let clock = match self.sources.iter_mut().find(|c| c.source == source) {
+            Some(c) => c,
+            None => {
+                self.sources.push(SourceClock {
+                    source,
+                    max_ts: ts,
+                    seen_ms: now_ms,
+                });
+                self.sources.last_mut().expect("just pushed")
+            }
+        };
+        clock.seen_ms = now_ms;
+        let raised = ts > clock.max_ts;
+        if raised {
+            clock.max_ts = ts;
+        }
+        if self.max_ts.map(|m| ts > m).unwrap_or(true) {
+            self.max_ts = Some(ts);
+        }
+        if !raised && self.closed_upto.is_some() {
+            return;
+        }
+        let idle_before = now_ms - SOURCE_IDLE_MS;
+        let slowest = self
+            .sources
+            .iter()
+            .filter(|c| c.seen_ms >= idle_before)
+            .map(|c| c.max_ts)
+            .min()
+            .unwrap_or(ts);
+        let target = (slowest - self.schema.lateness_ms).div_euclid(self.schema.window_ms);
+        if self.closed_upto.map(|c| target > c).unwrap_or(true) {
+            self.close_until(target);
+        }
+    }
+
+    /// Forgets a partition's clock (it was revoked), so it no longer holds the watermark back.
+    pub fn forget_source(&mut self, source: i32) {
+        self.sources.retain(|c| c.source != source);
+    }
+
+    /// Closes every window with index < `target`.
+    fn close_until(&mut self, target: i64) {
+        let Some(mut c) = self.closed_upto else {
+            self.closed_upto = Some(target);
+            for s in self.series.iter_mut() {
+                if s.first_window == i64::MIN {
+                    s.first_window = target;
+                }
+            }
+            return;
+        };
+        // A gap longer than two weeks is skipped rather than closed window by window.
+        let max_gap = 2 * 7 * 86_400_000 / self.schema.window_ms;
+        if target - c > max_gap {
+            tracing::warn!(
+                from = %fmt_time(c * self.schema.window_ms),
+                to = %fmt_time(target * self.schema.window_ms),
+                "event time jumped by more than two weeks; skipping the empty windows"
+            );
+            c = target - max_gap;
+        }
+        while c < target {
+            self.close_window(c);
+            c += 1;
+            self.closed_upto = Some(c);
+        }
+    }
+
+    /// Closes all windows that end at or before the latest event (end of a replay): the
+    /// lateness no longer matters because no more events will come.
+    pub fn finish(&mut self) {
+        while let Some(c) = self.scheduled.pop_front() {
+            self.apply_change(&c);
+        }
+        if let Some(t) = self.max_ts {
+            let target = t.div_euclid(self.schema.window_ms);
+            self.close_until(target);
+        }
+    }
+
+    fn close_window(&mut self, w: i64) {
+        let start = w * self.schema.window_ms;
+        let mut alarms: Vec<(usize, Alarm, Expect)> = Vec::new();
+        let mut resolutions: Vec<(usize, &'static str, Option<Expect>)> = Vec::new();
+        self.stats.windows_closed += 1;
+        self.windows_since_view += 1;
+        for si in 0..self.series.len() {
+            let s = &mut self.series[si];
+            if s.first_window == i64::MIN {
+                s.first_window = w;
+            }
+            if w < s.first_window {
+                continue;
+            }
+            let m = &self.schema.metrics[s.metric];
+            let (agg, distinct) = s.ring.take(w);
+            let mut obs = agg.obs();
+            if m.per_window {
+                if let Some(d) = distinct {
+                    obs.num = d;
+                }
+                obs.den = 1.0;
+            }
+            let e = s.baseline.expect(start);
+            let volume = match (m.per_window, e) {
+                (true, Some(e)) => e.rate,
+                (true, None) => obs.num,
+                (false, _) => obs.den,
+            };
+            s.volume = 0.9 * s.volume + 0.1 * volume as f32;
+            let hi = w.rem_euclid(HISTORY as i64) as usize;
+            s.hist[hi] = HistEntry {
+                num: obs.num as f32,
+                den: obs.den as f32,
+                exp: e.map(|e| e.rate as f32).unwrap_or(f32::NAN),
+            };
+            let observed = if obs.den > 0.0 {
+                obs.num / obs.den
+            } else {
+                f64::NAN
+            };
+            let mut score = 0.0;
+            if let Some(inc) = s.incident {
+                // Frozen baseline: test for recovery against it, never learn.
+                let inc_ref = &mut self.incidents[inc];
+                if let Some(e) = e {
+                    if volume >= m.det.min_volume_per_window
+                        && inc_ref.recovery.step(m.family, &obs, &e)
+                    {
+                        resolutions.push((si, "recovered", Some(e)));
+                    } else if start + self.schema.window_ms - inc_ref.onset_ms
+                        > m.det.incident_max_secs as i64 * 1000
+                    {
+                        resolutions.push((si, "expired", Some(e)));
+                    }
+                }
+                score = 1.0;
+            } else {
+                let warm = s.baseline.learnt() >= m.det.warmup_windows;
+                let mut learn = true;
+                if let (Some(e), true) = (e, warm) {
+                    if volume >= m.det.min_volume_per_window {
+                        let st = s.detector.step(w, &obs, &e);
+                        score = st.score;
+                        if let Some(a) = st.alarm {
+                            alarms.push((si, a, e));
+                            learn = false;
+                        } else if st.suspicious {
+                            learn = false;
+                        }
+                    }
+                }
+                if learn {
+                    s.baseline.learn(start, obs);
+                }
+            }
+            s.last = match e {
+                Some(e) => {
+                    let sd = e.rate_variance(m.family, obs.den.max(1e-9)).sqrt();
+                    LastWindow {
+                        window_start_ms: start,
+                        observed,
+                        expected: e.rate,
+                        expected_low: e.rate - self.schema.z99 * sd,
+                        expected_high: e.rate + self.schema.z99 * sd,
+                        volume,
+                        score,
+                    }
+                }
+                None => LastWindow {
+                    window_start_ms: start,
+                    observed,
+                    expected: f64::NAN,
+                    expected_low: f64::NAN,
+                    expected_high: f64::NAN,
+                    volume,
+                    score,
+                },
+            };
+        }
+        for (si, how, e) in resolutions {
+            self.resolve(si, w, how, e);
+        }
+        for (si, a, e) in alarms {
+            self.open_incident(si, w, a, e);
+        }
+    }
+
+    /// (num - expected) summed over windows [from, to] of a series' history.
+    fn excess(&self, si: usize, from: i64, to: i64) -> Option<f64> {
+        let s = &self.series[si];
+        let mut d = 0.0;
+        let mut any = false;
+        for w in from.max(to - HISTORY as i64 + 1)..=to {
+            if let Some(h) = s.hist_at(w, to) {
+                if !h.exp.is_nan() {
+                    d += h.num as f64 - h.exp as f64 * h.den as f64;
+                    any = true;
+                }
+            }
+        }
+        any.then_some(d)
+    }
+
+    fn top_segments(&self, si: usize, from: i64, to: i64) -> Vec<TopSegment> {
+        let s = &self.series[si];
+        let m = &self.schema.metrics[s.metric];
+        let dims_json = |d: &[(String, String)]| {
+            d.iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let total_delta = m.total.and_then(|t| self.excess(t, from, to));
+        if !s.dims.is_empty() {
+            let own = self.excess(si, from, to).unwrap_or(0.0);
+            let contribution = match total_delta {
+                Some(t) if t.abs() > 1e-9 => own / t,
+                _ => 1.0,
+            };
+            return vec![TopSegment {
+                dims: dims_json(&s.dims),
+                contribution: round3(contribution),
+            }];
+        }
+        let Some(total) = total_delta.filter(|t| t.abs() > 1e-9) else {
+            return Vec::new();
+        };
+        let mut segs: Vec<(f64, usize)> = self
+            .series
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.metric == s.metric && !x.dims.is_empty())
+            .filter_map(|(i, _)| self.excess(i, from, to).map(|d| (d / total, i)))
+            .filter(|(c, _)| *c > 0.0)
+            .collect();
+        segs.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
+        segs.truncate(5);
+        segs.into_iter()
+            .map(|(c, i)| TopSegment {
+                dims: dims_json(&self.series[i].dims),
+                contribution: round3(c),
+            })
+            .collect()
+    }
+
+    fn series_json(&self, si: usize) -> serde_json::Map<String, serde_json::Value> {
+        self.series[si]
+            .dims
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect()
+    }
+
+    fn incident_url(&self, id: &str) -> String {
+        format!(
+            "{}/incidents/{}",
+            self.cfg.service.public_url.trim_end_matches('/'),
+            id
+        )
+    }
+
+    fn open_incident(&mut self, si: usize, w: i64, a: Alarm, e: Expect) {
+        let wm = self.schema.window_ms;
+        let s = &self.series[si];
+        let m = &self.schema.metrics[s.metric];
+        let onset_ms = a.onset_window * wm;
+        let detected_ms = (w + 1) * wm;
+        let id = stable_id("inc-", &[m.name(), &s.label, &onset_ms.to_string()]);
+        if self.incident_ids.contains_key(&id) {
+            // Same onset re-detected after a resolution inside the same excursion.
+            self.series[si].detector.reset();
+            return;
+        }
+        let den = a.sum_den.max(1e-9);
+        let observed = a.sum_observed / den;
+        let expected = a.sum_expected / den;
+        let sd = e.rate_variance(m.family, den).sqrt();
+        let effect = match m.family {
+            Family::Gaussian => (observed - expected) / e.sigma2.sqrt().max(1e-12),
+            _ => observed / expected.max(1e-12) - 1.0,
+        };
+        let kind = match (m.family, a.side) {
+            (Family::Gaussian, _) if m.cfg.direction == Direction::Both => "shift",
+            (_, Side::Down) => "drop",
+            (_, Side::Up) => "spike",
+        };
+        let surface = m.cfg.numerator.surface.clone();
+        let candidates = self.registry.candidates(
+            &s.dims,
+            surface.as_deref(),
+            onset_ms,
+            wm,
+            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+        );
+        let top_segments = self.top_segments(si, a.onset_window, w);
+        let top = candidates.first();
+        let change = top.and_then(|c| self.registry.get(&c.change_id));
+        let pending = top
+            .map(|c| self.pending_rollbacks.contains_key(&c.change_id))
+            .unwrap_or(false);
+        let decision = policy::decide(&self.cfg.policy, top, change, pending, detected_ms);
+        let delay_events: f64 = (a.onset_window..=w)
+            .filter_map(|x| s.hist_at(x, w))
+            .map(|h| {
+                if m.per_window {
+                    h.num as f64
+                } else {
+                    h.den as f64
+                }
+            })
+            .sum();
+        let inc = Incident {
+            id: id.clone(),
+            metric: m.name().to_string(),
+            metric_idx: s.metric,
+            series_idx: si,
+            series: self.series_json(si),
+            status: IncidentStatus::Firing,
+            kind,
+            severity: m.cfg.severity.as_str(),
+            onset_ms,
+            detected_ms,
+            resolved_ms: None,
+            resolution: None,
+            observed,
+            expected,
+            expected_low: expected - self.schema.z99 * sd,
+            expected_high: expected + self.schema.z99 * sd,
+            effect: round3(effect),
+            score: round3(a.statistic),
+            delay_windows: w - a.onset_window + 1,
+            delay_events,
+            candidates,
+            top_segments,
+            decision: decision.clone(),
+            rollback_id: None,
+            recovery: Recovery::new(observed),
+        };
+        let idx = self.incidents.len();
+        self.incidents.push(inc);
+        self.incident_ids.insert(id.clone(), idx);
+        self.series[si].incident = Some(idx);
+        self.series[si].detector.reset();
+        self.dirty = true;
+        self.stats.alerts_firing += 1;
+        *self
+            .stats
+            .decisions
+            .entry((
+                decision.action.as_str(),
+                decision.tier.map(Tier::as_str).unwrap_or("none"),
+            ))
+            .or_default() += 1;
+
+        let inc = &self.incidents[idx];
+        let owner = m.cfg.owner.clone();
+        self.audit(
+            Some(&id),
+            None,
+            "detection",
+            Actor::system("detector"),
+            serde_json::json!({
+                "metric": inc.metric, "series": inc.series, "kind": inc.kind,
+                "observed": inc.observed, "expected": inc.expected,
+                "expected_low": inc.expected_low, "expected_high": inc.expected_high,
+                "effect": inc.effect, "onset": fmt_time(onset_ms), "detected_at": fmt_time(detected_ms),
+                "delay_windows": inc.delay_windows, "delay_events": inc.delay_events,
+                "family": format!("{:?}", m.family).to_lowercase(),
+                "statistic_over_threshold": inc.score, "threshold": self.series[si].detector.h,
+                "dispersion": e.phi, "tuned_effect": a.tuned_effect,
+            }),
+            serde_json::json!({
+                "detector": "cusum-bank",
+                "false_alarms_per_series_week": m.det.false_alarms_per_series_week,
+                "min_relative_effect": m.det.min_relative_effect,
+            }),
+        );
+        let alert = self.alert_for(idx, owner);
+        self.outputs.push(Output::Alert(alert));
+        let inc = &self.incidents[idx];
+        let action = match decision.action {
+            DecisionAction::NeedsHumanDecision => "human_decision_requested",
+            _ => "policy_evaluation",
+        };
+        self.audit(
+            Some(&id),
+            decision.change_id.as_deref(),
+            action,
+            Actor::system("policy"),
+            serde_json::json!({
+                "decision": decision.action.as_str(), "reason": decision.reason,
+                "candidate_changes": inc.candidates, "top_segments": inc.top_segments,
+            }),
+            serde_json::json!({
+                "rule": decision.policy, "tier": decision.tier.map(Tier::as_str),
+                "shadow_mode": self.cfg.policy.shadow_mode,
+            }),
+        );
+        if decision.action == DecisionAction::RollbackRequested {
+            self.request_rollback(idx, detected_ms);
+        }
+    }
+
+    fn request_rollback(&mut self, idx: usize, at_ms: i64) {
+        let inc = &self.incidents[idx];
+        let Some(change_id) = inc.decision.change_id.clone() else {
+            return;
+        };
+        let rid = stable_id("rb-", &[&inc.id, &change_id]);
+        if !self.emitted_rollbacks.insert(rid.clone()) {
+            return;
+        }
+        let change = self.registry.get(&change_id);
+        let tier = inc.decision.tier.unwrap_or(Tier::Autonomous);
+        let req = RollbackRequest {
+            specversion: "1.0",
+            ty: "io.guardrail.rollback.requested",
+            source: format!("guardrail/{}", self.cfg.service.instance),
+            id: rid.clone(),
+            time: fmt_time(crate::event::now_ms()),
+            datacontenttype: "application/json",
+            data: RollbackData {
+                change_id: change_id.clone(),
+                incident_id: inc.id.clone(),
+                tier: tier.as_str(),
+                reason: format!(
+                    "{} {} on {} ({}): observed {:.4} vs expected {:.4} ({:+.1}%) since {}; {}",
+                    inc.metric,
+                    inc.kind,
+                    self.series[inc.series_idx].label,
+                    inc.severity,
+                    inc.observed,
+                    inc.expected,
+                    inc.effect * 100.0,
+                    fmt_time(inc.onset_ms),
+                    inc.decision.reason
+                ),
+                metrics: vec![RollbackMetric {
+                    metric: inc.metric.clone(),
+                    observed: inc.observed,
+                    expected: inc.expected,
+                }],
+                decided_by: Actor {
+                    kind: "policy".into(),
+                    name: inc.decision.policy.into(),
+                },
+                rollback: change
+                    .and_then(|c| c.rollback.clone())
+                    .unwrap_or_else(|| serde_json::json!({})),
+            },
+        };
+        let inc_id = inc.id.clone();
+        let policy_name = inc.decision.policy;
+        self.audit(
+            Some(&inc_id),
+            Some(&change_id),
+            "rollback_requested",
+            Actor { kind: "policy".into(), name: policy_name.into() },
+            serde_json::json!({"rollback_request_id": rid, "event_time": fmt_time(at_ms), "reason": req.data.reason}),
+            serde_json::json!({"rule": policy_name, "tier": tier.as_str()}),
+        );
+        self.outputs.push(Output::Rollback(req));
+        self.incidents[idx].rollback_id = Some(rid.clone());
+        self.pending_rollbacks.insert(change_id, rid);
+        self.stats.rollbacks_requested += 1;
+    }
+
+    fn alert_for(&self, idx: usize, owner: Option<String>) -> Alert {
+        let inc = &self.incidents[idx];
+        let resolved = inc.status == IncidentStatus::Resolved;
+        let last = &self.series[inc.series_idx].last;
+        let (observed, expected, lo, hi) = if resolved {
+            (
+                last.observed,
+                last.expected,
+                last.expected_low,
+                last.expected_high,
+            )
+        } else {
+            (
+                inc.observed,
+                inc.expected,
+                inc.expected_low,
+                inc.expected_high,
+            )
+        };
+        Alert {
+            incident_id: inc.id.clone(),
+            status: if resolved { "resolved" } else { "firing" },
+            severity: inc.severity,
+            metric: inc.metric.clone(),
+            series: inc.series.clone(),
+            kind: inc.kind,
+            observed: finite(observed),
+            expected: finite(expected),
+            expected_low: finite(lo),
+            expected_high: finite(hi),
+            onset: fmt_time(inc.onset_ms),
+            detected_at: fmt_time(inc.detected_ms),
+            emitted_at: fmt_time(crate::event::now_ms()),
+            candidate_changes: inc.candidates.clone(),
+            top_segments: inc.top_segments.clone(),
+            url: self.incident_url(&inc.id),
+            decision: Some(inc.decision.clone()),
+            effect: inc.effect,
+            score: inc.score,
+            owner,
+            resolved_at: inc.resolved_ms.map(fmt_time),
+            resolution: inc.resolution.clone(),
+        }
+    }
+
+    fn resolve(&mut self, si: usize, w: i64, how: &'static str, _e: Option<Expect>) {
+        let Some(idx) = self.series[si].incident.take() else {
+            return;
+        };
+        let end = (w + 1) * self.schema.window_ms;
+        let inc = &mut self.incidents[idx];
+        inc.status = IncidentStatus::Resolved;
+        inc.resolved_ms = Some(end);
+        inc.resolution = Some(match how {
+            "recovered" => format!(
+                "recovered: the series is back to its baseline (likelihood ratio {}:1 against the shifted level)",
+                crate::detect::RECOVERY_ODDS as u64
+            ),
+            _ => format!(
+                "expired: still shifted after {}; the new level is accepted as normal and the baseline re-learns",
+                human_duration(end - inc.onset_ms)
+            ),
+        });
+        if how == "expired" {
+            self.series[si].baseline.relearn();
+        }
+        self.series[si].detector.reset();
+        self.dirty = true;
+        self.stats.alerts_resolved += 1;
+        let owner = self.schema.metrics[self.series[si].metric]
+            .cfg
+            .owner
+            .clone();
+        let alert = self.alert_for(idx, owner);
+        let inc = &self.incidents[idx];
+        let (id, res) = (inc.id.clone(), inc.resolution.clone());
+        self.audit(
+            Some(&id),
+            inc.decision.change_id.clone().as_deref(),
+            "incident_resolved",
+            Actor::system("detector"),
+            serde_json::json!({"resolution": res, "resolved_at": fmt_time(end),
+                "last_window": {"observed": finite(alert.observed), "expected": finite(alert.expected)}}),
+            serde_json::json!({"rule": "recovery-sequential-test", "odds": crate::detect::RECOVERY_ODDS}),
+        );
+        self.outputs.push(Output::Alert(alert));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit(
+        &mut self,
+        incident_id: Option<&str>,
+        change_id: Option<&str>,
+        action: &'static str,
+        actor: Actor,
+        evidence: serde_json::Value,
+        policy: serde_json::Value,
+    ) {
+        self.audit_seq += 1;
+        let audit_id = stable_id(
+            "aud-",
+            &[
+                incident_id.unwrap_or(""),
+                change_id.unwrap_or(""),
+                action,
+                &self.audit_seq.to_string(),
+            ],
+        );
+        self.outputs.push(Output::Audit(AuditRecord {
+            audit_id,
+            at: fmt_time(crate::event::now_ms()),
+            incident_id: incident_id.map(String::from),
+            change_id: change_id.map(String::from),
+            action,
+            actor,
+            evidence,
+            policy,
+        }));
+    }
+
+    /// Queues changes (from a file) to be applied in event-time order, each just before the
+    /// first event at or after its timestamp.
+    pub fn schedule_changes(&mut self, mut changes: Vec<Change>) {
+        changes.sort_by_key(|c| c.ts);
+        self.scheduled.extend(changes);
+    }
+
+    /// Decodes and applies a change record.
+    pub fn process_change(&mut self, bytes: &[u8]) -> Result<(), Reject> {
+        let c = decode_change(bytes, self.schema.max_bytes)?;
+        self.apply_change(&c);
+        Ok(())
+    }
+
+    pub fn apply_change(&mut self, c: &Change) {
+        self.stats.changes += 1;
+        self.dirty = true;
+        self.registry.apply(c);
+        if c.action == ChangeAction::RolledBack {
+            if let Some(rid) = self.pending_rollbacks.remove(&c.change_id) {
+                self.stats.rollbacks_confirmed += 1;
+                let incidents: Vec<String> = self
+                    .incidents
+                    .iter()
+                    .filter(|i| i.rollback_id.as_deref() == Some(rid.as_str()))
+                    .map(|i| i.id.clone())
+                    .collect();
+                self.audit(
+                    incidents.first().map(String::as_str),
+                    Some(&c.change_id),
+                    "rollback_confirmed",
+                    c.actor.clone(),
+                    serde_json::json!({"rollback_request_id": rid, "confirmed_at": fmt_time(c.ts),
+                        "incidents": incidents}),
+                    serde_json::json!({"rule": "confirmation-on-changes-topic"}),
+                );
+            }
+        }
+    }
+
+    /// Incident by id.
+    pub fn incident(&self, id: &str) -> Option<&Incident> {
+        self.incident_ids.get(id).map(|&i| &self.incidents[i])
+    }
+
+    /// The series to export as gauges: those in an incident, then totals, then by volume.
+    pub fn gauge_series(&self, max: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.series.len())
+            .filter(|&i| self.series[i].last.window_start_ms != 0)
+            .collect();
+        idx.sort_by(|&a, &b| {
+            let (sa, sb) = (&self.series[a], &self.series[b]);
+            (sb.incident.is_some(), sb.dims.is_empty())
+                .cmp(&(sa.incident.is_some(), sa.dims.is_empty()))
+                .then(
+                    sb.volume
+                        .partial_cmp(&sa.volume)
+                        .unwrap_or(std::cmp::Ordering::Equal),
+                )
+        });
+        idx.truncate(max);
+        idx
+    }
+
+    pub fn firing_by_metric(&self) -> Vec<(String, &'static str, usize)> {
+        self.schema
+            .metrics
+            .iter()
+            .enumerate()
+            .map(|(mi, m)| {
+                let n = self
+                    .incidents
+                    .iter()
+                    .filter(|i| i.metric_idx == mi && i.status == IncidentStatus::Firing)
+                    .count();
+                (m.name().to_string(), m.cfg.severity.as_str(), n)
+            })
+            .collect()
+    }
+
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+}
+
+fn make_series(
+    sc: &Schema,
+    metric: usize,
+    dims: Vec<(String, String)>,
+    first_window: i64,
+) -> Series {
+    let m = &sc.metrics[metric];
+    let label = if dims.is_empty() {
+        "total".to_string()
+    } else {
+        dims.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    Series {
+        metric,
+        dims,
+        label,
+        ring: Ring::new(sc.ring_slots, m.cfg.kind == MetricKind::Distinct),
+        first_window,
+        baseline: Baseline::new(
+            m.family,
+            m.det.seasonality,
+            m.det.baseline_half_life_windows,
+        ),
+        detector: Detector::new(
+            m.family,
+            m.cfg.direction,
+            &m.det,
+            (sc.window_ms / 1000) as u64,
+        ),
+        incident: None,
+        hist: [HistEntry {
+            num: 0.0,
+            den: 0.0,
+            exp: f32::NAN,
+        }; HISTORY],
+        last: LastWindow::default(),
+        volume: 0.0,
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn finite(x: f64) -> f64 {
+    if x.is_finite() {
+        x
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,40 @@
+//! guardrail: keeps automated optimisation honest.
+//!
+//! Module map (the pipeline of ARCHITECTURE.md, in the order data flows):
+//!
+//! - [`config`]    typed TOML configuration, `validate()` and located error reports.
+//! - [`event`]     the wire contract's inputs: zero-copy event decoding, changes, timestamps,
+//!                 and the bounded set of dead-letter reason codes.
+//! - [`source`]    the Kafka consumer (consumer group, offsets stored after processing).
+//! - [`window`]    tumbling event-time windows per series, closed by the watermark.
+//! - [`baseline`]  seasonal, outlier-robust online baselines, frozen during incidents.
+//! - [`detect`]    calibrated sequential detectors (binomial, Poisson with exposure, Gaussian).
+//! - [`attribute`] the registry of changes in force and candidate ranking.
+//! - [`policy`]    decisions by tier; rollback requests for autonomous changes.
+//! - [`engine`]    wires decode -> window -> baseline -> detect -> attribute -> policy; the
+//!                 same engine runs live (Kafka) and over files (replay).
+//! - [`sink`]      contract outputs: alerts, signed rollback requests, audit, dead letters,
+//!                 to Kafka or to files.
+//! - [`telemetry`] Prometheus metrics, internal events (one `emit` = log line + metric).
+//! - [`api`]       HTTP: `/metrics`, `/healthz`, `/readyz`, incidents.
+//! - [`service`]   `guardrail run`: source + engine + sinks + api, with graceful shutdown.
+//! - [`replay`]    `guardrail replay`: the engine over JSON-lines files, as fast as possible.
+//! - [`sim`]       the traffic simulator (diurnal, segmented, with injected effects).
+//! - [`demo`]      `guardrail demo`: embedded broker, simulator, automation, the seed story.
+
+pub mod api;
+pub mod attribute;
+pub mod baseline;
+pub mod config;
+pub mod demo;
+pub mod detect;
+pub mod engine;
+pub mod event;
+pub mod policy;
+pub mod replay;
+pub mod service;
+pub mod sim;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+pub mod window;

@@ -1,0 +1,319 @@
+//! The `guardrail` command line (contract section 7).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use guardrail::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "guardrail",
+    version,
+    about = "Keeps automated optimisation honest: watches the event stream, detects harmful changes, names the change that caused them and acts within the rules people set.",
+    long_about = None
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "GUARDRAIL_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The whole story on an embedded broker: simulated traffic, a harmful automated change,
+    /// detection, rollback, recovery. Exits 0 when the story holds.
+    Demo {
+        /// Keep running after the story with traffic flowing and /metrics served.
+        #[arg(long, env = "GUARDRAIL_DEMO_FOLLOW")]
+        follow: bool,
+        /// HTTP address for /metrics and the incident pages (default: a free port; 127.0.0.1:9464 with --follow).
+        #[arg(long, env = "GUARDRAIL_DEMO_LISTEN")]
+        listen: Option<String>,
+        /// Random seed of the simulated traffic.
+        #[arg(long, default_value_t = 7, env = "GUARDRAIL_DEMO_SEED")]
+        seed: u64,
+    },
+    /// Run the service against a Kafka cluster.
+    Run {
+        /// TOML configuration file.
+        #[arg(long, short, env = "GUARDRAIL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the engine over files in event time and write alerts.jsonl, rollbacks.jsonl,
+    /// audit.jsonl, dead_letters.jsonl and summary.json into the output directory.
+    Replay {
+        #[arg(long, short, env = "GUARDRAIL_CONFIG")]
+        config: PathBuf,
+        /// Events, JSON lines.
+        #[arg(long, env = "GUARDRAIL_REPLAY_EVENTS")]
+        events: PathBuf,
+        /// Changes, JSON lines.
+        #[arg(long, env = "GUARDRAIL_REPLAY_CHANGES")]
+        changes: Option<PathBuf>,
+        /// Output directory (created if missing).
+        #[arg(long, env = "GUARDRAIL_REPLAY_OUT")]
+        out: PathBuf,
+        /// No progress lines on stderr.
+        #[arg(long, short, env = "GUARDRAIL_QUIET")]
+        quiet: bool,
+    },
+    /// Validate a configuration file and explain any errors with their location.
+    CheckConfig {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+    /// Write simulated traffic as JSON lines (events and changes) for replay.
+    Simulate {
+        /// Events output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Changes output file (the seed story's change and its rollback, if --story).
+        #[arg(long)]
+        changes_out: Option<PathBuf>,
+        /// Simulated hours.
+        #[arg(long, default_value_t = 24.0)]
+        hours: f64,
+        /// Sessions per minute at the daily peak.
+        #[arg(long, default_value_t = 1500.0)]
+        peak_sessions_per_min: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Inject the seed story: a change at this many hours in that hurts FR and BE for 1 hour.
+        #[arg(long)]
+        story_at_hours: Option<f64>,
+        /// Start of simulated time (RFC 3339); default: so that it ends an hour ago.
+        #[arg(long)]
+        start: Option<String>,
+    },
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::CheckConfig { file } => match Config::from_file(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} metrics: {})",
+                    file.display(),
+                    c.metrics.len(),
+                    c.metrics()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        Cmd::Run { config } => {
+            init_logging(cli.log_format, "info");
+            let cfg = Config::from_file(&config)?;
+            let rt = runtime()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen on {} ([http].listen): is another process using the port?",
+                            cfg.http.listen
+                        )
+                    })?;
+                let state = guardrail::service::new_state();
+                let report = guardrail::service::run(cfg, listener, state, async {
+                    shutdown_signal().await;
+                })
+                .await?;
+                tracing::info!(?report, "stopped");
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Cmd::Replay {
+            config,
+            events,
+            changes,
+            out,
+            quiet,
+        } => {
+            init_logging(cli.log_format, "warn");
+            let cfg = Config::from_file(&config)?;
+            let signer = guardrail::service::signer(&cfg).or_else(|e| {
+                // Replays are offline: without a configured secret, sign with a clearly named
+                // local key so the files stay verifiable, and say so.
+                eprintln!("note: {e}; signing replay output with key id \"replay-local\" and secret \"replay-local\"");
+                Ok::<_, anyhow::Error>(guardrail::sink::Signer::new("replay-local", b"replay-local"))
+            })?;
+            let is_tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let opts = guardrail::replay::ReplayOptions {
+                events,
+                changes,
+                out: out.clone(),
+                progress_every: if quiet || !is_tty { 0 } else { 1_000_000 },
+            };
+            let s = guardrail::replay::replay(&cfg, &signer, &opts)?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            if !quiet {
+                eprintln!("wrote {}", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo {
+            follow,
+            listen,
+            seed,
+        } => {
+            init_logging(cli.log_format, "warn");
+            let opts = guardrail::demo::DemoOptions {
+                follow,
+                http_listen: listen.unwrap_or_else(|| {
+                    if follow {
+                        "127.0.0.1:9464"
+                    } else {
+                        "127.0.0.1:0"
+                    }
+                    .to_string()
+                }),
+                seed,
+                ..Default::default()
+            };
+            let rt = runtime()?;
+            let outcome = rt.block_on(async move {
+                let mut stdout = std::io::stdout();
+                guardrail::demo::run(opts, &mut stdout).await
+            })?;
+            Ok(if outcome.story_holds() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Simulate {
+            out,
+            changes_out,
+            hours,
+            peak_sessions_per_min,
+            seed,
+            story_at_hours,
+            start,
+        } => {
+            use std::io::Write;
+            let start_ms = match start {
+                Some(s) => guardrail::event::parse_time_str(&s)
+                    .with_context(|| format!("--start {s:?} is not an RFC 3339 time"))?,
+                None => {
+                    let end = guardrail::event::now_ms() - 3_600_000;
+                    (end - (hours * 3.6e6) as i64).div_euclid(300_000) * 300_000
+                }
+            };
+            let mut sc = guardrail::sim::Scenario {
+                seed,
+                peak_sessions_per_min,
+                ..Default::default()
+            };
+            let mut changes = Vec::new();
+            if let Some(h) = story_at_hours {
+                let t = start_ms + (h * 3.6e6) as i64;
+                let mut eff = guardrail::sim::story_effect("chg-0042", t);
+                eff.end_ms = Some(t + 3_600_000);
+                sc.effects.push(eff);
+                changes.push(guardrail::sim::story_change("chg-0042", t));
+                changes.push(guardrail::sim::rolled_back_change(
+                    "chg-0042",
+                    t + 3_600_000,
+                    "deploy-automation",
+                ));
+            }
+            let mut sim = guardrail::sim::Sim::new(sc, start_ms);
+            let f = std::fs::File::create(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            let mut n = 0u64;
+            let mut err = None;
+            sim.advance(start_ms + (hours * 3.6e6) as i64, &mut |_, v| {
+                n += 1;
+                if let Err(e) = w.write_all(v).and_then(|_| w.write_all(b"\n")) {
+                    err.get_or_insert(e);
+                }
+            });
+            if let Some(e) = err {
+                return Err(e).with_context(|| format!("writing {}", out.display()));
+            }
+            w.flush()?;
+            if let Some(p) = changes_out {
+                std::fs::write(
+                    &p,
+                    changes.iter().map(|c| format!("{c}\n")).collect::<String>(),
+                )
+                .with_context(|| format!("writing {}", p.display()))?;
+            }
+            eprintln!("wrote {n} events to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+}

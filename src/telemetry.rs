@@ -1,0 +1,350 @@
+//! Prometheus metrics and internal events.
+//!
+//! The engine counts in plain integers; [`Telemetry::absorb`] folds the deltas into Prometheus
+//! once per batch, so the hot path touches no atomics. Labels are bounded: error codes are a
+//! closed set, metric names come from config, and per-series gauges are capped
+//! (`http.max_series_gauges`), with series that leave the top set removed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::engine::{Engine, EngineStats};
+use crate::event::ErrorCode;
+
+pub struct Telemetry {
+    pub registry: Registry,
+    events: IntCounter,
+    accepted: IntCounter,
+    rejected: IntCounterVec,
+    unselected: IntCounter,
+    missing_value: IntCounterVec,
+    series_overflow: IntCounter,
+    windows_closed: IntCounter,
+    changes: IntCounter,
+    alerts: IntCounterVec,
+    rollbacks_requested: IntCounter,
+    rollbacks_confirmed: IntCounter,
+    decisions: IntCounterVec,
+    pub dlq_produced: IntCounterVec,
+    pub output_errors: IntCounterVec,
+    pub outputs_produced: IntCounterVec,
+    incidents_firing: IntGaugeVec,
+    series_tracked: IntGauge,
+    watermark: Gauge,
+    event_time_lag: Gauge,
+    event_time_latest: Gauge,
+    pub consumer_lag: IntGauge,
+    pub ready: IntGauge,
+    pub batch_seconds: Histogram,
+    series_observed: GaugeVec,
+    series_expected: GaugeVec,
+    series_low: GaugeVec,
+    series_high: GaugeVec,
+    series_score: GaugeVec,
+    exported: Mutex<HashSet<(String, String)>>,
+    prev: Mutex<EngineStats>,
+    errors_logged: Mutex<HashMap<&'static str, Instant>>,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let c = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Telemetry {
+        let r = Registry::new();
+        let rejected = counter_vec(
+            &r,
+            "guardrail_events_rejected_total",
+            "Inputs dead-lettered, by reason code.",
+            &["error_code"],
+        );
+        for c in ErrorCode::ALL {
+            rejected.with_label_values(&[c.as_str()]);
+        }
+        let missing_value = counter_vec(
+            &r,
+            "guardrail_events_incomplete_total",
+            "Events selected by a metric but lacking what it reads (value for means, user for distinct counts); they still count for other metrics.",
+            &["missing"],
+        );
+        missing_value.with_label_values(&["value"]);
+        missing_value.with_label_values(&["user"]);
+        let alerts = counter_vec(
+            &r,
+            "guardrail_alerts_total",
+            "Alerts emitted, by status.",
+            &["status"],
+        );
+        alerts.with_label_values(&["firing"]);
+        alerts.with_label_values(&["resolved"]);
+        let dlq_produced = counter_vec(
+            &r,
+            "guardrail_dead_letters_produced_total",
+            "Dead letters written to the dead-letter topic or file, by reason code.",
+            &["error_code"],
+        );
+        let output_errors = counter_vec(
+            &r,
+            "guardrail_output_errors_total",
+            "Outputs that could not be delivered (retried), by stream.",
+            &["stream"],
+        );
+        let outputs_produced = counter_vec(
+            &r,
+            "guardrail_outputs_produced_total",
+            "Outputs delivered, by stream.",
+            &["stream"],
+        );
+        for s in ["alerts", "rollbacks", "audit", "dlq"] {
+            output_errors.with_label_values(&[s]);
+            outputs_produced.with_label_values(&[s]);
+        }
+        let incidents_firing = IntGaugeVec::new(
+            Opts::new(
+                "guardrail_incidents_firing",
+                "Incidents currently firing, by metric.",
+            ),
+            &["metric", "severity"],
+        )
+        .unwrap();
+        r.register(Box::new(incidents_firing.clone())).unwrap();
+        let series_tracked = IntGauge::new("guardrail_series_tracked", "Series tracked.").unwrap();
+        r.register(Box::new(series_tracked.clone())).unwrap();
+        let watermark = Gauge::new(
+            "guardrail_watermark_seconds",
+            "Event-time watermark (max event time minus allowed lateness), Unix seconds.",
+        )
+        .unwrap();
+        r.register(Box::new(watermark.clone())).unwrap();
+        let event_time_lag = Gauge::new(
+            "guardrail_event_time_lag_seconds",
+            "Wall clock minus the latest event time seen.",
+        )
+        .unwrap();
+        r.register(Box::new(event_time_lag.clone())).unwrap();
+        let event_time_latest = Gauge::new(
+            "guardrail_event_time_latest_seconds",
+            "Latest event time seen, Unix seconds.",
+        )
+        .unwrap();
+        r.register(Box::new(event_time_latest.clone())).unwrap();
+        let consumer_lag = IntGauge::new(
+            "guardrail_consumer_lag_messages",
+            "Messages behind the high watermark, summed over assigned partitions.",
+        )
+        .unwrap();
+        r.register(Box::new(consumer_lag.clone())).unwrap();
+        let ready = IntGauge::new("guardrail_ready", "1 when connected and consuming.").unwrap();
+        r.register(Box::new(ready.clone())).unwrap();
+        let batch_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "guardrail_batch_processing_seconds",
+                "Time to process a batch of input messages, outputs included.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        )
+        .unwrap();
+        r.register(Box::new(batch_seconds.clone())).unwrap();
+        let sl = ["metric", "series"];
+        Telemetry {
+            events: counter(&r, "guardrail_events_received_total", "Event messages read."),
+            accepted: counter(&r, "guardrail_events_accepted_total", "Events decoded and applied."),
+            rejected,
+            unselected: counter(
+                &r,
+                "guardrail_events_unselected_total",
+                "Valid events that no metric reads (unknown or unused types, filtered out).",
+            ),
+            missing_value,
+            series_overflow: counter(
+                &r,
+                "guardrail_series_overflow_total",
+                "Events not tracked in a segment series because the metric reached max_series_per_metric (still counted in its total).",
+            ),
+            windows_closed: counter(&r, "guardrail_windows_closed_total", "Event-time windows closed."),
+            changes: counter(&r, "guardrail_changes_received_total", "Change records applied to the registry."),
+            alerts,
+            rollbacks_requested: counter(&r, "guardrail_rollbacks_requested_total", "Rollback requests emitted."),
+            rollbacks_confirmed: counter(
+                &r,
+                "guardrail_rollbacks_confirmed_total",
+                "Rollbacks confirmed by automation on the changes topic.",
+            ),
+            decisions: counter_vec(&r, "guardrail_decisions_total", "Policy decisions, by action and tier.", &["action", "tier"]),
+            dlq_produced,
+            output_errors,
+            outputs_produced,
+            incidents_firing,
+            series_tracked,
+            watermark,
+            event_time_lag,
+            event_time_latest,
+            consumer_lag,
+            ready,
+            batch_seconds,
+            series_observed: gauge_vec(&r, "guardrail_series_observed", "Observed rate of the last closed window.", &sl),
+            series_expected: gauge_vec(&r, "guardrail_series_expected", "Baseline forecast for the last closed window.", &sl),
+            series_low: gauge_vec(&r, "guardrail_series_expected_low", "Lower edge of the 99% expected band.", &sl),
+            series_high: gauge_vec(&r, "guardrail_series_expected_high", "Upper edge of the 99% expected band.", &sl),
+            series_score: gauge_vec(
+                &r,
+                "guardrail_series_score",
+                "Detection statistic over its threshold (1 = alarm; 1 while in an incident).",
+                &sl,
+            ),
+            exported: Mutex::new(HashSet::new()),
+            prev: Mutex::new(EngineStats::default()),
+            errors_logged: Mutex::new(HashMap::new()),
+            registry: r,
+        }
+    }
+
+    /// Folds the engine's counters into Prometheus and refreshes gauges. Called once per batch.
+    pub fn absorb(&self, eng: &mut Engine, max_series_gauges: usize) {
+        let mut prev = self.prev.lock().unwrap();
+        let s = &eng.stats;
+        self.events.inc_by(s.events - prev.events);
+        self.accepted.inc_by(s.accepted - prev.accepted);
+        for c in ErrorCode::ALL {
+            let d = s.rejected[c.index()] - prev.rejected[c.index()];
+            if d > 0 {
+                self.rejected.with_label_values(&[c.as_str()]).inc_by(d);
+            }
+        }
+        self.unselected.inc_by(s.unselected - prev.unselected);
+        self.missing_value
+            .with_label_values(&["value"])
+            .inc_by(s.missing_value - prev.missing_value);
+        self.missing_value
+            .with_label_values(&["user"])
+            .inc_by(s.missing_user - prev.missing_user);
+        self.series_overflow
+            .inc_by(s.series_overflow - prev.series_overflow);
+        self.windows_closed
+            .inc_by(s.windows_closed - prev.windows_closed);
+        self.changes.inc_by(s.changes - prev.changes);
+        self.alerts
+            .with_label_values(&["firing"])
+            .inc_by(s.alerts_firing - prev.alerts_firing);
+        self.alerts
+            .with_label_values(&["resolved"])
+            .inc_by(s.alerts_resolved - prev.alerts_resolved);
+        self.rollbacks_requested
+            .inc_by(s.rollbacks_requested - prev.rollbacks_requested);
+        self.rollbacks_confirmed
+            .inc_by(s.rollbacks_confirmed - prev.rollbacks_confirmed);
+        for (k, v) in &s.decisions {
+            let d = v - prev.decisions.get(k).copied().unwrap_or(0);
+            if d > 0 {
+                self.decisions.with_label_values(&[k.0, k.1]).inc_by(d);
+            }
+        }
+        *prev = s.clone();
+        drop(prev);
+        if let Some(t) = eng.max_event_time_ms() {
+            self.watermark
+                .set(eng.watermark_ms().unwrap_or(t) as f64 / 1000.0);
+            self.event_time_lag
+                .set((crate::event::now_ms() - t) as f64 / 1000.0);
+            self.event_time_latest.set(t as f64 / 1000.0);
+        }
+        self.series_tracked.set(eng.series_count() as i64);
+        if eng.take_windows_closed() == 0 {
+            return;
+        }
+        for (m, sev, n) in eng.firing_by_metric() {
+            self.incidents_firing
+                .with_label_values(&[&m, sev])
+                .set(n as i64);
+        }
+        let chosen = eng.gauge_series(max_series_gauges);
+        let mut now = HashSet::with_capacity(chosen.len());
+        for si in chosen {
+            let s = &eng.series[si];
+            let m = eng.metrics()[s.metric].name().to_string();
+            let l = [m.as_str(), s.label.as_str()];
+            let set = |g: &GaugeVec, v: f64| {
+                if v.is_finite() {
+                    g.with_label_values(&l).set(v);
+                }
+            };
+            set(&self.series_observed, s.last.observed);
+            set(&self.series_expected, s.last.expected);
+            set(&self.series_low, s.last.expected_low);
+            set(&self.series_high, s.last.expected_high);
+            set(&self.series_score, s.last.score);
+            now.insert((m, s.label.clone()));
+        }
+        let mut exported = self.exported.lock().unwrap();
+        for (m, l) in exported.difference(&now) {
+            for g in [
+                &self.series_observed,
+                &self.series_expected,
+                &self.series_low,
+                &self.series_high,
+                &self.series_score,
+            ] {
+                let _ = g.remove_label_values(&[m, l]);
+            }
+        }
+        *exported = now;
+    }
+
+    pub fn watermark_secs(&self) -> f64 {
+        self.watermark.get()
+    }
+
+    pub fn latest_event_secs(&self) -> f64 {
+        self.event_time_latest.get()
+    }
+
+    /// Text exposition of all metrics.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf8 exposition")
+    }
+
+    /// Logs an error at most once per `every` per code (Vector-style rate limiting); the
+    /// metric is counted regardless by the caller.
+    pub fn log_rate_limited(&self, code: &'static str, every: Duration, f: impl FnOnce()) {
+        let mut m = self.errors_logged.lock().unwrap();
+        let now = Instant::now();
+        match m.get(code) {
+            Some(t) if now.duration_since(*t) < every => {}
+            _ => {
+                m.insert(code, now);
+                f();
+            }
+        }
+    }
+}
