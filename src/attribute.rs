@@ -202,7 +202,7 @@ impl Registry {
             let cov_text = match cov {
                 Coverage::Exact => "scope covers this segment exactly".to_string(),
                 Coverage::Everything => "scope is everything".to_string(),
-                Coverage::Partial => "scope is part of this series".to_string(),
+                Coverage::Partial => "this series covers the scope and more".to_string(),
                 Coverage::None => unreachable!(),
             };
             out.push(Candidate {

@@ -54,8 +54,8 @@ impl Default for DemoOptions {
             seed: 7,
             warmup_hours: 13.0,
             story_hours: 4.0,
-            peak_sessions_per_min: 1500.0,
-            automation_delay_mins: 20,
+            peak_sessions_per_min: 2500.0,
+            automation_delay_mins: 15,
         }
     }
 }
@@ -151,6 +151,10 @@ pub async fn run(
     let mut cfg = Config::from_str_named(DEFAULT_CONFIG, "config/guardrail.toml")?;
     cfg.kafka.bootstrap_servers = bootstrap.clone();
     cfg.kafka.group_id = "guardrail-demo".into();
+    // The embedded broker is in process: ask for data as soon as any is there.
+    cfg.kafka
+        .options
+        .insert("fetch.wait.max.ms".into(), "10".into());
     cfg.signing.secret = Some(DEMO_SECRET.into());
     cfg.signing.secret_env = None;
     cfg.service.instance = "demo".into();
@@ -263,7 +267,7 @@ pub async fn run(
         opts.peak_sessions_per_min
     )?;
     const TICK: i64 = 60_000;
-    let lead_ms = 3 * window_ms;
+    let lead_ms = 0;
     loop {
         let t = sim.now_ms();
         if !change_sent && t >= change_ms {

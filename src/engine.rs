@@ -16,7 +16,7 @@ use siphasher::sip::SipHasher13;
 use statrs::distribution::{ContinuousCDF, Normal};
 
 use crate::attribute::{human_duration, Candidate, Registry};
-use crate::baseline::{Baseline, Expect, Family};
+use crate::baseline::{Baseline, Expect, Family, Obs};
 use crate::config::{
     Config, DetectionDefaults, Direction, MetricConfig, MetricKind, Selector, Tier, TOP_LEVEL_DIMS,
 };
@@ -35,6 +35,8 @@ use crate::window::Ring;
 const MAX_OBJ_DIMS: usize = 16;
 /// Windows of per-series history kept for drill-down and the API.
 pub const HISTORY: usize = 48;
+/// Windows a closed window waits before the baseline learns it (must be < HISTORY).
+pub const LEARN_LAG: i64 = 12;
 /// Value used for a tracked dimension the event does not carry.
 pub const MISSING_DIM: &str = "unknown";
 
@@ -103,6 +105,7 @@ impl MetricDef {
 struct HistEntry {
     num: f32,
     den: f32,
+    sumsq: f32,
     /// Expected rate (NaN when the baseline had no forecast).
     exp: f32,
 }
@@ -130,6 +133,8 @@ pub struct Series {
     baseline: Baseline,
     detector: Detector,
     pub incident: Option<usize>,
+    /// Windows before this are never learnt (they belong to a past incident).
+    learn_from: i64,
     hist: [HistEntry; HISTORY],
     pub last: LastWindow,
     /// Smoothed volume, to pick which series get gauges.
@@ -835,6 +840,7 @@ impl Engine {
             s.hist[hi] = HistEntry {
                 num: obs.num as f32,
                 den: obs.den as f32,
+                sumsq: obs.sumsq as f32,
                 exp: e.map(|e| e.rate as f32).unwrap_or(f32::NAN),
             };
             let observed = if obs.den > 0.0 {
@@ -873,8 +879,19 @@ impl Engine {
                         }
                     }
                 }
-                if learn {
-                    s.baseline.learn(start, obs);
+                // The baseline learns a window only once it is LEARN_LAG windows old and no
+                // incident has claimed it, so a fresh anomaly is detected against a baseline
+                // that has not seen it (in particular a season bucket seen for the first time).
+                let lw = w - LEARN_LAG;
+                if learn && lw >= s.first_window && lw >= s.learn_from {
+                    if let Some(h) = s.hist_at(lw, w) {
+                        let o = Obs {
+                            num: h.num as f64,
+                            den: h.den as f64,
+                            sumsq: h.sumsq as f64,
+                        };
+                        s.baseline.learn(lw * self.schema.window_ms, o);
+                    }
                 }
             }
             s.last = match e {
@@ -1255,6 +1272,7 @@ impl Engine {
             self.series[si].baseline.relearn();
         }
         self.series[si].detector.reset();
+        self.series[si].learn_from = w + 1;
         self.dirty = true;
         self.stats.alerts_resolved += 1;
         let owner = self.schema.metrics[self.series[si].metric]
@@ -1426,9 +1444,11 @@ fn make_series(
             (sc.window_ms / 1000) as u64,
         ),
         incident: None,
+        learn_from: i64::MIN,
         hist: [HistEntry {
             num: 0.0,
             den: 0.0,
+            sumsq: 0.0,
             exp: f32::NAN,
         }; HISTORY],
         last: LastWindow::default(),
