@@ -748,16 +748,35 @@ impl Engine {
             return;
         }
         let idle_before = now_ms - SOURCE_IDLE_MS;
-        let slowest = self
-            .sources
-            .iter()
-            .filter(|c| c.seen_ms >= idle_before)
-            .map(|c| c.max_ts)
-            .min()
-            .unwrap_or(ts);
+        let mut slowest = i64::MAX;
+        for c in self.sources.iter().filter(|c| c.seen_ms >= idle_before) {
+            if c.max_ts == i64::MIN {
+                // An assigned partition not heard from yet holds event time still.
+                return;
+            }
+            slowest = slowest.min(c.max_ts);
+        }
+        if slowest == i64::MAX {
+            slowest = ts;
+        }
         let target = (slowest - self.schema.lateness_ms).div_euclid(self.schema.window_ms);
         if self.closed_upto.map(|c| target > c).unwrap_or(true) {
             self.close_until(target);
+        }
+    }
+
+    /// Registers assigned partitions: each holds the watermark back until it delivers an event
+    /// or stays silent for [`SOURCE_IDLE_MS`], so a partition read late after a (re)start does
+    /// not find its events declared late.
+    pub fn assign_sources(&mut self, sources: &[i32], now_ms: i64) {
+        for &source in sources {
+            if !self.sources.iter().any(|c| c.source == source) {
+                self.sources.push(SourceClock {
+                    source,
+                    max_ts: i64::MIN,
+                    seen_ms: now_ms,
+                });
+            }
         }
     }
 

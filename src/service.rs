@@ -77,7 +77,8 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let consumer = source::consumer(&cfg.kafka, state.clone())?;
+    let (mv_tx, mv_rx) = std::sync::mpsc::channel();
+    let consumer = source::consumer(&cfg.kafka, state.clone(), mv_tx)?;
     let producer = source::producer(&cfg.kafka)?;
     let k = cfg.kafka.clone();
     let consumer = tokio::task::spawn_blocking(move || {
@@ -112,6 +113,12 @@ pub async fn run(
             m = consumer.recv() => Some(m),
             _ = tokio::time::sleep(FLUSH_EVERY), if !batch.is_empty() => None,
         };
+        while let Ok(mv) = mv_rx.try_recv() {
+            match mv {
+                source::Movement::Assigned(p) => engine.assign_sources(&p, now_ms()),
+                source::Movement::Revoked(p) => p.iter().for_each(|x| engine.forget_source(*x)),
+            }
+        }
         match msg {
             Some(Ok(m)) => {
                 if batch.is_empty() {

@@ -276,13 +276,16 @@ pub enum SinkError {
     },
 }
 
-/// JSON-lines files in a directory: alerts.jsonl, rollbacks.jsonl, audit.jsonl and
-/// dead_letters.jsonl (one JSON object per line, with the reason and the original text).
+/// JSON-lines files in a directory: alerts.jsonl, rollbacks.jsonl, audit.jsonl (each line the
+/// message value as it would be on the topic), rollbacks.signatures.jsonl (the signature headers
+/// of each rollback line, in the same order) and dead_letters.jsonl (reason, source and the
+/// original text).
 pub struct FileSink {
     alerts: BufWriter<File>,
     rollbacks: BufWriter<File>,
     audit: BufWriter<File>,
     dlq: BufWriter<File>,
+    signatures: BufWriter<File>,
     pub counts: [u64; 4],
 }
 
@@ -306,6 +309,7 @@ impl FileSink {
             rollbacks: open("rollbacks.jsonl")?,
             audit: open("audit.jsonl")?,
             dlq: open("dead_letters.jsonl")?,
+            signatures: open("rollbacks.signatures.jsonl")?,
             counts: [0; 4],
         })
     }
@@ -337,15 +341,17 @@ impl FileSink {
                 .map_err(std::io::Error::from)
                 .and_then(|_| w.write_all(b"\n"))
         } else if e.stream == Stream::Rollbacks {
-            // Keep the signature verifiable from the file: value and headers side by side.
-            let line = serde_json::json!({
+            // The line is the CloudEvent exactly as produced, so the signature (kept beside it
+            // in rollbacks.signatures.jsonl, as Kafka keeps it in headers) verifies over it.
+            let sig = serde_json::json!({
                 "key": e.key,
                 "headers": e.headers.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone()))).collect::<serde_json::Map<_, _>>(),
-                "value": serde_json::from_slice::<serde_json::Value>(&e.value).unwrap_or_default(),
             });
-            serde_json::to_writer(&mut *w, &line)
-                .map_err(std::io::Error::from)
+            let sigw = &mut self.signatures;
+            w.write_all(&e.value)
                 .and_then(|_| w.write_all(b"\n"))
+                .and_then(|_| serde_json::to_writer(&mut *sigw, &sig).map_err(std::io::Error::from))
+                .and_then(|_| sigw.write_all(b"\n"))
         } else {
             w.write_all(&e.value).and_then(|_| w.write_all(b"\n"))
         };
@@ -361,6 +367,7 @@ impl FileSink {
             &mut self.rollbacks,
             &mut self.audit,
             &mut self.dlq,
+            &mut self.signatures,
         ] {
             w.flush().map_err(|source| SinkError::Io {
                 path: "output".into(),

@@ -37,9 +37,29 @@ pub enum SourceError {
     },
 }
 
+/// Partition movements of the events topic, passed from librdkafka's callback thread to the
+/// processing loop (which owns the engine).
+#[derive(Debug, Clone)]
+pub enum Movement {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
 /// Consumer callbacks: rebalances, errors and statistics.
 pub struct SourceContext {
     pub state: Arc<ApiState>,
+    pub events_topic: String,
+    pub movements: std::sync::mpsc::Sender<Movement>,
+}
+
+impl SourceContext {
+    fn events_partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements()
+            .iter()
+            .filter(|e| e.topic() == self.events_topic)
+            .map(|e| e.partition())
+            .collect()
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -75,6 +95,9 @@ impl ConsumerContext for SourceContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
+                let _ = self
+                    .movements
+                    .send(Movement::Revoked(self.events_partitions(tpl)));
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -89,6 +112,9 @@ impl ConsumerContext for SourceContext {
                 .map(|e| format!("{}/{}", e.topic(), e.partition()))
                 .collect();
             tracing::info!(partitions = ?parts, "partitions assigned");
+            let _ = self
+                .movements
+                .send(Movement::Assigned(self.events_partitions(tpl)));
             if tpl.count() > 0 {
                 self.state.set_ready(true, "");
             } else {
@@ -122,6 +148,7 @@ fn base_config(k: &KafkaConfig) -> ClientConfig {
 pub fn consumer(
     k: &KafkaConfig,
     state: Arc<ApiState>,
+    movements: std::sync::mpsc::Sender<Movement>,
 ) -> Result<StreamConsumer<SourceContext>, SourceError> {
     let mut c = base_config(k);
     c.set("group.id", &k.group_id)
@@ -134,11 +161,15 @@ pub fn consumer(
     for (key, v) in &k.options {
         c.set(key, v);
     }
-    c.create_with_context(SourceContext { state })
-        .map_err(|source| SourceError::Client {
-            what: "consumer",
-            source,
-        })
+    c.create_with_context(SourceContext {
+        state,
+        events_topic: k.topics.events.clone(),
+        movements,
+    })
+    .map_err(|source| SourceError::Client {
+        what: "consumer",
+        source,
+    })
 }
 
 pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, SourceError> {

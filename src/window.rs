@@ -54,17 +54,67 @@ impl Ring {
         w.rem_euclid(self.slots.len() as i64) as usize
     }
 
-    /// The slot for window `w`, recycling it if it held an older (already closed) window.
+    /// The slot for window `w`. Closed windows are taken out, so an occupied slot holds a
+    /// window that is still open: when input partitions run apart in event time more windows
+    /// are open than the lateness alone implies, and the ring grows (rarely, and only then
+    /// allocates) instead of overwriting one.
     #[inline]
     pub fn slot(&mut self, w: i64) -> &mut Agg {
-        let i = self.slot_index(w);
+        let mut i = self.slot_index(w);
         if self.slots[i].w != w {
-            self.slots[i] = Agg { w, ..Agg::EMPTY };
-            if let Some(s) = self.sketches.as_mut() {
-                s[i].clear();
+            if self.slots[i].w != i64::MIN {
+                self.grow(w);
+                i = self.slot_index(w);
+            }
+            if self.slots[i].w != w {
+                self.slots[i] = Agg { w, ..Agg::EMPTY };
+                if let Some(s) = self.sketches.as_mut() {
+                    s[i].clear();
+                }
             }
         }
         &mut self.slots[i]
+    }
+
+    /// Number of slots (open windows it can hold without growing).
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn grow(&mut self, w: i64) {
+        let mut n = self.slots.len() * 2;
+        loop {
+            // Every open window, and `w`, must land in distinct slots.
+            let mut used = vec![false; n];
+            let ok = self
+                .slots
+                .iter()
+                .filter(|a| a.w != i64::MIN)
+                .map(|a| a.w)
+                .chain(std::iter::once(w))
+                .all(|x| !std::mem::replace(&mut used[x.rem_euclid(n as i64) as usize], true));
+            if ok {
+                break;
+            }
+            n *= 2;
+        }
+        let mut slots = vec![Agg::EMPTY; n].into_boxed_slice();
+        let mut sketches = self
+            .sketches
+            .as_ref()
+            .map(|_| vec![Hll::default(); n].into_boxed_slice());
+        for (j, a) in self.slots.iter().enumerate() {
+            if a.w == i64::MIN {
+                continue;
+            }
+            let k = a.w.rem_euclid(n as i64) as usize;
+            slots[k] = *a;
+            if let (Some(new), Some(old)) = (sketches.as_mut(), self.sketches.as_ref()) {
+                new[k] = old[j].clone();
+            }
+        }
+        self.slots = slots;
+        self.sketches = sketches;
     }
 
     #[inline]
@@ -178,10 +228,25 @@ mod tests {
         assert_eq!((a.num, a.den), (1.0, 5.0));
         let (a, _) = r.take(10);
         assert_eq!(a.num, 0.0);
-        // Window 13 shares slot with 10; 11 stays.
+        // Window 13 shares slot with 10 (taken, so free); 11 stays.
         r.slot(13).num = 7.0;
         assert_eq!(r.take(11).0.num, 2.0);
         assert_eq!(r.take(13).0.num, 7.0);
+    }
+
+    #[test]
+    fn ring_grows_instead_of_overwriting_open_windows() {
+        let mut r = Ring::new(2, true);
+        for w in 0..9 {
+            r.slot(w).num += w as f64;
+            r.add_user(w, (w as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        assert!(r.capacity() >= 9);
+        for w in 0..9 {
+            let (a, d) = r.take(w);
+            assert_eq!(a.num, w as f64);
+            assert!(d.unwrap() >= 0.5);
+        }
     }
 
     #[test]

@@ -1,0 +1,203 @@
+//! The command line as users run it: the real binary, real files.
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_guardrail"))
+}
+
+#[test]
+fn check_config_accepts_the_default_and_locates_errors() {
+    let out = bin()
+        .args(["check-config", "config/guardrail.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 metrics"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "[engine]\nwindow_secs = 300\nlateness_secs = 3\n").unwrap();
+    let out = bin().arg("check-config").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:1"), "{err}");
+    assert!(err.contains("unknown field `lateness_secs`"), "{err}");
+
+    std::fs::write(
+        &p,
+        "[[metrics]]\nname = \"cr\"\nkind = \"ratio\"\nnumerator = { type = \"conversion\" }\n",
+    )
+    .unwrap();
+    let out = bin().arg("check-config").arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("bad.toml:1:1") && err.contains("denominator"),
+        "{err}"
+    );
+}
+
+#[test]
+fn simulate_then_replay_writes_the_contract_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let changes = dir.path().join("changes.jsonl");
+    let out = dir.path().join("out");
+    let st = bin()
+        .args([
+            "simulate",
+            "--hours",
+            "17",
+            "--story-at-hours",
+            "13",
+            "--start",
+            "2026-11-02T01:00:00Z",
+            "--peak-sessions-per-min",
+            "2500",
+        ])
+        .arg("--out")
+        .arg(&events)
+        .arg("--changes-out")
+        .arg(&changes)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // A malformed line in the middle must be dead-lettered, not stop the replay.
+    let mut text = std::fs::read_to_string(&events).unwrap();
+    let mid = text.len() / 2;
+    let nl = text[mid..].find('\n').unwrap() + mid + 1;
+    text.insert_str(nl, "{\"type\":\"session\",\"ts\":\"garbage\"}\n");
+    std::fs::write(&events, text).unwrap();
+
+    let o = bin()
+        .env("GUARDRAIL_SIGNING_SECRET", "replay-secret")
+        .args(["replay", "--quiet", "--config", "config/guardrail.toml"])
+        .arg("--events")
+        .arg(&events)
+        .arg("--changes")
+        .arg(&changes)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["events_rejected"]["bad_timestamp"], 1);
+    assert!(summary["events_accepted"].as_u64().unwrap() > 1_000_000);
+    assert_eq!(summary["rollbacks_requested"], 1);
+    assert_eq!(summary["rollbacks_confirmed"], 1);
+
+    let alerts: Vec<serde_json::Value> = std::fs::read_to_string(out.join("alerts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let firing: Vec<_> = alerts.iter().filter(|a| a["status"] == "firing").collect();
+    assert!(firing
+        .iter()
+        .any(|a| a["metric"] == "conversion_rate" && a["series"]["country"] == "FR"));
+    assert!(firing
+        .iter()
+        .any(|a| a["metric"] == "support_tickets_per_session"));
+    assert!(
+        firing
+            .iter()
+            .all(|a| a["candidate_changes"][0]["change_id"] == "chg-0042"),
+        "{firing:#?}"
+    );
+    // Every incident resolves after the rollback (an hour after the change).
+    let resolved = alerts.iter().filter(|a| a["status"] == "resolved").count();
+    assert_eq!(resolved, firing.len());
+
+    let rb_text = std::fs::read_to_string(out.join("rollbacks.jsonl")).unwrap();
+    let rb_line = rb_text.lines().next().unwrap();
+    let rb: serde_json::Value = serde_json::from_str(rb_line).unwrap();
+    assert_eq!(rb["data"]["change_id"], "chg-0042");
+    assert_eq!(rb["specversion"], "1.0");
+    let sigs = std::fs::read_to_string(out.join("rollbacks.signatures.jsonl")).unwrap();
+    let sig: serde_json::Value = serde_json::from_str(sigs.lines().next().unwrap()).unwrap();
+    let signer = guardrail::sink::Signer::new("k1", b"replay-secret");
+    assert!(signer.verify(
+        rb_line.as_bytes(),
+        sig["headers"]["guardrail-signature"].as_str().unwrap()
+    ));
+    assert!(!signer.verify(
+        rb_line.replace("chg-0042", "chg-0043").as_bytes(),
+        sig["headers"]["guardrail-signature"].as_str().unwrap()
+    ));
+
+    let audit = std::fs::read_to_string(out.join("audit.jsonl")).unwrap();
+    let actions: Vec<String> = audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["action"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for a in [
+        "detection",
+        "policy_evaluation",
+        "rollback_requested",
+        "rollback_confirmed",
+        "incident_resolved",
+    ] {
+        assert!(
+            actions.iter().any(|x| x == a),
+            "audit lacks {a}: {actions:?}"
+        );
+    }
+    let dead = std::fs::read_to_string(out.join("dead_letters.jsonl")).unwrap();
+    assert!(dead.contains("bad_timestamp") && dead.contains("garbage"));
+}
+
+#[test]
+fn replay_reports_missing_files_clearly() {
+    let o = bin()
+        .env("GUARDRAIL_SIGNING_SECRET", "s")
+        .args([
+            "replay",
+            "--config",
+            "config/guardrail.toml",
+            "--events",
+            "/nonexistent/e.jsonl",
+            "--out",
+            "/tmp/x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read /nonexistent/e.jsonl"));
+}
+
+#[test]
+fn demo_tells_the_whole_story_and_exits_zero() {
+    let o = bin().arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for needle in [
+        "CHANGE",
+        "FIRING",
+        "ROLLBACK requested for chg-0042",
+        "signature verified",
+        "AUTOMATION rolled back",
+        "RESOLVED",
+        "story holds",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "demo output lacks {needle:?}:\n{stdout}"
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! Shared harness for end-to-end tests: an embedded Kafka (librdkafka's mock cluster), the real
+//! service running in process on a loopback port, a producer, and a reader of the output topics.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guardrail::api::ApiState;
+use guardrail::config::Config;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub const SECRET: &str = "test-secret";
+
+pub struct Harness {
+    pub cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    pub cfg: Config,
+    pub state: Arc<ApiState>,
+    pub http: String,
+    pub producer: FutureProducer,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    svc: Option<
+        tokio::task::JoinHandle<
+            Result<guardrail::service::RunReport, guardrail::service::ServiceError>,
+        >,
+    >,
+}
+
+/// One consumed output record.
+#[derive(Debug, Clone)]
+pub struct Out {
+    pub topic: String,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Out {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).expect("output is JSON")
+    }
+}
+
+/// The default config with `edit` applied, pointed at a fresh mock cluster.
+pub async fn start(edit: impl FnOnce(&mut Config)) -> Harness {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let mut cfg = Config::from_str_named(guardrail::demo::DEFAULT_CONFIG, "config/guardrail.toml")
+        .expect("default config is valid");
+    let t = &cfg.kafka.topics;
+    cluster.create_topic(&t.events, 4, 1).unwrap();
+    for topic in [&t.changes, &t.alerts, &t.rollbacks, &t.audit, &t.dlq] {
+        cluster.create_topic(topic, 1, 1).unwrap();
+    }
+    cfg.kafka.bootstrap_servers = cluster.bootstrap_servers();
+    cfg.kafka.group_id = format!("guardrail-test-{}", rand_suffix());
+    cfg.kafka
+        .options
+        .insert("fetch.wait.max.ms".into(), "10".into());
+    cfg.signing.secret = Some(SECRET.into());
+    cfg.signing.secret_env = None;
+    edit(&mut cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = format!("http://{}", listener.local_addr().unwrap());
+    cfg.service.public_url = http.clone();
+    let state = guardrail::service::new_state();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let svc = tokio::spawn(guardrail::service::run(
+        cfg.clone(),
+        listener,
+        state.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "500000")
+        .create()
+        .unwrap();
+    Harness {
+        cluster,
+        cfg,
+        state,
+        http,
+        producer,
+        stop: Some(tx),
+        svc: Some(svc),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+impl Harness {
+    pub async fn send(&self, topic: &str, key: &[u8], value: &[u8]) {
+        loop {
+            match self
+                .producer
+                .send_result(FutureRecord::to(topic).key(key).payload(value))
+            {
+                Ok(_) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+
+    pub async fn send_event(&self, value: &[u8]) {
+        let t = self.cfg.kafka.topics.events.clone();
+        self.send(&t, b"k", value).await;
+    }
+
+    /// An event no metric reads, stamped `ts`: moves event time forward so the test can wait
+    /// for the engine to reach a known point even when real traffic is thin.
+    pub async fn heartbeat(&self, ts: i64) {
+        let v = format!(r#"{{"type":"heartbeat","ts":{ts}}}"#);
+        self.send_event(v.as_bytes()).await;
+    }
+
+    pub async fn send_change(&self, value: &str) {
+        let t = self.cfg.kafka.topics.changes.clone();
+        self.producer
+            .send(
+                FutureRecord::to(&t).key("c").payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("change delivered");
+    }
+
+    /// Waits until the engine has seen event time `ts` (or times out).
+    pub async fn wait_event_time(&self, ts: i64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self
+                .state
+                .latest_event_ms()
+                .map(|t| t >= ts)
+                .unwrap_or(false)
+            {
+                return true;
+            }
+            assert!(
+                !self.svc.as_ref().unwrap().is_finished(),
+                "the service stopped early"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Reads everything currently on `topics` (from the beginning), waiting `settle` for stragglers.
+    pub fn read_all(&self, topics: &[&str], settle: Duration) -> Vec<Out> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.cluster.bootstrap_servers())
+            .set("group.id", format!("reader-{}", rand_suffix()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        // Assign every partition from the beginning: no group coordination to wait for.
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for t in topics {
+            let md = c.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
+            for p in md.topics()[0].partitions() {
+                tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        let start = Instant::now();
+        while last.elapsed() < settle && start.elapsed() < Duration::from_secs(60) {
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    last = Instant::now();
+                    let headers = m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| {
+                                    (
+                                        x.key.to_string(),
+                                        String::from_utf8_lossy(x.value.unwrap_or(&[])).to_string(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    out.push(Out {
+                        topic: m.topic().to_string(),
+                        key: m.key().map(|k| String::from_utf8_lossy(k).to_string()),
+                        value: m.payload().unwrap_or(&[]).to_vec(),
+                        headers,
+                    });
+                }
+                Some(Err(e)) => panic!("read: {e}"),
+                None => {}
+            }
+        }
+        out
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(&format!("{}{}", self.http, path)).await
+    }
+
+    pub async fn stop(mut self) -> guardrail::service::RunReport {
+        let _ = self.stop.take().unwrap().send(());
+        let r = self
+            .svc
+            .take()
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("service ran");
+        drop(self.producer);
+        r
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a real TCP connection.
+pub async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of a Prometheus sample line `name{labels} value` in an exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
