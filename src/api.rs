@@ -96,13 +96,13 @@ impl ApiState {
     /// The engine's watermark as last published to the metrics, if any event was seen.
     pub fn telemetry_watermark_ms(&self) -> Option<i64> {
         let w = self.telemetry.watermark_secs();
-        (w > 0.0).then(|| (w * 1000.0) as i64)
+        (w > 0.0).then_some((w * 1000.0) as i64)
     }
 
     /// The latest event time the engine has seen, as last published to the metrics.
     pub fn latest_event_ms(&self) -> Option<i64> {
         let w = self.telemetry.latest_event_secs();
-        (w > 0.0).then(|| (w * 1000.0) as i64)
+        (w > 0.0).then_some((w * 1000.0) as i64)
     }
 
     fn snap(&self) -> Arc<Snapshot> {

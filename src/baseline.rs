@@ -61,6 +61,9 @@ impl Expect {
 struct Bucket {
     num: f32,
     den: f32,
+    /// Decayed total of the information behind the estimate: events (binomial, Poisson) or
+    /// observations (Gaussian). It sets how far the bucket is trusted over the overall level.
+    mass: f32,
     n: u16,
 }
 
@@ -68,10 +71,11 @@ impl Bucket {
     fn rate(&self) -> Option<f64> {
         (self.den > 0.0).then(|| self.num as f64 / self.den as f64)
     }
-    fn update(&mut self, num: f64, den: f64, alpha_min: f64) {
+    fn update(&mut self, num: f64, den: f64, mass: f64, alpha_min: f64) {
         let alpha = (1.0 / (self.n as f64 + 1.0)).max(alpha_min);
         self.num = ((1.0 - alpha) * self.num as f64 + alpha * num) as f32;
         self.den = ((1.0 - alpha) * self.den as f64 + alpha * den) as f32;
+        self.mass = ((1.0 - alpha_min) * self.mass as f64 + mass) as f32;
         self.n = self.n.saturating_add(1);
     }
 }
@@ -92,11 +96,16 @@ pub struct Baseline {
     alpha_min: f64,
 }
 
-/// Bucket weight reaches 1/2 once a bucket has seen this many windows; before that the
-/// non-seasonal level fills in, so a cold bucket never forecasts from one window.
-const BUCKET_PRIOR: f64 = 4.0;
-/// Huber clipping of residuals, in standard deviations.
+/// Shrinkage of a season bucket towards the overall level: the bucket's weight is
+/// mass / (mass + BUCKET_PRIOR_MASS), so a bucket is trusted once it rests on this many events
+/// (or observations). Sparse series thus forecast from the overall level, whose estimate is far
+/// less noisy than the seasonality it would resolve; busy series become seasonal within hours.
+const BUCKET_PRIOR_MASS: f64 = 50.0;
+/// Huber clipping of residuals, in standard deviations (Gaussian).
 const HUBER_C: f64 = 3.0;
+/// Counts are clipped at this tail probability of their own distribution, not at a symmetric
+/// z: small counts are skewed, and a symmetric clip would bias the level low.
+const COUNT_TAIL: f64 = 1e-4;
 
 impl Baseline {
     pub fn new(family: Family, seasonality: Seasonality, half_life_windows: f64) -> Baseline {
@@ -140,7 +149,7 @@ impl Baseline {
         let b = &self.buckets[self.bucket_of(start_ms)];
         let rate = match b.rate() {
             Some(r) => {
-                let w = b.n as f64 / (b.n as f64 + BUCKET_PRIOR);
+                let w = b.mass as f64 / (b.mass as f64 + BUCKET_PRIOR_MASS);
                 w * r + (1.0 - w) * g
             }
             None => g,
@@ -182,7 +191,13 @@ impl Baseline {
             if sd > 0.0 && self.learnt >= 2 {
                 let z = resid / sd;
                 let zc = z.clamp(-HUBER_C, HUBER_C);
-                num = (e.rate + zc * sd) * obs.den;
+                num = match self.family {
+                    Family::Gaussian => (e.rate + zc * sd) * obs.den,
+                    _ => {
+                        let (lo, hi) = count_clip(self.family, e.rate, obs.den, e.phi);
+                        obs.num.clamp(lo, hi)
+                    }
+                };
                 let a = self.alpha_min.max(1.0 / (self.learnt as f64 + 1.0));
                 match self.family {
                     Family::Gaussian => {
@@ -204,9 +219,13 @@ impl Baseline {
             self.sigma2 = within as f32;
         }
         let b = self.bucket_of(start_ms);
-        self.buckets[b].update(num, obs.den, self.alpha_min);
+        let mass = match self.family {
+            Family::Gaussian => obs.den,
+            _ => num,
+        };
+        self.buckets[b].update(num, obs.den, mass, self.alpha_min);
         let ga = self.alpha_min / self.buckets.len() as f64;
-        self.global.update(num, obs.den, ga);
+        self.global.update(num, obs.den, mass, ga);
         self.learnt = self.learnt.saturating_add(1);
     }
 
@@ -215,9 +234,52 @@ impl Baseline {
     pub fn relearn(&mut self) {
         for b in self.buckets.iter_mut() {
             b.n = b.n.min(2);
+            b.mass = b.mass.min(5.0);
         }
         self.global.n = self.global.n.min(2);
     }
+}
+
+/// The range a count is clipped to before it is learnt: the COUNT_TAIL quantiles of its own
+/// distribution under the baseline, widened by the dispersion factor.
+fn count_clip(family: Family, rate: f64, den: f64, phi: f64) -> (f64, f64) {
+    use statrs::distribution::{Binomial, DiscreteCDF, Poisson};
+    let mu = rate * den;
+    let n = den.round().max(1.0) as u64;
+    let cdf = |k: u64| -> f64 {
+        match family {
+            Family::Binomial => Binomial::new(rate.clamp(0.0, 1.0), n)
+                .map(|d| d.cdf(k))
+                .unwrap_or(1.0),
+            _ => Poisson::new(mu.max(1e-9)).map(|d| d.cdf(k)).unwrap_or(1.0),
+        }
+    };
+    // Smallest k with cdf(k) >= p, by bisection (statrs' generic inverse_cdf can fail to
+    // bracket for small means).
+    let quantile = |p: f64| -> f64 {
+        let (mut lo, mut hi) = (0u64, (mu + 12.0 * mu.sqrt() + 12.0) as u64);
+        if family == Family::Binomial {
+            hi = hi.min(n);
+        }
+        if cdf(lo) >= p {
+            return 0.0;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if cdf(mid) >= p {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi as f64
+    };
+    let s = phi.max(1.0).sqrt();
+    let (lo, hi) = (quantile(COUNT_TAIL), quantile(1.0 - COUNT_TAIL));
+    // Ordered even where rounding of tiny means would cross them.
+    let lo = (mu - s * (mu - lo)).clamp(0.0, mu.max(0.0));
+    let hi = (mu + s * (hi - mu)).max(mu);
+    (lo, hi)
 }
 
 fn ewma(old: f32, x: f64, alpha: f64) -> f32 {
@@ -251,6 +313,27 @@ mod tests {
         let at3 = b.expect(3 * 3_600_000).unwrap().rate;
         assert!((at10 - 100.0).abs() < 5.0, "{at10}");
         assert!((at3 - 10.0).abs() < 1.0, "{at3}");
+    }
+
+    /// Small counts are skewed: the level must not be biased low by clipping.
+    #[test]
+    fn sparse_counts_are_learnt_without_bias() {
+        use rand::{rngs::SmallRng, Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut b = Baseline::new(Family::Poisson, Seasonality::HourOfDay, 24.0);
+        for w in 0..20_000i64 {
+            let x: f64 = rng.sample(statrs::distribution::Poisson::new(0.6).unwrap());
+            b.learn(
+                w * 300_000,
+                Obs {
+                    num: x,
+                    den: 150.0,
+                    sumsq: 0.0,
+                },
+            );
+        }
+        let r = b.expect(0).unwrap().rate * 150.0;
+        assert!((r - 0.6).abs() < 0.06, "{r}");
     }
 
     #[test]

@@ -328,6 +328,7 @@ mod tests {
         delays: Vec<usize>,
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Simulates `series` independent series of `windows` windows; `shift` = Some((at, factor))
     /// multiplies the rate from window `at`. Returns alarms (null part) and delays.
     fn simulate(

@@ -4,7 +4,7 @@
 //!
 //! - [`config`]    typed TOML configuration, `validate()` and located error reports.
 //! - [`event`]     the wire contract's inputs: zero-copy event decoding, changes, timestamps,
-//!                 and the bounded set of dead-letter reason codes.
+//!   and the bounded set of dead-letter reason codes.
 //! - [`source`]    the Kafka consumer (consumer group, offsets stored after processing).
 //! - [`window`]    tumbling event-time windows per series, closed by the watermark.
 //! - [`baseline`]  seasonal, outlier-robust online baselines, frozen during incidents.
@@ -12,9 +12,9 @@
 //! - [`attribute`] the registry of changes in force and candidate ranking.
 //! - [`policy`]    decisions by tier; rollback requests for autonomous changes.
 //! - [`engine`]    wires decode -> window -> baseline -> detect -> attribute -> policy; the
-//!                 same engine runs live (Kafka) and over files (replay).
+//!   same engine runs live (Kafka) and over files (replay).
 //! - [`sink`]      contract outputs: alerts, signed rollback requests, audit, dead letters,
-//!                 to Kafka or to files.
+//!   to Kafka or to files.
 //! - [`telemetry`] Prometheus metrics, internal events (one `emit` = log line + metric).
 //! - [`api`]       HTTP: `/metrics`, `/healthz`, `/readyz`, incidents.
 //! - [`service`]   `guardrail run`: source + engine + sinks + api, with graceful shutdown.
