@@ -188,6 +188,7 @@ pub async fn run(
         .set("bootstrap.servers", &bootstrap)
         .set("group.id", "guardrail-demo-story")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
         .set("isolation.level", "read_committed")
         .create()?;
     reader.subscribe(&[&topics.alerts, &topics.rollbacks, &topics.audit])?;

@@ -507,9 +507,9 @@ impl Engine {
         dims: Vec<(String, String)>,
         first_window: i64,
     ) -> usize {
+        // Totals do not count against max_series_per_metric (segments do).
         let s = make_series(&self.schema, metric, dims, first_window);
         self.series.push(s);
-        self.schema.metrics[metric].series_count += 1;
         self.series.len() - 1
     }
 
@@ -640,6 +640,8 @@ impl Engine {
                 continue;
             }
             let m = &sc.metrics[r.metric];
+            // Selected: from here on it is either aggregated or counted as incomplete.
+            any = true;
             // What this event adds to the window.
             let (dn, dd, dsq, user) = match (m.cfg.kind, r.role) {
                 (MetricKind::Mean, Role::Num) | (MetricKind::Share, Role::Num) => match ev.value {
@@ -666,7 +668,6 @@ impl Engine {
                 (_, Role::Num) => (1.0, 0.0, 0.0, None),
                 (_, Role::Den) => (0.0, 1.0, 0.0, None),
             };
-            any = true;
             let add = |s: &mut Series| {
                 let a = s.ring.slot(w);
                 a.num += dn;
@@ -1484,5 +1485,185 @@ fn finite(x: f64) -> f64 {
         x
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
+
+    fn engine(metrics: &str) -> Engine {
+        let cfg = Config::from_str_named(
+            &format!("[detection]\nwarmup_windows = 4\n[engine]\nallowed_lateness_secs = 60\nmax_series_per_metric = 3\n{metrics}"),
+            "t.toml",
+        )
+        .unwrap();
+        Engine::new(&cfg).unwrap()
+    }
+
+    fn ev(ty: &str, ts: i64, extra: &str) -> Vec<u8> {
+        format!(r#"{{"type":"{ty}","ts":{ts}{extra}}}"#).into_bytes()
+    }
+
+    fn series<'a>(e: &'a Engine, metric: &str, label: &str) -> &'a Series {
+        let mi = e.metrics().iter().position(|m| m.name() == metric).unwrap();
+        e.series
+            .iter()
+            .find(|s| s.metric == mi && s.label == label)
+            .unwrap()
+    }
+
+    #[test]
+    fn every_kind_aggregates_its_window() {
+        let mut e = engine(
+            r#"
+[[metrics]]
+name = "cr"
+kind = "ratio"
+numerator = { type = "conversion" }
+denominator = { type = "session" }
+dims = ["country"]
+[[metrics]]
+name = "tickets"
+kind = "count"
+numerator = { type = "support_ticket" }
+[[metrics]]
+name = "sentiment"
+kind = "mean"
+numerator = { type = "brand_signal" }
+[[metrics]]
+name = "users"
+kind = "distinct"
+numerator = { type = "session" }
+"#,
+        );
+        let now = T0 + 86_400_000;
+        for i in 0..10 {
+            let c = if i < 6 { "FR" } else { "DE" };
+            e.process_event(
+                &ev(
+                    "session",
+                    T0 + i,
+                    &format!(r#","user":"u{}","dims":{{"country":"{c}"}}"#, i % 4),
+                ),
+                now,
+            )
+            .unwrap();
+        }
+        e.process_event(
+            &ev("conversion", T0 + 20, r#","dims":{"country":"FR"}"#),
+            now,
+        )
+        .unwrap();
+        e.process_event(&ev("conversion", T0 + 21, ""), now)
+            .unwrap();
+        e.process_event(&ev("support_ticket", T0 + 22, ""), now)
+            .unwrap();
+        e.process_event(&ev("brand_signal", T0 + 23, r#","value":0.5"#), now)
+            .unwrap();
+        e.process_event(&ev("brand_signal", T0 + 24, r#","value":-0.1"#), now)
+            .unwrap();
+        // A brand signal without a value is counted, not aggregated.
+        e.process_event(&ev("brand_signal", T0 + 25, ""), now)
+            .unwrap();
+        e.process_event(&ev("page_view", T0 + 26, ""), now).unwrap();
+        // Close the first window.
+        e.process_event(&ev("session", T0 + 300_000 + 61_000, ""), now)
+            .unwrap();
+        assert_eq!(e.stats.missing_value, 1, "{:?}", e.stats);
+        assert_eq!(e.stats.unselected, 1);
+        let w = |s: &Series| (s.hist[(T0 / 300_000).rem_euclid(HISTORY as i64) as usize]);
+        let fr = w(series(&e, "cr", "country=FR"));
+        assert_eq!((fr.num, fr.den), (1.0, 6.0));
+        let unknown = w(series(&e, "cr", "country=unknown"));
+        assert_eq!((unknown.num, unknown.den), (1.0, 0.0));
+        let total = w(series(&e, "cr", "total"));
+        assert_eq!((total.num, total.den), (2.0, 10.0));
+        let t = w(series(&e, "tickets", "total"));
+        assert_eq!(
+            (t.num, t.den),
+            (1.0, 1.0),
+            "a count without exposure is per window"
+        );
+        let s = w(series(&e, "sentiment", "total"));
+        assert_eq!(s.den, 2.0);
+        assert!((s.num - 0.4).abs() < 1e-6 && (s.sumsq - 0.26).abs() < 1e-6);
+        let u = w(series(&e, "users", "total"));
+        assert!((u.num - 4.0).abs() < 0.5, "4 distinct users, got {}", u.num);
+        assert_eq!(u.den, 1.0);
+    }
+
+    #[test]
+    fn series_overflow_is_counted_and_total_still_sees_it() {
+        let mut e = engine(
+            r#"
+[[metrics]]
+name = "n"
+kind = "count"
+numerator = { type = "x" }
+dims = ["k"]
+"#,
+        );
+        for i in 0..5 {
+            e.process_event(&ev("x", T0 + i, &format!(r#","dims":{{"k":"v{i}"}}"#)), T0)
+                .unwrap();
+        }
+        assert_eq!(e.stats.series_overflow, 2);
+        assert_eq!(e.series_count(), 1 + 3);
+    }
+
+    #[test]
+    fn watermark_follows_the_slowest_partition() {
+        let mut e = engine(
+            r#"
+[[metrics]]
+name = "n"
+kind = "count"
+numerator = { type = "x" }
+"#,
+        );
+        let now = T0 + 86_400_000;
+        e.assign_sources(&[0, 1], now);
+        // Partition 0 runs an hour ahead while partition 1 has not delivered: nothing closes.
+        e.process_event_from(0, &ev("x", T0 + 3_600_000, ""), now)
+            .unwrap();
+        assert_eq!(e.watermark_ms(), None);
+        e.process_event_from(1, &ev("x", T0, ""), now).unwrap();
+        // Partition 1's old event is on time, and the watermark follows partition 1.
+        assert!(e.watermark_ms().unwrap() <= T0);
+        e.process_event_from(1, &ev("x", T0 + 600_000, ""), now)
+            .unwrap();
+        assert_eq!(e.watermark_ms(), Some(T0 + 300_000));
+        // Once partition 1 is idle (wall time), partition 0 alone moves event time.
+        let later = now + SOURCE_IDLE_MS + 1;
+        e.process_event_from(0, &ev("x", T0 + 3_600_001, ""), later)
+            .unwrap();
+        assert!(e.watermark_ms().unwrap() > T0 + 3_000_000);
+        let late = e.process_event_from(1, &ev("x", T0 + 600_001, ""), later);
+        assert_eq!(late.unwrap_err().code, ErrorCode::TooLate);
+    }
+
+    #[test]
+    fn changes_scheduled_from_a_file_apply_in_event_time() {
+        let mut e = engine(
+            r#"
+[[metrics]]
+name = "n"
+kind = "count"
+numerator = { type = "x" }
+"#,
+        );
+        let c = decode_change(
+            format!(r#"{{"change_id":"c","ts":{},"action":"applied","actor":{{"kind":"agent","name":"a"}}}}"#, T0 + 1000).as_bytes(),
+            4096,
+        )
+        .unwrap();
+        e.schedule_changes(vec![c]);
+        e.process_event(&ev("x", T0, ""), T0).unwrap();
+        assert!(e.registry.get("c").is_none());
+        e.process_event(&ev("x", T0 + 1000, ""), T0).unwrap();
+        assert!(e.registry.get("c").is_some());
     }
 }
