@@ -194,8 +194,14 @@ impl Baseline {
                 num = match self.family {
                     Family::Gaussian => (e.rate + zc * sd) * obs.den,
                     _ => {
-                        let (lo, hi) = count_clip(self.family, e.rate, obs.den, e.phi);
-                        obs.num.clamp(lo, hi)
+                        // Within 3 sd of the mean a count is never clipped: skip the quantiles.
+                        let mu = e.rate * obs.den;
+                        if (obs.num - mu).abs() <= 3.0 * (e.phi * mu.max(1.0)).sqrt() {
+                            obs.num
+                        } else {
+                            let (lo, hi) = count_clip(self.family, e.rate, obs.den, e.phi);
+                            obs.num.clamp(lo, hi)
+                        }
                     }
                 };
                 let a = self.alpha_min.max(1.0 / (self.learnt as f64 + 1.0));
@@ -276,9 +282,11 @@ fn count_clip(family: Family, rate: f64, den: f64, phi: f64) -> (f64, f64) {
     };
     let s = phi.max(1.0).sqrt();
     let (lo, hi) = (quantile(COUNT_TAIL), quantile(1.0 - COUNT_TAIL));
-    // Ordered even where rounding of tiny means would cross them.
+    // At least three counts of slack above the mean: a near-zero estimate must still be able to
+    // learn that events happen (otherwise it would clip every count to zero and never recover).
+    let slack = 3.0 * s * mu.max(1.0).sqrt();
     let lo = (mu - s * (mu - lo)).clamp(0.0, mu.max(0.0));
-    let hi = (mu + s * (hi - mu)).max(mu);
+    let hi = (mu + s * (hi - mu)).max(mu + slack);
     (lo, hi)
 }
 
@@ -313,6 +321,35 @@ mod tests {
         let at3 = b.expect(3 * 3_600_000).unwrap().rate;
         assert!((at10 - 100.0).abs() < 5.0, "{at10}");
         assert!((at3 - 10.0).abs() < 1.0, "{at3}");
+    }
+
+    /// A baseline that starts on empty windows must still learn a sparse rate.
+    #[test]
+    fn sparse_counts_recover_from_a_zero_start() {
+        let mut b = Baseline::new(Family::Poisson, Seasonality::HourOfDay, 24.0);
+        for w in 0..20i64 {
+            b.learn(
+                w * 300_000,
+                Obs {
+                    num: 0.0,
+                    den: 30.0,
+                    sumsq: 0.0,
+                },
+            );
+        }
+        for w in 20..3000i64 {
+            let x = if w % 8 == 0 { 1.0 } else { 0.0 };
+            b.learn(
+                w * 300_000,
+                Obs {
+                    num: x,
+                    den: 30.0,
+                    sumsq: 0.0,
+                },
+            );
+        }
+        let r = b.expect(0).unwrap().rate * 30.0;
+        assert!((r - 0.125).abs() < 0.03, "{r}");
     }
 
     /// Small counts are skewed: the level must not be biased low by clipping.

@@ -1574,7 +1574,7 @@ numerator = { type = "session" }
             .unwrap();
         assert_eq!(e.stats.missing_value, 1, "{:?}", e.stats);
         assert_eq!(e.stats.unselected, 1);
-        let w = |s: &Series| (s.hist[(T0 / 300_000).rem_euclid(HISTORY as i64) as usize]);
+        let w = |s: &Series| s.hist[(T0 / 300_000).rem_euclid(HISTORY as i64) as usize];
         let fr = w(series(&e, "cr", "country=FR"));
         assert_eq!((fr.num, fr.den), (1.0, 6.0));
         let unknown = w(series(&e, "cr", "country=unknown"));
