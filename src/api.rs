@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::attribute::ChangeState;
-use crate::engine::{Engine, Incident};
+use crate::engine::{Engine, HistoryPoint, Incident};
 use crate::event::fmt_time;
 use crate::telemetry::Telemetry;
 
@@ -27,8 +27,8 @@ pub struct IncidentView {
     pub onset: String,
     pub detected_at: String,
     pub resolved_at: Option<String>,
-    /// (window start, observed, expected) for the latest windows of the series.
-    pub history: Vec<(String, f64, Option<f64>)>,
+    /// The latest closed windows of the incident's series (observed, expected and its band).
+    pub history: Vec<HistoryPoint>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -51,11 +51,7 @@ impl Snapshot {
                     onset: fmt_time(i.onset_ms),
                     detected_at: fmt_time(i.detected_ms),
                     resolved_at: i.resolved_ms.map(fmt_time),
-                    history: eng.series[i.series_idx]
-                        .history(last, eng.window_ms())
-                        .into_iter()
-                        .map(|(t, o, e)| (fmt_time(t), if o.is_finite() { o } else { 0.0 }, e))
-                        .collect(),
+                    history: eng.series[i.series_idx].history(last, eng.window_ms(), eng.band_z()),
                 })
                 .collect(),
             changes: eng.registry.all().cloned().collect(),
@@ -243,12 +239,13 @@ async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
         ));
     }
     let mut hist = String::new();
-    for (t, o, e) in &i.history {
+    for p in &i.history {
+        let f = |x: Option<f64>| x.map(|v| format!("{v:.5}")).unwrap_or_else(|| "-".into());
         hist.push_str(&format!(
-            "<tr><td>{}</td><td>{:.5}</td><td>{}</td></tr>",
-            esc(t),
-            o,
-            e.map(|e| format!("{e:.5}")).unwrap_or_else(|| "-".into())
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&fmt_time(p.start_ms)),
+            f(p.observed),
+            f(p.expected)
         ));
     }
     Html(format!(

@@ -616,7 +616,7 @@ async fn send(p: &FutureProducer, topic: &str, key: &str, value: &[u8]) -> Resul
 }
 
 /// Enqueues without waiting for the acknowledgement, backing off while the queue is full.
-async fn produce_nowait(p: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
+pub async fn produce_nowait(p: &FutureProducer, topic: &str, key: &[u8], value: &[u8]) {
     loop {
         match p.send_result(FutureRecord::to(topic).key(key).payload(value)) {
             Ok(_) => return,

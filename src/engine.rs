@@ -108,6 +108,8 @@ struct HistEntry {
     sumsq: f32,
     /// Expected rate (NaN when the baseline had no forecast).
     exp: f32,
+    /// Standard deviation of the window's rate under the baseline.
+    sd: f32,
 }
 
 /// Latest closed window of a series, as exported to gauges and the API.
@@ -149,22 +151,38 @@ impl Series {
         Some(self.hist[w.rem_euclid(HISTORY as i64) as usize])
     }
 
-    /// (window start ms, observed rate, expected rate) for the last `n` closed windows.
-    pub fn history(&self, last_w: i64, window_ms: i64) -> Vec<(i64, f64, Option<f64>)> {
+    /// The last closed windows of this series (up to [`HISTORY`]), oldest first.
+    pub fn history(&self, last_w: i64, window_ms: i64, z: f64) -> Vec<HistoryPoint> {
         let mut out = Vec::new();
         for w in (last_w - HISTORY as i64 + 1)..=last_w {
             if let Some(h) = self.hist_at(w, last_w) {
-                let obs = if h.den > 0.0 {
-                    (h.num / h.den) as f64
-                } else {
-                    f64::NAN
-                };
                 let exp = (!h.exp.is_nan()).then_some(h.exp as f64);
-                out.push((w * window_ms, obs, exp));
+                let sd = (!h.sd.is_nan()).then_some(h.sd as f64);
+                out.push(HistoryPoint {
+                    start_ms: w * window_ms,
+                    observed: (h.den > 0.0).then(|| (h.num / h.den) as f64),
+                    volume: h.den as f64,
+                    expected: exp,
+                    expected_low: exp.zip(sd).map(|(e, sd)| e - z * sd),
+                    expected_high: exp.zip(sd).map(|(e, sd)| e + z * sd),
+                });
             }
         }
         out
     }
+}
+
+/// One closed window of a series, for charts.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HistoryPoint {
+    pub start_ms: i64,
+    /// Observed rate; None when the window had no denominator.
+    pub observed: Option<f64>,
+    pub volume: f64,
+    pub expected: Option<f64>,
+    /// The 99% band of the window's rate under the baseline.
+    pub expected_low: Option<f64>,
+    pub expected_high: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -203,8 +221,20 @@ pub struct Incident {
     pub top_segments: Vec<TopSegment>,
     pub decision: Decision,
     pub rollback_id: Option<String>,
+    /// Every audit record written about this incident, in order: the decision trail.
+    pub trail: Vec<TrailEntry>,
     #[serde(skip)]
     recovery: Recovery,
+}
+
+/// One step of an incident's decision trail (mirrors its audit record).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrailEntry {
+    pub audit_id: String,
+    pub at: String,
+    pub action: &'static str,
+    pub actor: Actor,
+    pub change_id: Option<String>,
 }
 
 /// Plain counters, bumped on the hot path without atomics; telemetry folds them into
@@ -467,6 +497,11 @@ impl Engine {
 
     pub fn window_ms(&self) -> i64 {
         self.schema.window_ms
+    }
+
+    /// z of the 99% two-sided band used for `expected_low` / `expected_high`.
+    pub fn band_z(&self) -> f64 {
+        self.schema.z99
     }
 
     /// The watermark: windows ending at or before it are closed.
@@ -832,6 +867,8 @@ impl Engine {
         let mut resolutions: Vec<(usize, &'static str, Option<Expect>)> = Vec::new();
         self.stats.windows_closed += 1;
         self.windows_since_view += 1;
+        // The API's view (watermark, series histories) moves with every closed window.
+        self.dirty = true;
         for si in 0..self.series.len() {
             let s = &mut self.series[si];
             if s.first_window == i64::MIN {
@@ -862,6 +899,9 @@ impl Engine {
                 den: obs.den as f32,
                 sumsq: obs.sumsq as f32,
                 exp: e.map(|e| e.rate as f32).unwrap_or(f32::NAN),
+                sd: e
+                    .map(|e| e.rate_variance(m.family, obs.den.max(1e-9)).sqrt() as f32)
+                    .unwrap_or(f32::NAN),
             };
             let observed = if obs.den > 0.0 {
                 obs.num / obs.den
@@ -1094,6 +1134,7 @@ impl Engine {
             top_segments,
             decision: decision.clone(),
             rollback_id: None,
+            trail: Vec::new(),
             recovery: Recovery::new(observed),
         };
         let idx = self.incidents.len();
@@ -1334,9 +1375,21 @@ impl Engine {
                 &self.audit_seq.to_string(),
             ],
         );
+        let at = fmt_time(crate::event::now_ms());
+        if let Some(id) = incident_id {
+            if let Some(&i) = self.incident_ids.get(id) {
+                self.incidents[i].trail.push(TrailEntry {
+                    audit_id: audit_id.clone(),
+                    at: at.clone(),
+                    action,
+                    actor: actor.clone(),
+                    change_id: change_id.map(String::from),
+                });
+            }
+        }
         self.outputs.push(Output::Audit(AuditRecord {
             audit_id,
-            at: fmt_time(crate::event::now_ms()),
+            at,
             incident_id: incident_id.map(String::from),
             change_id: change_id.map(String::from),
             action,
@@ -1470,6 +1523,7 @@ fn make_series(
             den: 0.0,
             sumsq: 0.0,
             exp: f32::NAN,
+            sd: f32::NAN,
         }; HISTORY],
         last: LastWindow::default(),
         volume: 0.0,

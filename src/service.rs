@@ -103,6 +103,15 @@ pub async fn run(
     let events_topic = cfg.kafka.topics.events.clone();
     let max_gauges = cfg.http.max_series_gauges;
 
+    let flusher = Flusher {
+        sink: &sink,
+        signer: &signer,
+        consumer: &consumer,
+        state: &state,
+        events_topic: &events_topic,
+        changes_topic: &cfg.kafka.topics.changes,
+        max_gauges,
+    };
     let mut batch = Batch::default();
     let mut stop = stop_rx.clone();
     let mut last_flush = Instant::now();
@@ -162,36 +171,14 @@ pub async fn run(
         let due =
             engine.has_outputs() || batch.count >= BATCH_MAX || last_flush.elapsed() >= FLUSH_EVERY;
         if due && !batch.is_empty() {
-            flush(
-                &mut engine,
-                &mut batch,
-                &sink,
-                &signer,
-                &consumer,
-                &state,
-                &events_topic,
-                &cfg.kafka.topics.changes,
-                max_gauges,
-                &mut stop,
-            )
-            .await;
+            flusher.flush(&mut engine, &mut batch, &mut stop).await;
             last_flush = Instant::now();
         }
     }
     if !batch.is_empty() {
-        flush(
-            &mut engine,
-            &mut batch,
-            &sink,
-            &signer,
-            &consumer,
-            &state,
-            &events_topic,
-            &cfg.kafka.topics.changes,
-            max_gauges,
-            &mut stop_rx.clone(),
-        )
-        .await;
+        flusher
+            .flush(&mut engine, &mut batch, &mut stop_rx.clone())
+            .await;
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
@@ -234,79 +221,94 @@ impl Batch {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn flush(
-    engine: &mut Engine,
-    batch: &mut Batch,
-    sink: &KafkaSink,
-    signer: &Signer,
-    consumer: &rdkafka::consumer::StreamConsumer<source::SourceContext>,
-    state: &ApiState,
-    events_topic: &str,
-    changes_topic: &str,
+/// Ends a batch: delivers its outputs, then stores its offsets and publishes metrics.
+struct Flusher<'a> {
+    sink: &'a KafkaSink,
+    signer: &'a Signer,
+    consumer: &'a rdkafka::consumer::StreamConsumer<source::SourceContext>,
+    state: &'a ApiState,
+    events_topic: &'a str,
+    changes_topic: &'a str,
     max_gauges: usize,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) {
-    let mut out: Vec<Encoded> = engine.take_outputs().map(|o| o.encode(signer)).collect();
-    let dead_codes: Vec<String> = batch.dead.iter().map(|d| d.headers[0].1.clone()).collect();
-    out.append(&mut batch.dead);
-    // Deliver everything before storing offsets; retry while the broker is unavailable.
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match sink.send_all(&out).await {
-            Ok(()) => break,
-            Err(e) => {
-                state
-                    .telemetry
-                    .output_errors
-                    .with_label_values(&["all"])
-                    .inc();
-                state.set_ready(false, &format!("cannot produce outputs: {e}"));
-                tracing::error!(error = %e, "producing outputs failed; retrying (offsets are not stored until delivered)");
-                if *stop.borrow() {
-                    tracing::error!("shutting down with undelivered outputs; their input will be re-read on restart");
-                    return;
+}
+
+impl Flusher<'_> {
+    async fn flush(
+        &self,
+        engine: &mut Engine,
+        batch: &mut Batch,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Flusher {
+            sink,
+            signer,
+            consumer,
+            state,
+            events_topic,
+            changes_topic,
+            max_gauges,
+        } = *self;
+        let mut out: Vec<Encoded> = engine.take_outputs().map(|o| o.encode(signer)).collect();
+        let dead_codes: Vec<String> = batch.dead.iter().map(|d| d.headers[0].1.clone()).collect();
+        out.append(&mut batch.dead);
+        // Deliver everything before storing offsets; retry while the broker is unavailable.
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match sink.send_all(&out).await {
+                Ok(()) => break,
+                Err(e) => {
+                    state
+                        .telemetry
+                        .output_errors
+                        .with_label_values(&["all"])
+                        .inc();
+                    state.set_ready(false, &format!("cannot produce outputs: {e}"));
+                    tracing::error!(error = %e, "producing outputs failed; retrying (offsets are not stored until delivered)");
+                    if *stop.borrow() {
+                        tracing::error!("shutting down with undelivered outputs; their input will be re-read on restart");
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+        for e in &out {
+            state
+                .telemetry
+                .outputs_produced
+                .with_label_values(&[e.stream.label()])
+                .inc();
+        }
+        for code in dead_codes {
+            state
+                .telemetry
+                .dlq_produced
+                .with_label_values(&[&code])
+                .inc();
+        }
+        let mut tpl = TopicPartitionList::with_capacity(batch.offsets.len());
+        for (events, p, o) in &batch.offsets {
+            let topic = if *events { events_topic } else { changes_topic };
+            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(o + 1));
+        }
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // A revoked partition cannot be stored to; its new owner re-reads (at-least-once).
+            tracing::debug!(error = %e, "storing offsets");
+        }
+        state.telemetry.absorb(engine, max_gauges);
+        if engine.take_dirty() {
+            state.publish(Snapshot::of(engine));
+        }
+        if let Some(t) = batch.started.take() {
+            state
+                .telemetry
+                .batch_seconds
+                .observe(t.elapsed().as_secs_f64());
+        }
+        batch.offsets.clear();
+        batch.count = 0;
     }
-    for e in &out {
-        state
-            .telemetry
-            .outputs_produced
-            .with_label_values(&[e.stream.label()])
-            .inc();
-    }
-    for code in dead_codes {
-        state
-            .telemetry
-            .dlq_produced
-            .with_label_values(&[&code])
-            .inc();
-    }
-    let mut tpl = TopicPartitionList::with_capacity(batch.offsets.len());
-    for (events, p, o) in &batch.offsets {
-        let topic = if *events { events_topic } else { changes_topic };
-        let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(o + 1));
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        // A revoked partition cannot be stored to; its new owner re-reads (at-least-once).
-        tracing::debug!(error = %e, "storing offsets");
-    }
-    state.telemetry.absorb(engine, max_gauges);
-    if engine.take_dirty() {
-        state.publish(Snapshot::of(engine));
-    }
-    if let Some(t) = batch.started.take() {
-        state
-            .telemetry
-            .batch_seconds
-            .observe(t.elapsed().as_secs_f64());
-    }
-    batch.offsets.clear();
-    batch.count = 0;
 }
 
 /// A fresh API state with its own metrics registry.

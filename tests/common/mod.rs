@@ -10,7 +10,6 @@ use guardrail::api::ApiState;
 use guardrail::config::Config;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -107,18 +106,7 @@ fn rand_suffix() -> u64 {
 
 impl Harness {
     pub async fn send(&self, topic: &str, key: &[u8], value: &[u8]) {
-        loop {
-            match self
-                .producer
-                .send_result(FutureRecord::to(topic).key(key).payload(value))
-            {
-                Ok(_) => return,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await
-                }
-                Err((e, _)) => panic!("produce: {e}"),
-            }
-        }
+        guardrail::demo::produce_nowait(&self.producer, topic, key, value).await;
     }
 
     pub async fn send_event(&self, value: &[u8]) {
