@@ -6,22 +6,9 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{metric_value, start, SECRET};
+use common::{afternoon_before_now, metric_value, start, HOUR, SECRET};
 use guardrail::sim::{Effect, Scenario, Sim};
 use guardrail::sink::{stable_id, Signer};
-
-const HOUR: i64 = 3_600_000;
-
-/// 14:00 UTC on the most recent day such that `after_hours` have passed since.
-fn afternoon_before_now(after_hours: i64) -> i64 {
-    let latest = guardrail::event::now_ms() - after_hours * HOUR - 600_000;
-    let t = latest.div_euclid(86_400_000) * 86_400_000 + 14 * HOUR;
-    if t <= latest {
-        t
-    } else {
-        t - 86_400_000
-    }
-}
 
 fn change_json(id: &str, ts: i64) -> String {
     serde_json::json!({

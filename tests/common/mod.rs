@@ -259,3 +259,93 @@ pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+pub const HOUR: i64 = 3_600_000;
+
+/// 14:00 UTC on the most recent day such that `after_hours` have passed since.
+pub fn afternoon_before_now(after_hours: i64) -> i64 {
+    let latest = guardrail::event::now_ms() - after_hours * HOUR - 600_000;
+    let t = latest.div_euclid(86_400_000) * 86_400_000 + 14 * HOUR;
+    if t <= latest {
+        t
+    } else {
+        t - 86_400_000
+    }
+}
+
+/// What [`play_story`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Story {
+    pub change_ms: i64,
+    pub rolled_back_ms: Option<i64>,
+    pub end_ms: i64,
+    /// Messages produced to the events topic (heartbeats included).
+    pub produced: u64,
+}
+
+/// Plays the seed story through the running service: `warmup_hours` of normal traffic (set
+/// `detection.warmup_windows` low enough, e.g. 48), then change `chg-0042` (tier autonomous,
+/// FR+BE: clicks +30%, conversions -15%, tickets x3), rolled back `rollback_after_mins` later if
+/// given (a `rolled_back` record on the changes topic, and the effect ends), until `after_hours`
+/// after the change. Traffic is produced in 5-minute ticks, each followed by a heartbeat and a
+/// wait until the engine has caught up, so decisions happen at the right simulated time.
+pub async fn play_story(
+    h: &Harness,
+    warmup_hours: i64,
+    after_hours: i64,
+    rollback_after_mins: Option<i64>,
+) -> Story {
+    use guardrail::sim::{self, Scenario, Sim};
+    let change_ms = afternoon_before_now(after_hours + 1);
+    let start_ms = change_ms - warmup_hours * HOUR;
+    let end_ms = change_ms + after_hours * HOUR;
+    let mut sim = Sim::new(
+        Scenario {
+            seed: 11,
+            peak_sessions_per_min: 2500.0,
+            ..Scenario::default()
+        },
+        start_ms,
+    );
+    let topic = h.cfg.kafka.topics.events.clone();
+    let mut produced = 0u64;
+    let mut change_sent = false;
+    let mut rolled_back_ms = None;
+    while sim.now_ms() < end_ms {
+        if !change_sent && sim.now_ms() >= change_ms {
+            h.send_change(&sim::story_change("chg-0042", change_ms))
+                .await;
+            sim.scenario_mut()
+                .effects
+                .push(sim::story_effect("chg-0042", change_ms));
+            change_sent = true;
+        }
+        if let Some(m) = rollback_after_mins {
+            let at = change_ms + m * 60_000;
+            if rolled_back_ms.is_none() && sim.now_ms() >= at {
+                sim.end_effect("chg-0042", at);
+                h.send_change(&sim::rolled_back_change("chg-0042", at, "test-automation"))
+                    .await;
+                rolled_back_ms = Some(at);
+            }
+        }
+        let to = (sim.now_ms() + 5 * 60_000).min(end_ms);
+        let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
+        for (k, v) in &batch {
+            h.send(&topic, k, v).await;
+        }
+        h.heartbeat(to - 1).await;
+        produced += batch.len() as u64 + 1;
+        assert!(
+            h.wait_event_time(to - 1, Duration::from_secs(60)).await,
+            "engine keeps up"
+        );
+    }
+    Story {
+        change_ms,
+        rolled_back_ms,
+        end_ms,
+        produced,
+    }
+}
