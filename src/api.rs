@@ -187,33 +187,443 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.firing{color:#b00}.resolved{color:#070}";
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}\
+table{border-collapse:collapse;margin:.4em 0 1em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\
+th{background:#f4f4f6}.firing{color:#b00}.resolved{color:#070}.num{text-align:right;font-variant-numeric:tabular-nums}\
+.muted{color:#666}.kv th{width:11em}.kv td.num{text-align:left}h1{margin-bottom:.2em}h2{margin-top:1.4em;border-bottom:1px solid #ddd}\
+.chartbox{border:1px solid #ddd;padding:.5em;display:inline-block;background:#fff}\
+.legend{font-size:.85em;color:#444;margin:.3em 0 0}.legend span{margin-right:1.2em;white-space:nowrap}\
+.sw{display:inline-block;width:1.6em;height:.7em;vertical-align:middle;margin-right:.35em}\
+.action{font-weight:bold;font-size:1.1em}code{background:#f4f4f6;padding:0 .2em}";
+
+fn status_str(inc: &Incident) -> &'static str {
+    if inc.status == crate::engine::IncidentStatus::Firing {
+        "firing"
+    } else {
+        "resolved"
+    }
+}
+
+fn series_str(series: &serde_json::Map<String, serde_json::Value>) -> String {
+    if series.is_empty() {
+        return "total".into();
+    }
+    series
+        .iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            v => format!("{k}={v}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A metric value with about four significant digits.
+fn fmt_val(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    let a = v.abs();
+    let dec = if a == 0.0 {
+        0
+    } else {
+        (3 - a.log10().floor() as i64).clamp(0, 8) as usize
+    };
+    format!("{v:.dec$}")
+}
+
+fn fmt_opt_time(ms: Option<i64>) -> String {
+    ms.map(fmt_time).unwrap_or_else(|| "-".into())
+}
+
+fn hhmm(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|d| d.format("%H:%M").to_string())
+        .unwrap_or_default()
+}
 
 async fn incidents_page(State(s): State<Arc<ApiState>>) -> Html<String> {
     let snap = s.snap();
     let mut rows = String::new();
     for i in snap.incidents.iter().rev() {
         let inc = &i.incident;
-        let st = if inc.status == crate::engine::IncidentStatus::Firing {
-            "firing"
-        } else {
-            "resolved"
-        };
+        let st = status_str(inc);
         rows.push_str(&format!(
-            "<tr><td><a href=\"/incidents/{id}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{:+.1}%</td><td>{}</td></tr>",
+            "<tr><td><a href=\"/incidents/{id}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:+.1}%</td><td>{}</td><td>{}</td></tr>",
             esc(&inc.metric),
-            esc(&serde_json::Value::Object(inc.series.clone()).to_string()),
+            esc(&series_str(&inc.series)),
             inc.kind,
+            inc.severity,
             inc.effect * 100.0,
+            inc.decision.action.as_str(),
             esc(&i.detected_at),
             id = esc(&inc.id),
         ));
     }
     Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>guardrail incidents</title><style>{STYLE}</style></head><body><h1>Incidents</h1><p>watermark {}</p><table><tr><th>id</th><th>status</th><th>metric</th><th>series</th><th>kind</th><th>effect</th><th>detected</th></tr>{rows}</table></body></html>",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>guardrail incidents</title><style>{STYLE}</style></head><body><h1>Incidents</h1><p class=\"muted\">watermark {}</p><table><tr><th>id</th><th>status</th><th>metric</th><th>series</th><th>kind</th><th>severity</th><th>effect</th><th>decision</th><th>detected</th></tr>{rows}</table></body></html>",
         esc(snap.watermark.as_deref().unwrap_or("-"))
     ))
 }
+
+/// "Nice" tick positions (1, 2 or 5 times a power of ten) covering `[lo, hi]`, about `n` of them.
+fn nice_ticks(lo: f64, hi: f64, n: usize) -> (Vec<f64>, f64) {
+    let span = (hi - lo).max(f64::MIN_POSITIVE);
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let mut t = (lo / step).ceil() * step;
+    let mut out = Vec::new();
+    while t <= hi + step * 1e-9 && out.len() < 50 {
+        out.push(t);
+        t += step;
+    }
+    (out, step)
+}
+
+/// Places labels left to right in rows so that none overlaps the previous one in its row;
+/// returns the row of each label (input: x and approximate width in pixels).
+fn label_rows(items: &[(f64, f64)]) -> Vec<usize> {
+    let mut ends: Vec<f64> = Vec::new();
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|a, b| items[*a].0.total_cmp(&items[*b].0));
+    let mut rows = vec![0; items.len()];
+    for i in order {
+        let (x, w) = items[i];
+        let r = match ends.iter().position(|e| *e + 4.0 <= x) {
+            Some(r) => r,
+            None => {
+                ends.push(f64::NEG_INFINITY);
+                ends.len() - 1
+            }
+        };
+        ends[r] = x + w;
+        rows[i] = r;
+    }
+    rows
+}
+
+const CHART_W: f64 = 900.0;
+const CHART_H: f64 = 300.0;
+const M_LEFT: f64 = 64.0;
+const M_RIGHT: f64 = 16.0;
+const M_TOP: f64 = 12.0;
+const M_BOTTOM: f64 = 40.0;
+
+/// The inline SVG chart of an incident's series: observed, expected and its band, change
+/// markers, onset, detection and resolution.
+fn chart_svg(i: &IncidentView, changes: &[ChangeState]) -> String {
+    let inc = &i.incident;
+    let h = &i.history;
+    let win = h
+        .windows(2)
+        .map(|p| p[1].start_ms - p[0].start_ms)
+        .filter(|d| *d > 0)
+        .min()
+        .unwrap_or(300_000);
+    let (t0, t1) = match (h.first(), h.last()) {
+        (Some(a), Some(b)) => (a.start_ms, b.start_ms + win),
+        _ => {
+            let end = inc.resolved_ms.unwrap_or(inc.detected_ms);
+            (inc.onset_ms - 3_600_000, end + 3_600_000)
+        }
+    };
+    let t1 = t1.max(t0 + 1);
+    // Value range over everything drawn.
+    let mut vals: Vec<f64> = Vec::new();
+    for p in h {
+        vals.extend(
+            [p.observed, p.expected, p.expected_low, p.expected_high]
+                .into_iter()
+                .flatten()
+                .filter(|v| v.is_finite()),
+        );
+    }
+    if vals.is_empty() {
+        vals.extend(
+            [inc.observed, inc.expected_low, inc.expected_high]
+                .into_iter()
+                .filter(|v| v.is_finite()),
+        );
+    }
+    let (mut lo, mut hi) = vals
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, u), v| {
+            (l.min(*v), u.max(*v))
+        });
+    if !lo.is_finite() || !hi.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.01).max(1e-9);
+    // Rates and counts never go below zero: do not invent a negative axis for them.
+    lo = if lo >= 0.0 {
+        (lo - pad).max(0.0)
+    } else {
+        lo - pad
+    };
+    hi += pad;
+    let (yticks, ystep) = nice_ticks(lo, hi, 5);
+    if let (Some(f), Some(l)) = (yticks.first(), yticks.last()) {
+        lo = lo.min(*f);
+        hi = hi.max(*l);
+    }
+    let pw = CHART_W - M_LEFT - M_RIGHT;
+    let ph = CHART_H - M_TOP - M_BOTTOM;
+    let x = |t: i64| M_LEFT + (t - t0) as f64 / (t1 - t0) as f64 * pw;
+    let y = |v: f64| M_TOP + (hi - v) / (hi - lo) * ph;
+    let inside = |t: i64| t >= t0 && t <= t1;
+    let mid = |p: &HistoryPoint| p.start_ms + win / 2;
+
+    let mut svg = format!(
+        "<svg id=\"chart\" width=\"{CHART_W}\" height=\"{CHART_H}\" viewBox=\"0 0 {CHART_W} {CHART_H}\" role=\"img\" aria-label=\"{} over time: observed against expected\" font-family=\"system-ui,sans-serif\" font-size=\"11\">",
+        esc(&inc.metric)
+    );
+    svg.push_str(&format!(
+        "<rect x=\"{M_LEFT}\" y=\"{M_TOP}\" width=\"{pw:.1}\" height=\"{ph:.1}\" fill=\"#fcfcfd\" stroke=\"#bbb\"/>"
+    ));
+    // The incident's span, from onset to resolution (or the chart's end while firing).
+    let span_a = inc.onset_ms.clamp(t0, t1);
+    let span_b = inc.resolved_ms.unwrap_or(t1).clamp(t0, t1);
+    if span_b > span_a {
+        svg.push_str(&format!(
+            "<rect class=\"incident-span\" x=\"{:.1}\" y=\"{M_TOP}\" width=\"{:.1}\" height=\"{ph:.1}\" fill=\"#fde8e8\" opacity=\"0.7\"><title>incident: onset to {}</title></rect>",
+            x(span_a),
+            x(span_b) - x(span_a),
+            if inc.resolved_ms.is_some() { "resolution" } else { "now (firing)" }
+        ));
+    }
+    // Value grid and ticks.
+    // Enough decimals to tell the ticks apart (0.0025 needs four).
+    let ydec = (0..=8usize)
+        .find(|d| {
+            let m = ystep * 10f64.powi(*d as i32);
+            (m - m.round()).abs() < 1e-6 * m.max(1.0)
+        })
+        .unwrap_or(8);
+    for v in &yticks {
+        let yy = y(*v);
+        svg.push_str(&format!(
+            "<line class=\"ytick\" x1=\"{M_LEFT}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#e4e4e8\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#555\">{v:.ydec$}</text>",
+            M_LEFT + pw,
+            M_LEFT - 6.0,
+            yy + 4.0
+        ));
+    }
+    // Time ticks, aligned to whole minutes of UTC.
+    let span_min = (t1 - t0) as f64 / 60_000.0;
+    let step_min = [5, 10, 15, 30, 60, 120, 180, 240, 360, 720, 1440]
+        .into_iter()
+        .find(|s| span_min / *s as f64 <= 9.0)
+        .unwrap_or(2880) as i64;
+    let step_ms = step_min * 60_000;
+    let mut t = t0.div_euclid(step_ms) * step_ms;
+    if t < t0 {
+        t += step_ms;
+    }
+    while t <= t1 {
+        let xx = x(t);
+        svg.push_str(&format!(
+            "<line class=\"xtick\" x1=\"{xx:.1}\" x2=\"{xx:.1}\" y1=\"{M_TOP}\" y2=\"{:.1}\" stroke=\"#eeeef2\"/><line x1=\"{xx:.1}\" x2=\"{xx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#888\"/><text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+            M_TOP + ph,
+            M_TOP + ph,
+            M_TOP + ph + 4.0,
+            M_TOP + ph + 16.0,
+            hhmm(t)
+        ));
+        t += step_ms;
+    }
+    svg.push_str(&format!(
+        "<text class=\"ylabel\" transform=\"translate(13 {:.1}) rotate(-90)\" text-anchor=\"middle\" fill=\"#777\">{}</text>",
+        M_TOP + ph / 2.0,
+        esc(&inc.metric)
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#777\">time (UTC)</text>",
+        M_LEFT + pw,
+        CHART_H - 4.0
+    ));
+    // Expected band: one polygon per run of windows that have one.
+    let mut runs: Vec<Vec<&HistoryPoint>> = vec![Vec::new()];
+    for p in h {
+        if p.expected_low.is_some() && p.expected_high.is_some() {
+            runs.last_mut().unwrap().push(p);
+        } else if !runs.last().unwrap().is_empty() {
+            runs.push(Vec::new());
+        }
+    }
+    for run in runs.iter().filter(|r| !r.is_empty()) {
+        // A single window still gets a visible band: draw it across its own width.
+        let pts: Vec<(i64, f64, f64)> = if run.len() == 1 {
+            let p = run[0];
+            let (l, u) = (p.expected_low.unwrap(), p.expected_high.unwrap());
+            vec![(p.start_ms, l, u), (p.start_ms + win, l, u)]
+        } else {
+            run.iter()
+                .map(|p| (mid(p), p.expected_low.unwrap(), p.expected_high.unwrap()))
+                .collect()
+        };
+        let mut poly = String::new();
+        for (t, _, u) in &pts {
+            poly.push_str(&format!("{:.1},{:.1} ", x(*t), y(*u)));
+        }
+        for (t, l, _) in pts.iter().rev() {
+            poly.push_str(&format!("{:.1},{:.1} ", x(*t), y(*l)));
+        }
+        svg.push_str(&format!(
+            "<polygon class=\"band\" points=\"{}\" fill=\"#8fb3e0\" fill-opacity=\"0.35\" stroke=\"none\"><title>99% band of the expected value</title></polygon>",
+            poly.trim_end()
+        ));
+    }
+    // Expected line, dashed, broken where there is no expectation.
+    let mut seg = String::new();
+    let flush = |seg: &mut String, svg: &mut String| {
+        if seg.split(' ').filter(|s| !s.is_empty()).count() >= 2 {
+            svg.push_str(&format!(
+                "<polyline class=\"expected\" points=\"{}\" fill=\"none\" stroke=\"#3a5a85\" stroke-width=\"1.5\" stroke-dasharray=\"6 4\"/>",
+                seg.trim_end()
+            ));
+        }
+        seg.clear();
+    };
+    for p in h {
+        match p.expected {
+            Some(e) if e.is_finite() => seg.push_str(&format!("{:.1},{:.1} ", x(mid(p)), y(e))),
+            _ => flush(&mut seg, &mut svg),
+        }
+    }
+    flush(&mut seg, &mut svg);
+    // Observed: one polyline over the windows that have a value, and a dot per window, red when
+    // outside the band.
+    let obs: Vec<(&HistoryPoint, f64)> = h
+        .iter()
+        .filter_map(|p| p.observed.filter(|v| v.is_finite()).map(|v| (p, v)))
+        .collect();
+    let pts: Vec<String> = obs
+        .iter()
+        .map(|(p, v)| format!("{:.1},{:.1}", x(mid(p)), y(*v)))
+        .collect();
+    svg.push_str(&format!(
+        "<polyline class=\"observed\" points=\"{}\" fill=\"none\" stroke=\"#0b2f6b\" stroke-width=\"2\" stroke-linejoin=\"round\"/>",
+        pts.join(" ")
+    ));
+    for (p, v) in &obs {
+        let out =
+            matches!((p.expected_low, p.expected_high), (Some(l), Some(u)) if *v < l || *v > u);
+        svg.push_str(&format!(
+            "<circle class=\"obs-point{}\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"{}\" fill=\"{}\"><title>{} observed {} expected {} (band {} to {}), volume {}</title></circle>",
+            if out { " outside" } else { "" },
+            x(mid(p)),
+            y(*v),
+            if out { 3.2 } else { 2.2 },
+            if out { "#d32f2f" } else { "#0b2f6b" },
+            hhmm(p.start_ms),
+            fmt_val(*v),
+            p.expected.map(fmt_val).unwrap_or_else(|| "-".into()),
+            p.expected_low.map(fmt_val).unwrap_or_else(|| "-".into()),
+            p.expected_high.map(fmt_val).unwrap_or_else(|| "-".into()),
+            fmt_val(p.volume),
+        ));
+    }
+    // Vertical markers: changes (labels at the top), incident times (labels at the bottom).
+    let mut top: Vec<(i64, String, &'static str, &'static str)> = Vec::new();
+    for c in changes {
+        if let Some(a) = c.applied_ms.filter(|a| inside(*a)) {
+            top.push((
+                a,
+                format!("{} applied", c.change_id),
+                "change-marker applied",
+                "#7b1fa2",
+            ));
+        }
+        if let Some(r) = c.rolled_back_ms.filter(|r| inside(*r)) {
+            top.push((
+                r,
+                format!("{} rolled back", c.change_id),
+                "change-marker rolled-back",
+                "#00897b",
+            ));
+        }
+    }
+    let mut bottom: Vec<(i64, String, &'static str, &'static str)> = Vec::new();
+    for (t, label, class, color) in [
+        (Some(inc.onset_ms), "onset", "onset", "#ef6c00"),
+        (Some(inc.detected_ms), "detected", "detected", "#c62828"),
+        (inc.resolved_ms, "resolved", "resolved", "#2e7d32"),
+    ] {
+        if let Some(t) = t.filter(|t| inside(*t)) {
+            bottom.push((t, label.to_string(), class, color));
+        }
+    }
+    let width_of = |s: &str| s.chars().count() as f64 * 6.3 + 6.0;
+    let top_rows = label_rows(
+        &top.iter()
+            .map(|(t, l, ..)| (x(*t), width_of(l)))
+            .collect::<Vec<_>>(),
+    );
+    let bottom_rows = label_rows(
+        &bottom
+            .iter()
+            .map(|(t, l, ..)| (x(*t), width_of(l)))
+            .collect::<Vec<_>>(),
+    );
+    for (k, (t, label, class, color)) in top.iter().enumerate() {
+        let xx = x(*t);
+        let dash = if class.contains("rolled-back") {
+            " stroke-dasharray=\"5 3\""
+        } else {
+            ""
+        };
+        let ly = M_TOP + 13.0 + 14.0 * top_rows[k] as f64;
+        svg.push_str(&format!(
+            "<g class=\"{class}\"><line x1=\"{xx:.1}\" x2=\"{xx:.1}\" y1=\"{M_TOP}\" y2=\"{:.1}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"13\" fill=\"#fff\" fill-opacity=\"0.85\"/><text x=\"{:.1}\" y=\"{ly:.1}\" fill=\"{color}\" font-weight=\"600\">{}</text><title>{} at {}</title></g>",
+            M_TOP + ph,
+            xx + 2.0,
+            ly - 10.5,
+            width_of(label) - 2.0,
+            xx + 4.0,
+            esc(label),
+            esc(label),
+            fmt_time(*t),
+        ));
+    }
+    for (k, (t, label, class, color)) in bottom.iter().enumerate() {
+        let xx = x(*t);
+        let ly = M_TOP + ph - 5.0 - 14.0 * bottom_rows[k] as f64;
+        svg.push_str(&format!(
+            "<g class=\"{class}\"><line class=\"{class}\" x1=\"{xx:.1}\" x2=\"{xx:.1}\" y1=\"{M_TOP}\" y2=\"{:.1}\" stroke=\"{color}\" stroke-width=\"1.5\" stroke-dasharray=\"2 3\"/><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"13\" fill=\"#fff\" fill-opacity=\"0.85\"/><text x=\"{:.1}\" y=\"{ly:.1}\" fill=\"{color}\" font-weight=\"600\">{}</text><title>{} at {}</title></g>",
+            M_TOP + ph,
+            xx + 2.0,
+            ly - 10.5,
+            width_of(label) - 2.0,
+            xx + 4.0,
+            label,
+            label,
+            fmt_time(*t),
+        ));
+    }
+    if h.is_empty() {
+        svg.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#777\">no closed windows of this series yet</text>",
+            M_LEFT + pw / 2.0,
+            M_TOP + ph / 2.0
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+const LEGEND: &str = "<p class=\"legend\">\
+<span><i class=\"sw\" style=\"border-top:2px solid #0b2f6b;height:0\"></i>observed</span>\
+<span><i class=\"sw\" style=\"border-top:2px dashed #3a5a85;height:0\"></i>expected</span>\
+<span><i class=\"sw\" style=\"background:#8fb3e0;opacity:.6\"></i>99% band</span>\
+<span><i class=\"sw\" style=\"background:#d32f2f;width:.6em;height:.6em;border-radius:50%\"></i>outside the band</span>\
+<span><i class=\"sw\" style=\"background:#fde8e8\"></i>incident</span>\
+<span><i class=\"sw\" style=\"border-top:2px solid #7b1fa2;height:0\"></i>change applied</span>\
+<span><i class=\"sw\" style=\"border-top:2px dashed #00897b;height:0\"></i>change rolled back</span></p>";
 
 async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
     let snap = s.snap();
@@ -221,59 +631,128 @@ async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
         return not_found(&id);
     };
     let inc = &i.incident;
+    let d = &inc.decision;
+    let change_of = |id: &str| snap.changes.iter().find(|c| c.change_id == id);
     let mut cands = String::new();
     for c in &inc.candidates {
+        let ch = change_of(&c.change_id);
         cands.push_str(&format!(
-            "<tr><td>{}</td><td>{:.3}</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td class=\"num\">{:.3}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&c.change_id),
             c.score,
-            esc(&c.evidence)
+            esc(&c.evidence),
+            ch.map(|c| esc(&format!("{} {}", c.actor.kind, c.actor.name)))
+                .unwrap_or_default(),
+            ch.and_then(|c| c.tier).map(|t| t.as_str()).unwrap_or("-"),
+            esc(ch.and_then(|c| c.description.as_deref()).unwrap_or("-")),
+            esc(&fmt_opt_time(ch.and_then(|c| c.applied_ms))),
+            esc(&fmt_opt_time(ch.and_then(|c| c.rolled_back_ms))),
         ));
+    }
+    if cands.is_empty() {
+        cands.push_str("<tr><td colspan=\"8\" class=\"muted\">no change in force explains this incident</td></tr>");
     }
     let mut segs = String::new();
     for sg in &inc.top_segments {
         segs.push_str(&format!(
-            "<tr><td>{}</td><td>{:.1}%</td></tr>",
-            esc(&serde_json::Value::Object(sg.dims.clone()).to_string()),
+            "<tr><td>{}</td><td class=\"num\">{:.1}%</td></tr>",
+            esc(&series_str(&sg.dims)),
             sg.contribution * 100.0
         ));
     }
-    let mut hist = String::new();
-    for p in &i.history {
-        let f = |x: Option<f64>| x.map(|v| format!("{v:.5}")).unwrap_or_else(|| "-".into());
-        hist.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&fmt_time(p.start_ms)),
-            f(p.observed),
-            f(p.expected)
+    if segs.is_empty() {
+        segs.push_str("<tr><td colspan=\"2\" class=\"muted\">none</td></tr>");
+    }
+    let mut trail = String::new();
+    for e in &inc.trail {
+        trail.push_str(&format!(
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td class=\"muted\">{}</td></tr>",
+            esc(&e.at),
+            esc(e.action),
+            esc(&e.actor.kind),
+            esc(&e.actor.name),
+            esc(e.change_id.as_deref().unwrap_or("-")),
+            esc(&e.audit_id),
         ));
     }
+    if trail.is_empty() {
+        trail.push_str("<tr><td colspan=\"6\" class=\"muted\">no entries</td></tr>");
+    }
+    let mut hist = String::new();
+    for p in i.history.iter().rev() {
+        let f = |x: Option<f64>| x.map(fmt_val).unwrap_or_else(|| "-".into());
+        hist.push_str(&format!(
+            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            esc(&fmt_time(p.start_ms)),
+            f(p.observed),
+            f(p.expected),
+            f(p.expected_low),
+            f(p.expected_high),
+            fmt_val(p.volume),
+        ));
+    }
+    let chart = chart_svg(i, &snap.changes);
     Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{id}</title><style>{STYLE}</style></head><body>\
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{id} &middot; {metric}</title><style>{STYLE}</style></head><body>\
+<p><a href=\"/incidents\">&larr; all incidents</a></p>\
 <h1>{metric} {kind} <span class=\"{st}\">{st}</span></h1>\
-<p>Series {series} &middot; onset {onset} &middot; detected {det} &middot; resolved {res}</p>\
-<p>Observed {obs:.5} against expected {exp:.5} (99% band {lo:.5} to {hi:.5}), effect {eff:+.1}%.</p>\
-<h2>Decision</h2><p><b>{action}</b> ({policy}): {reason}</p>\
-<h2>Candidate changes</h2><table><tr><th>change</th><th>score</th><th>evidence</th></tr>{cands}</table>\
+<p class=\"muted\">Incident <code>{id}</code> &middot; series {series} &middot; severity {sev}</p>\
+<p>Observed <b>{obs}</b> against expected <b>{exp}</b> (99% band {lo} to {hi}): effect <b>{eff:+.1}%</b>. \
+<b>Decision:</b> <span class=\"action\">{action}</span>{chg}.</p>\
+<div class=\"chartbox\">{chart}{LEGEND}</div>\
+<h2>Evidence</h2><table class=\"kv\">\
+<tr><th>metric</th><td>{metric}</td></tr><tr><th>series</th><td>{series}</td></tr>\
+<tr><th>kind</th><td>{kind}</td></tr><tr><th>severity</th><td>{sev}</td></tr>\
+<tr><th>status</th><td class=\"{st}\">{st}{resolution}</td></tr>\
+<tr><th>observed</th><td class=\"num\">{obs}</td></tr><tr><th>expected</th><td class=\"num\">{exp}</td></tr>\
+<tr><th>99% band</th><td class=\"num\">{lo} to {hi}</td></tr>\
+<tr><th>effect</th><td class=\"num\">{eff:+.1}%</td></tr><tr><th>score</th><td class=\"num\">{score:.2}</td></tr>\
+<tr><th>onset</th><td>{onset}</td></tr><tr><th>detected</th><td>{det} ({dw} windows, {de:.0} events after onset)</td></tr>\
+<tr><th>resolved</th><td>{res}</td></tr></table>\
+<h2>Decision</h2><table class=\"kv\">\
+<tr><th>action</th><td class=\"action\">{action}</td></tr><tr><th>change</th><td>{dchange}</td></tr>\
+<tr><th>tier</th><td>{tier}</td></tr><tr><th>policy</th><td><code>{policy}</code></td></tr>\
+<tr><th>reason</th><td>{reason}</td></tr><tr><th>rollback id</th><td><code>{rb}</code></td></tr></table>\
+<h2>Candidate changes</h2><table><tr><th>change</th><th>score</th><th>evidence</th><th>actor</th><th>tier</th><th>description</th><th>applied</th><th>rolled back</th></tr>{cands}</table>\
 <h2>Top segments</h2><table><tr><th>segment</th><th>contribution</th></tr>{segs}</table>\
-<h2>Recent windows</h2><table><tr><th>window</th><th>observed</th><th>expected</th></tr>{hist}</table>\
+<h2>Decision trail</h2><table><tr><th>at</th><th>action</th><th>actor kind</th><th>actor</th><th>change</th><th>audit id</th></tr>{trail}</table>\
+<details><summary>Recent windows ({n})</summary><table><tr><th>window start</th><th>observed</th><th>expected</th><th>band low</th><th>band high</th><th>volume</th></tr>{hist}</table></details>\
+<p><a href=\"/incidents\">&larr; all incidents</a></p>\
 </body></html>",
         id = esc(&inc.id),
         metric = esc(&inc.metric),
-        kind = inc.kind,
-        st = if inc.resolved_ms.is_some() { "resolved" } else { "firing" },
-        series = esc(&serde_json::Value::Object(inc.series.clone()).to_string()),
+        kind = esc(inc.kind),
+        sev = esc(inc.severity),
+        st = status_str(inc),
+        resolution = inc
+            .resolution
+            .as_deref()
+            .map(|r| format!(" ({})", esc(r)))
+            .unwrap_or_default(),
+        series = esc(&series_str(&inc.series)),
         onset = esc(&i.onset),
         det = esc(&i.detected_at),
+        dw = inc.delay_windows,
+        de = inc.delay_events,
         res = esc(i.resolved_at.as_deref().unwrap_or("-")),
-        obs = inc.observed,
-        exp = inc.expected,
-        lo = inc.expected_low,
-        hi = inc.expected_high,
+        obs = fmt_val(inc.observed),
+        exp = fmt_val(inc.expected),
+        lo = fmt_val(inc.expected_low),
+        hi = fmt_val(inc.expected_high),
         eff = inc.effect * 100.0,
-        action = inc.decision.action.as_str(),
-        policy = inc.decision.policy,
-        reason = esc(&inc.decision.reason),
+        score = inc.score,
+        action = d.action.as_str(),
+        chg = d
+            .change_id
+            .as_deref()
+            .map(|c| format!(" for <code>{}</code>", esc(c)))
+            .unwrap_or_default(),
+        dchange = esc(d.change_id.as_deref().unwrap_or("-")),
+        tier = d.tier.map(|t| t.as_str()).unwrap_or("-"),
+        policy = esc(d.policy),
+        reason = esc(&d.reason),
+        rb = esc(inc.rollback_id.as_deref().unwrap_or("-")),
+        n = i.history.len(),
     ))
     .into_response()
 }

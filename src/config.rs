@@ -72,6 +72,8 @@ pub struct Config {
     #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(default)]
+    pub alertmanager: AlertmanagerConfig,
+    #[serde(default)]
     pub metrics: Vec<Spanned<MetricConfig>>,
 }
 
@@ -383,6 +385,33 @@ impl Default for PolicyConfig {
     }
 }
 
+/// Optional push of alerts to a Prometheus Alertmanager (API v2), next to the alerts topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertmanagerConfig {
+    /// Base URL, e.g. `http://alertmanager:9093`; unset disables the push. Only `http://` is
+    /// supported by the built-in client.
+    pub url: Option<String>,
+    /// Firing alerts are re-sent this often (Alertmanager expects re-sends); each carries
+    /// `endsAt = now + 4 x this`, so alerts of a stopped guardrail expire on their own.
+    pub resend_interval_secs: u64,
+    /// Timeout of one POST (connect, send and response).
+    pub timeout_secs: u64,
+    /// Value of the `team` label; unset uses the metric's `owner`.
+    pub team_label: Option<String>,
+}
+
+impl Default for AlertmanagerConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            resend_interval_secs: 60,
+            timeout_secs: 10,
+            team_label: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum MetricKind {
@@ -496,7 +525,7 @@ impl Config {
                 path: name.to_string(),
                 line,
                 column,
-                message: e.message().to_string(),
+                message: with_suggestion(e.message()),
             }
         })?;
         let errors = cfg.validate(text, name);
@@ -557,6 +586,39 @@ impl Config {
             ));
         }
         check_detection(&self.detection, "detection", text, &mut errs, &at, top);
+        let am = &self.alertmanager;
+        if let Some(url) = &am.url {
+            let msg = if url.starts_with("https://") {
+                Some(format!("{url:?}: https is not supported by the built-in Alertmanager client; use http:// (e.g. via a local TLS-terminating proxy)"))
+            } else if !url.starts_with("http://") || url.len() <= "http://".len() {
+                Some(format!(
+                    "{url:?}: must be an http:// URL, e.g. \"http://127.0.0.1:9093\""
+                ))
+            } else {
+                None
+            };
+            if let Some(m) = msg {
+                errs.push(at(
+                    find_key(text, "url").unwrap_or(top),
+                    "alertmanager.url".into(),
+                    m,
+                ));
+            }
+        }
+        if am.resend_interval_secs == 0 {
+            errs.push(at(
+                find_key(text, "resend_interval_secs").unwrap_or(top),
+                "alertmanager.resend_interval_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if am.timeout_secs == 0 {
+            errs.push(at(
+                find_key(text, "timeout_secs").unwrap_or(top),
+                "alertmanager.timeout_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if self.metrics.is_empty() {
             errs.push(at(
                 top,
@@ -723,6 +785,44 @@ fn check_detection(
     }
 }
 
+/// For "unknown field `x`, expected one of `a`, `b`": appends the closest expected key.
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((field, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let best = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (edit_distance(field, k), k))
+        .min();
+    match best {
+        Some((d, k)) if d <= (field.len().max(3) / 2).max(2) => {
+            format!("{message}; did you mean `{k}`?")
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// Levenshtein distance (keys are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + (ca != *cb) as usize)
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// 1-based line and column of a byte offset.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -799,6 +899,49 @@ severity = "critical"
             .to_string();
         assert!(s.contains("false_alarms_per_series_week"), "{s}");
         assert!(s.contains("t.toml:4:1: engine.window_secs"), "{s}");
+    }
+
+    #[test]
+    fn alertmanager_section_defaults_and_url_checks() {
+        let c = Config::from_str_named(MIN, "t.toml").unwrap();
+        assert!(c.alertmanager.url.is_none());
+        assert_eq!(c.alertmanager.resend_interval_secs, 60);
+        assert_eq!(c.alertmanager.timeout_secs, 10);
+        let ok = format!("[alertmanager]\nurl = \"http://127.0.0.1:9093\"\n{MIN}");
+        let c = Config::from_str_named(&ok, "t.toml").unwrap();
+        assert_eq!(c.alertmanager.url.as_deref(), Some("http://127.0.0.1:9093"));
+        for (url, want) in [
+            ("https://am:9093", "https is not supported"),
+            ("am:9093", "must be an http:// URL"),
+        ] {
+            let text = format!("[alertmanager]\nurl = \"{url}\"\n{MIN}");
+            let s = Config::from_str_named(&text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                s.contains("t.toml:2:1: alertmanager.url") && s.contains(want),
+                "{s}"
+            );
+        }
+        let text = format!("[alertmanager]\nurll = \"http://x\"\n{MIN}");
+        let s = Config::from_str_named(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("unknown field"), "{s}");
+    }
+
+    #[test]
+    fn unknown_keys_get_a_suggestion() {
+        let text = format!("[engine]\nallowed_latenes_secs = 3\n{MIN}");
+        let s = Config::from_str_named(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("did you mean `allowed_lateness_secs`?"), "{s}");
+        let text = format!("[engine]\nzzz = 3\n{MIN}");
+        let s = Config::from_str_named(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!s.contains("did you mean"), "{s}");
     }
 
     #[test]

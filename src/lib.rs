@@ -15,6 +15,7 @@
 //!   same engine runs live (Kafka) and over files (replay).
 //! - [`sink`]      contract outputs: alerts, signed rollback requests, audit, dead letters,
 //!   to Kafka or to files.
+//! - [`alertmanager`] optional push of alerts to Prometheus Alertmanager (API v2).
 //! - [`telemetry`] Prometheus metrics, internal events (one `emit` = log line + metric).
 //! - [`api`]       HTTP: `/metrics`, `/healthz`, `/readyz`, incidents.
 //! - [`service`]   `guardrail run`: source + engine + sinks + api, with graceful shutdown.
@@ -22,6 +23,7 @@
 //! - [`sim`]       the traffic simulator (diurnal, segmented, with injected effects).
 //! - [`demo`]      `guardrail demo`: embedded broker, simulator, automation, the seed story.
 
+pub mod alertmanager;
 pub mod api;
 pub mod attribute;
 pub mod baseline;

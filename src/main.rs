@@ -77,30 +77,61 @@ enum Cmd {
     /// Validate a configuration file and explain any errors with their location.
     CheckConfig {
         /// TOML configuration file.
+        #[arg(env = "GUARDRAIL_CONFIG")]
         file: PathBuf,
     },
     /// Write simulated traffic as JSON lines (events and changes) for replay.
     Simulate {
         /// Events output file.
-        #[arg(long)]
+        #[arg(long, env = "GUARDRAIL_SIM_OUT")]
         out: PathBuf,
         /// Changes output file (the seed story's change and its rollback, if --story).
-        #[arg(long)]
+        #[arg(long, env = "GUARDRAIL_SIM_CHANGES_OUT")]
         changes_out: Option<PathBuf>,
         /// Simulated hours.
-        #[arg(long, default_value_t = 24.0)]
+        #[arg(long, default_value_t = 24.0, env = "GUARDRAIL_SIM_HOURS")]
         hours: f64,
         /// Sessions per minute at the daily peak.
-        #[arg(long, default_value_t = 1500.0)]
+        #[arg(
+            long,
+            default_value_t = 1500.0,
+            env = "GUARDRAIL_SIM_PEAK_SESSIONS_PER_MIN"
+        )]
         peak_sessions_per_min: f64,
-        #[arg(long, default_value_t = 42)]
+        #[arg(long, default_value_t = 42, env = "GUARDRAIL_SIM_SEED")]
         seed: u64,
         /// Inject the seed story: a change at this many hours in that hurts FR and BE for 1 hour.
-        #[arg(long)]
+        #[arg(long, env = "GUARDRAIL_SIM_STORY_AT_HOURS")]
         story_at_hours: Option<f64>,
         /// Start of simulated time (RFC 3339); default: so that it ends an hour ago.
-        #[arg(long)]
+        #[arg(long, env = "GUARDRAIL_SIM_START")]
         start: Option<String>,
+    },
+    /// Produce simulated live traffic to a Kafka cluster: a backfill of recent history, then
+    /// real time, until interrupted (the traffic source of the docker-compose stack).
+    Traffic {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "GUARDRAIL_TRAFFIC_BROKERS")]
+        brokers: String,
+        /// Events topic.
+        #[arg(
+            long,
+            default_value = "guardrail.events",
+            env = "GUARDRAIL_TRAFFIC_TOPIC"
+        )]
+        topic: String,
+        /// Hours of history produced first, as fast as possible.
+        #[arg(long, default_value_t = 14.0, env = "GUARDRAIL_TRAFFIC_BACKFILL_HOURS")]
+        backfill_hours: f64,
+        /// Sessions per minute at the daily peak.
+        #[arg(
+            long,
+            default_value_t = 600.0,
+            env = "GUARDRAIL_TRAFFIC_PEAK_SESSIONS_PER_MIN"
+        )]
+        peak_sessions_per_min: f64,
+        #[arg(long, default_value_t = 42, env = "GUARDRAIL_TRAFFIC_SEED")]
+        seed: u64,
     },
 }
 
@@ -235,6 +266,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Cmd::Traffic {
+            brokers,
+            topic,
+            backfill_hours,
+            peak_sessions_per_min,
+            seed,
+        } => {
+            init_logging(cli.log_format, "warn");
+            traffic(brokers, topic, backfill_hours, peak_sessions_per_min, seed)
+        }
         Cmd::Simulate {
             out,
             changes_out,
@@ -298,6 +339,29 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn traffic(
+    brokers: String,
+    topic: String,
+    backfill_hours: f64,
+    peak: f64,
+    seed: u64,
+) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let n = rt.block_on(guardrail::sim::run_live(
+        &brokers,
+        &topic,
+        guardrail::sim::Scenario {
+            seed,
+            peak_sessions_per_min: peak,
+            ..Default::default()
+        },
+        backfill_hours,
+        shutdown_signal(),
+    ))?;
+    eprintln!("produced {n} events to {topic}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

@@ -18,7 +18,7 @@ use crate::api::{self, ApiState, Snapshot};
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
 use crate::event::now_ms;
-use crate::sink::{dead_letter, Encoded, KafkaSink, Signer};
+use crate::sink::{dead_letter, Encoded, KafkaSink, Output, Signer};
 use crate::source::{self, SourceError};
 use crate::telemetry::Telemetry;
 
@@ -33,6 +33,8 @@ pub enum ServiceError {
     Engine(#[from] EngineError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("alertmanager: {0}")]
+    Alertmanager(#[from] crate::alertmanager::Error),
 }
 
 /// What a run did, for callers that stop it (tests, the demo).
@@ -67,6 +69,7 @@ pub async fn run(
     let signer = signer(&cfg)?;
     let mut engine = Engine::new(&cfg)?;
     let telemetry = state.telemetry.clone();
+    let alertmanager = crate::alertmanager::spawn(&cfg, telemetry.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_http = stop_rx.clone();
     let http = tokio::spawn(api::serve(listener, state.clone(), async move {
@@ -111,6 +114,7 @@ pub async fn run(
         events_topic: &events_topic,
         changes_topic: &cfg.kafka.topics.changes,
         max_gauges,
+        alertmanager: alertmanager.as_ref(),
     };
     let mut batch = Batch::default();
     let mut stop = stop_rx.clone();
@@ -184,6 +188,9 @@ pub async fn run(
         tracing::debug!(error = %e, "final commit");
     }
     state.set_ready(false, "shutting down");
+    if let Some(am) = alertmanager {
+        am.shutdown().await;
+    }
     let _ = http.await;
     tracing::info!(events = engine.stats.events, "guardrail stopped");
     Ok(RunReport {
@@ -230,6 +237,7 @@ struct Flusher<'a> {
     events_topic: &'a str,
     changes_topic: &'a str,
     max_gauges: usize,
+    alertmanager: Option<&'a crate::alertmanager::Forwarder>,
 }
 
 impl Flusher<'_> {
@@ -247,8 +255,17 @@ impl Flusher<'_> {
             events_topic,
             changes_topic,
             max_gauges,
+            alertmanager,
         } = *self;
-        let mut out: Vec<Encoded> = engine.take_outputs().map(|o| o.encode(signer)).collect();
+        let mut out: Vec<Encoded> = engine
+            .take_outputs()
+            .inspect(|o| {
+                if let (Some(am), Output::Alert(a)) = (alertmanager, o) {
+                    am.forward(a);
+                }
+            })
+            .map(|o| o.encode(signer))
+            .collect();
         let dead_codes: Vec<String> = batch.dead.iter().map(|d| d.headers[0].1.clone()).collect();
         out.append(&mut batch.dead);
         // Deliver everything before storing offsets; retry while the broker is unavailable.

@@ -458,3 +458,62 @@ mod tests {
         assert!(c(fr) < 0.92 * c(de));
     }
 }
+
+/// Errors of live simulated traffic.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("Kafka producer for {brokers}: {source}")]
+    Kafka {
+        brokers: String,
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+/// Produces simulated traffic to a Kafka topic: first `backfill_hours` of history as fast as
+/// the broker takes it (so baselines have something to learn), then in real time, one second
+/// at a time, until `shutdown` completes. Returns the number of events produced.
+pub async fn run_live(
+    brokers: &str,
+    topic: &str,
+    scenario: Scenario,
+    backfill_hours: f64,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<u64, LiveError> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, Producer};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "500000")
+        .create()
+        .map_err(|source| LiveError::Kafka {
+            brokers: brokers.into(),
+            source,
+        })?;
+    let now = crate::event::now_ms();
+    let mut sim = Sim::new(scenario, now - (backfill_hours * 3.6e6) as i64);
+    let mut produced = 0u64;
+    let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    tokio::pin!(shutdown);
+    loop {
+        let wall = crate::event::now_ms();
+        // Catch up in one-minute steps while behind the clock, then follow it second by second.
+        let to = (sim.now_ms() + 60_000).min(wall);
+        if to > sim.now_ms() {
+            batch.clear();
+            sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
+            for (k, v) in &batch {
+                crate::demo::produce_nowait(&producer, topic, k, v).await;
+            }
+            produced += batch.len() as u64;
+        }
+        let behind = crate::event::now_ms() - sim.now_ms() > 2_000;
+        let pause = if behind { 0 } else { 1_000 };
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(pause)) => {}
+        }
+    }
+    let _ = producer.flush(std::time::Duration::from_secs(10));
+    Ok(produced)
+}
