@@ -250,6 +250,8 @@ pub struct EngineStats {
     pub series_overflow: u64,
     pub windows_closed: u64,
     pub changes: u64,
+    /// Changes by action: applied, rolled back, superseded.
+    pub changes_by_action: [u64; 3],
     pub alerts_firing: u64,
     pub alerts_resolved: u64,
     pub rollbacks_requested: u64,
@@ -1415,6 +1417,11 @@ impl Engine {
 
     pub fn apply_change(&mut self, c: &Change) {
         self.stats.changes += 1;
+        self.stats.changes_by_action[match c.action {
+            ChangeAction::Applied => 0,
+            ChangeAction::RolledBack => 1,
+            ChangeAction::Superseded => 2,
+        }] += 1;
         self.dirty = true;
         self.registry.apply(c);
         if c.action == ChangeAction::RolledBack {

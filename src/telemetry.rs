@@ -26,7 +26,7 @@ pub struct Telemetry {
     missing_value: IntCounterVec,
     series_overflow: IntCounter,
     windows_closed: IntCounter,
-    changes: IntCounter,
+    changes: IntCounterVec,
     alerts: IntCounterVec,
     rollbacks_requested: IntCounter,
     rollbacks_confirmed: IntCounter,
@@ -189,7 +189,18 @@ impl Telemetry {
                 "Events not tracked in a segment series because the metric reached max_series_per_metric (still counted in its total).",
             ),
             windows_closed: counter(&r, "guardrail_windows_closed_total", "Event-time windows closed."),
-            changes: counter(&r, "guardrail_changes_received_total", "Change records applied to the registry."),
+            changes: {
+                let c = counter_vec(
+                    &r,
+                    "guardrail_changes_received_total",
+                    "Change records applied to the registry, by action (dashboards mark changes with it).",
+                    &["action"],
+                );
+                for a in ["applied", "rolled_back", "superseded"] {
+                    c.with_label_values(&[a]);
+                }
+                c
+            },
             alerts,
             rollbacks_requested: counter(&r, "guardrail_rollbacks_requested_total", "Rollback requests emitted."),
             rollbacks_confirmed: counter(
@@ -249,7 +260,12 @@ impl Telemetry {
             .inc_by(s.series_overflow - prev.series_overflow);
         self.windows_closed
             .inc_by(s.windows_closed - prev.windows_closed);
-        self.changes.inc_by(s.changes - prev.changes);
+        for (i, a) in ["applied", "rolled_back", "superseded"].iter().enumerate() {
+            let d = s.changes_by_action[i] - prev.changes_by_action[i];
+            if d > 0 {
+                self.changes.with_label_values(&[a]).inc_by(d);
+            }
+        }
         self.alerts
             .with_label_values(&["firing"])
             .inc_by(s.alerts_firing - prev.alerts_firing);

@@ -201,3 +201,87 @@ fn demo_tells_the_whole_story_and_exits_zero() {
         );
     }
 }
+
+/// Startup errors tell the user what to do, and exit non-zero instead of idling.
+#[test]
+fn run_reports_startup_problems_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_cfg = |bootstrap: &str, listen: &str| {
+        let text = guardrail::demo::DEFAULT_CONFIG
+            .replace(
+                "bootstrap_servers = \"127.0.0.1:9092\"",
+                &format!("bootstrap_servers = \"{bootstrap}\""),
+            )
+            .replace(
+                "listen = \"127.0.0.1:9464\"",
+                &format!("listen = \"{listen}\""),
+            );
+        let p = dir.path().join(format!("c{}.toml", rand_port()));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let run = |cfg: &std::path::Path| {
+        bin()
+            .env("GUARDRAIL_SIGNING_SECRET", "s")
+            .env("RUST_LOG", "error")
+            .arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .output()
+            .unwrap()
+    };
+
+    // The HTTP port is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let o = run(&write_cfg("127.0.0.1:9", &addr));
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("another process"),
+        "{err}"
+    );
+
+    // A topic is missing on a reachable broker.
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("guardrail.events", 1, 1).unwrap();
+    let o = run(&write_cfg(&cluster.bootstrap_servers(), "127.0.0.1:0"));
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("topic \"guardrail.changes\" does not exist") && err.contains("Create it"),
+        "{err}"
+    );
+
+    // Nothing listens at the bootstrap address (the metadata request times out after 15 s).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let o = run(&write_cfg(&closed, "127.0.0.1:0"));
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("cannot reach Kafka at {closed}"))
+            && err.contains("bootstrap_servers"),
+        "{err}"
+    );
+
+    // No signing secret.
+    let o = bin()
+        .env_remove("GUARDRAIL_SIGNING_SECRET")
+        .args(["run", "--config"])
+        .arg(write_cfg(&cluster.bootstrap_servers(), "127.0.0.1:0"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("GUARDRAIL_SIGNING_SECRET"));
+}
+
+fn rand_port() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
