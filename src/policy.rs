@@ -30,6 +30,15 @@ pub enum DecisionAction {
 }
 
 impl DecisionAction {
+    pub const ALL: [DecisionAction; 6] = [
+        DecisionAction::RollbackRequested,
+        DecisionAction::RollbackAlreadyRequested,
+        DecisionAction::NeedsHumanDecision,
+        DecisionAction::ShadowRollback,
+        DecisionAction::NoCandidate,
+        DecisionAction::ChangeNotInForce,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DecisionAction::RollbackRequested => "rollback_requested",

@@ -208,7 +208,21 @@ impl Telemetry {
                 "guardrail_rollbacks_confirmed_total",
                 "Rollbacks confirmed by automation on the changes topic.",
             ),
-            decisions: counter_vec(&r, "guardrail_decisions_total", "Policy decisions, by action and tier.", &["action", "tier"]),
+            decisions: {
+                let c = counter_vec(
+                    &r,
+                    "guardrail_decisions_total",
+                    "Policy decisions, by action and tier.",
+                    &["action", "tier"],
+                );
+                // Every (action, tier) starts at 0, so "none yet" reads as 0, not as no data.
+                for a in crate::policy::DecisionAction::ALL {
+                    for t in ["human", "supervised", "autonomous", "none"] {
+                        c.with_label_values(&[a.as_str(), t]);
+                    }
+                }
+                c
+            },
             dlq_produced,
             output_errors,
             outputs_produced,

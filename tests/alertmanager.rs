@@ -139,25 +139,6 @@ fn is_story_alert(a: &Value) -> bool {
     ) && label(a, "severity") == "critical"
 }
 
-/// Produces the simulator's traffic up to `to_ms` in 5-minute ticks, each followed by a
-/// heartbeat and a wait until the engine has caught up (as `common::play_story` does).
-async fn drive(h: &common::Harness, sim: &mut Sim, to_ms: i64) {
-    let topic = h.cfg.kafka.topics.events.clone();
-    while sim.now_ms() < to_ms {
-        let to = (sim.now_ms() + 5 * 60_000).min(to_ms);
-        let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
-        for (k, v) in &batch {
-            h.send(&topic, k, v).await;
-        }
-        h.heartbeat(to - 1).await;
-        assert!(
-            h.wait_event_time(to - 1, Duration::from_secs(60)).await,
-            "engine keeps up"
-        );
-    }
-}
-
 #[test]
 fn example_config_passes_amtool_check_config() {
     let Some(amtool) = require("amtool", find_bin("GUARDRAIL_AMTOOL", &AMTOOL)) else {
@@ -209,14 +190,14 @@ async fn story_alerts_fire_and_resolve_in_alertmanager() {
         },
         change_ms - 5 * common::HOUR,
     );
-    drive(&h, &mut sim, change_ms).await;
+    h.drive(&mut sim, change_ms, 5 * 60_000, |_| {}).await;
     h.send_change(&sim::story_change("chg-0042", change_ms))
         .await;
     sim.scenario_mut()
         .effects
         .push(sim::story_effect("chg-0042", change_ms));
     let end_ms = change_ms + common::HOUR;
-    drive(&h, &mut sim, end_ms).await;
+    h.drive(&mut sim, end_ms, 5 * 60_000, |_| {}).await;
     eprintln!("story played in {:?}", t0.elapsed());
     let deadline = Instant::now() + Duration::from_secs(30);
     let firing = loop {
@@ -303,7 +284,7 @@ async fn story_alerts_fire_and_resolve_in_alertmanager() {
     let mut remaining = watched.clone();
     while !remaining.is_empty() && sim.now_ms() < limit {
         let to = (sim.now_ms() + 5 * 60_000).min(limit);
-        drive(&h, &mut sim, to).await;
+        h.drive(&mut sim, to, 5 * 60_000, |_| {}).await;
         // Give the push a moment, then see what is still active.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let active = am.active().await;

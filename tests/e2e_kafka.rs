@@ -37,7 +37,6 @@ async fn conversion_drop_after_change_is_detected_attributed_and_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
     let events_path = dir.path().join("events.jsonl");
     let mut file = std::io::BufWriter::new(std::fs::File::create(&events_path).unwrap());
-    let topic = h.cfg.kafka.topics.events.clone();
     let mut produced = 0u64;
     let mut change_sent = false;
     while sim.now_ms() < change_ms + 2 * HOUR {
@@ -55,20 +54,13 @@ async fn conversion_drop_after_change_is_detected_attributed_and_rolled_back() {
             });
             change_sent = true;
         }
-        let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let to = sim.now_ms() + 5 * 60_000;
-        sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
-        for (k, v) in &batch {
-            h.send(&topic, k, v).await;
-            file.write_all(v).unwrap();
-            file.write_all(b"\n").unwrap();
-        }
-        produced += batch.len() as u64 + 1;
-        h.heartbeat(to - 1).await;
-        assert!(
-            h.wait_event_time(to - 1, Duration::from_secs(60)).await,
-            "engine keeps up"
-        );
+        produced += h
+            .drive(&mut sim, to, 5 * 60_000, |v| {
+                file.write_all(v).unwrap();
+                file.write_all(b"\n").unwrap();
+            })
+            .await;
     }
     file.flush().unwrap();
     let t = h.cfg.kafka.topics.clone();
@@ -227,22 +219,9 @@ async fn no_alert_on_seven_days_of_null_traffic() {
         },
         start_ms,
     );
-    let topic = h.cfg.kafka.topics.events.clone();
-    let mut produced = 0u64;
-    while sim.now_ms() < start_ms + 7 * 24 * HOUR {
-        let to = sim.now_ms() + HOUR;
-        let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
-        for (k, v) in &batch {
-            h.send(&topic, k, v).await;
-        }
-        produced += batch.len() as u64 + 1;
-        h.heartbeat(to - 1).await;
-        assert!(
-            h.wait_event_time(to - 1, Duration::from_secs(60)).await,
-            "engine keeps up"
-        );
-    }
+    let produced = h
+        .drive(&mut sim, start_ms + 7 * 24 * HOUR, HOUR, |_| {})
+        .await;
     let t = h.cfg.kafka.topics.clone();
     let outs = h.read_all(&[&t.alerts, &t.rollbacks], Duration::from_secs(2));
     let (_, metrics) = h.get("/metrics").await;

@@ -132,6 +132,38 @@ impl Harness {
             .expect("change delivered");
     }
 
+    /// Produces the simulator's traffic up to `to_ms` in ticks of `step_ms`; after each tick a
+    /// heartbeat at its end, then a wait until the engine has seen it, so decisions happen at
+    /// the right simulated time. `tap` sees every event produced. Returns the messages produced
+    /// (heartbeats included).
+    pub async fn drive(
+        &self,
+        sim: &mut guardrail::sim::Sim,
+        to_ms: i64,
+        step_ms: i64,
+        mut tap: impl FnMut(&[u8]),
+    ) -> u64 {
+        let topic = self.cfg.kafka.topics.events.clone();
+        let mut produced = 0;
+        let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        while sim.now_ms() < to_ms {
+            let to = (sim.now_ms() + step_ms).min(to_ms);
+            batch.clear();
+            sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
+            for (k, v) in &batch {
+                self.send(&topic, k, v).await;
+                tap(v);
+            }
+            self.heartbeat(to - 1).await;
+            produced += batch.len() as u64 + 1;
+            assert!(
+                self.wait_event_time(to - 1, Duration::from_secs(60)).await,
+                "engine keeps up"
+            );
+        }
+        produced
+    }
+
     /// Waits until the engine has seen event time `ts` (or times out).
     pub async fn wait_event_time(&self, ts: i64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -307,7 +339,6 @@ pub async fn play_story(
         },
         start_ms,
     );
-    let topic = h.cfg.kafka.topics.events.clone();
     let mut produced = 0u64;
     let mut change_sent = false;
     let mut rolled_back_ms = None;
@@ -330,17 +361,7 @@ pub async fn play_story(
             }
         }
         let to = (sim.now_ms() + 5 * 60_000).min(end_ms);
-        let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
-        for (k, v) in &batch {
-            h.send(&topic, k, v).await;
-        }
-        h.heartbeat(to - 1).await;
-        produced += batch.len() as u64 + 1;
-        assert!(
-            h.wait_event_time(to - 1, Duration::from_secs(60)).await,
-            "engine keeps up"
-        );
+        produced += h.drive(&mut sim, to, 5 * 60_000, |_| {}).await;
     }
     Story {
         change_ms,
