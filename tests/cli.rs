@@ -156,6 +156,52 @@ fn simulate_then_replay_writes_the_contract_outputs() {
     }
     let dead = std::fs::read_to_string(out.join("dead_letters.jsonl")).unwrap();
     assert!(dead.contains("bad_timestamp") && dead.contains("garbage"));
+
+    // The same story with a supervised change: guardrail must not act alone; the alert and the
+    // audit say a human decision is needed.
+    let supervised = dir.path().join("changes-supervised.jsonl");
+    let text = std::fs::read_to_string(&changes).unwrap();
+    assert!(text.contains("\"tier\":\"autonomous\""));
+    std::fs::write(
+        &supervised,
+        text.replace("\"tier\":\"autonomous\"", "\"tier\":\"supervised\""),
+    )
+    .unwrap();
+    let out2 = dir.path().join("out-supervised");
+    let o = bin()
+        .env("GUARDRAIL_SIGNING_SECRET", "replay-secret")
+        .args(["replay", "--quiet", "--config", "config/guardrail.toml"])
+        .arg("--events")
+        .arg(&events)
+        .arg("--changes")
+        .arg(&supervised)
+        .arg("--out")
+        .arg(&out2)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read_to_string(out2.join("rollbacks.jsonl")).unwrap(),
+        ""
+    );
+    let firing: Vec<serde_json::Value> = std::fs::read_to_string(out2.join("alerts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|a| a["status"] == "firing")
+        .collect();
+    assert!(!firing.is_empty());
+    for a in &firing {
+        assert_eq!(a["decision"]["action"], "needs_human_decision", "{a:#}");
+        assert_eq!(a["decision"]["tier"], "supervised");
+    }
+    let audit = std::fs::read_to_string(out2.join("audit.jsonl")).unwrap();
+    assert_eq!(
+        audit
+            .matches("\"action\":\"human_decision_requested\"")
+            .count(),
+        firing.len()
+    );
 }
 
 #[test]
