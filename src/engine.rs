@@ -866,7 +866,7 @@ impl Engine {
     fn close_window(&mut self, w: i64) {
         let start = w * self.schema.window_ms;
         let mut alarms: Vec<(usize, Alarm, Expect)> = Vec::new();
-        let mut resolutions: Vec<(usize, &'static str, Option<Expect>)> = Vec::new();
+        let mut resolutions: Vec<(usize, &'static str)> = Vec::new();
         self.stats.windows_closed += 1;
         self.windows_since_view += 1;
         // The API's view (watermark, series histories) moves with every closed window.
@@ -918,11 +918,11 @@ impl Engine {
                     if volume >= m.det.min_volume_per_window
                         && inc_ref.recovery.step(m.family, &obs, &e)
                     {
-                        resolutions.push((si, "recovered", Some(e)));
+                        resolutions.push((si, "recovered"));
                     } else if start + self.schema.window_ms - inc_ref.onset_ms
                         > m.det.incident_max_secs as i64 * 1000
                     {
-                        resolutions.push((si, "expired", Some(e)));
+                        resolutions.push((si, "expired"));
                     }
                 }
                 score = 1.0;
@@ -980,8 +980,8 @@ impl Engine {
                 },
             };
         }
-        for (si, how, e) in resolutions {
-            self.resolve(si, w, how, e);
+        for (si, how) in resolutions {
+            self.resolve(si, w, how);
         }
         for (si, a, e) in alarms {
             self.open_incident(si, w, a, e);
@@ -1313,7 +1313,7 @@ impl Engine {
         }
     }
 
-    fn resolve(&mut self, si: usize, w: i64, how: &'static str, _e: Option<Expect>) {
+    fn resolve(&mut self, si: usize, w: i64, how: &'static str) {
         let Some(idx) = self.series[si].incident.take() else {
             return;
         };

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
@@ -374,7 +374,6 @@ fn scan_dims_into<'a>(
     Seed { names, out }
         .deserialize(&mut de)
         .map_err(|e| Reject::new(ErrorCode::InvalidField, format!("`dims`: {e}")))?;
-    let _ = IgnoredAny;
     Ok(())
 }
 

@@ -196,20 +196,17 @@ impl Sim {
         let r = self.sc.rates;
         let (mut ctr, mut conv, mut ticket) = (r.ctr, r.conversion, r.ticket);
         let mut variant = "control";
-        let mut change: Option<String> = None;
         for e in &self.sc.effects {
             if e.active(t, country) {
                 ctr *= e.ctr_mult;
                 conv *= e.conversion_mult;
                 ticket *= e.ticket_mult;
                 variant = "treatment";
-                change = Some(e.change_id.clone());
             }
         }
         let user = self.rng.gen_range(0..5_000_000u64);
         let mut ts = t + self.rng.gen_range(0..1000);
         let key = format!("u{user}");
-        let _ = change;
         self.tally[ci].sessions += 1;
         self.event(
             ts,
