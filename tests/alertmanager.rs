@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use guardrail::alertmanager::{request, HttpUrl};
-use guardrail::sim::{self, Scenario, Sim};
+use guardrail::sim;
 use serde_json::Value;
 
 const AM_BINARIES: [&str; 3] = [
@@ -178,18 +178,10 @@ async fn story_alerts_fire_and_resolve_in_alertmanager() {
     .await;
 
     // The seed story without its rollback: 5 h of normal traffic, then change chg-0042 (FR+BE:
-    // conversions -15%, tickets x3) for an hour, so its incidents are firing. (Like
-    // `common::play_story(&h, 5, 1, None)`, but 4 h before now rather than 2 h, which leaves
-    // at least 3 h of event time for the recovery below.)
-    let change_ms = common::afternoon_before_now(4);
-    let mut sim = Sim::new(
-        Scenario {
-            seed: 11,
-            peak_sessions_per_min: 2500.0,
-            ..Scenario::default()
-        },
-        change_ms - 5 * common::HOUR,
-    );
+    // conversions -15%, tickets x3) for an hour, so its incidents are firing (like
+    // `common::play_story(&h, 5, 1, None)`), then the recovery below.
+    let change_ms = common::story_afternoon();
+    let mut sim = common::story_sim(change_ms - 5 * common::HOUR);
     h.drive(&mut sim, change_ms, 5 * 60_000, |_| {}).await;
     h.send_change(&sim::story_change("chg-0042", change_ms))
         .await;

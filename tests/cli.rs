@@ -1,5 +1,6 @@
 //! The command line as users run it: the real binary, real files.
 
+use std::path::Path;
 use std::process::Command;
 
 fn bin() -> Command {
@@ -42,6 +43,21 @@ fn check_config_accepts_the_default_and_locates_errors() {
     );
 }
 
+/// `guardrail replay` with the default config and the signing secret "replay-secret".
+fn replay(events: &Path, changes: &Path, out: &Path) -> std::process::Output {
+    bin()
+        .env("GUARDRAIL_SIGNING_SECRET", "replay-secret")
+        .args(["replay", "--quiet", "--config", "config/guardrail.toml"])
+        .arg("--events")
+        .arg(events)
+        .arg("--changes")
+        .arg(changes)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn simulate_then_replay_writes_the_contract_outputs() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,17 +90,7 @@ fn simulate_then_replay_writes_the_contract_outputs() {
     text.insert_str(nl, "{\"type\":\"session\",\"ts\":\"garbage\"}\n");
     std::fs::write(&events, text).unwrap();
 
-    let o = bin()
-        .env("GUARDRAIL_SIGNING_SECRET", "replay-secret")
-        .args(["replay", "--quiet", "--config", "config/guardrail.toml"])
-        .arg("--events")
-        .arg(&events)
-        .arg("--changes")
-        .arg(&changes)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = replay(&events, &changes, &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
@@ -168,17 +174,7 @@ fn simulate_then_replay_writes_the_contract_outputs() {
     )
     .unwrap();
     let out2 = dir.path().join("out-supervised");
-    let o = bin()
-        .env("GUARDRAIL_SIGNING_SECRET", "replay-secret")
-        .args(["replay", "--quiet", "--config", "config/guardrail.toml"])
-        .arg("--events")
-        .arg(&events)
-        .arg("--changes")
-        .arg(&supervised)
-        .arg("--out")
-        .arg(&out2)
-        .output()
-        .unwrap();
+    let o = replay(&events, &supervised, &out2);
     assert!(o.status.success());
     assert_eq!(
         std::fs::read_to_string(out2.join("rollbacks.jsonl")).unwrap(),

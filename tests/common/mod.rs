@@ -294,15 +294,22 @@ pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
 
 pub const HOUR: i64 = 3_600_000;
 
-/// 14:00 UTC on the most recent day such that `after_hours` have passed since.
-pub fn afternoon_before_now(after_hours: i64) -> i64 {
-    let latest = guardrail::event::now_ms() - after_hours * HOUR - 600_000;
-    let t = latest.div_euclid(86_400_000) * 86_400_000 + 14 * HOUR;
-    if t <= latest {
-        t
-    } else {
-        t - 86_400_000
-    }
+/// 14:00 UTC on a fixed past Wednesday: the stories' traffic, and so their verdicts, are the
+/// same on every run (a wall-clock-relative day would change the weekday and so the data).
+pub fn story_afternoon() -> i64 {
+    guardrail::event::parse_time_str("2026-11-04T14:00:00Z").expect("valid time")
+}
+
+/// The traffic of the end-to-end stories: seeded, 2,500 sessions a minute at the daily peak.
+pub fn story_sim(start_ms: i64) -> guardrail::sim::Sim {
+    guardrail::sim::Sim::new(
+        guardrail::sim::Scenario {
+            seed: 11,
+            peak_sessions_per_min: 2500.0,
+            ..Default::default()
+        },
+        start_ms,
+    )
 }
 
 /// What [`play_story`] did.
@@ -327,18 +334,11 @@ pub async fn play_story(
     after_hours: i64,
     rollback_after_mins: Option<i64>,
 ) -> Story {
-    use guardrail::sim::{self, Scenario, Sim};
-    let change_ms = afternoon_before_now(after_hours + 1);
+    use guardrail::sim;
+    let change_ms = story_afternoon();
     let start_ms = change_ms - warmup_hours * HOUR;
     let end_ms = change_ms + after_hours * HOUR;
-    let mut sim = Sim::new(
-        Scenario {
-            seed: 11,
-            peak_sessions_per_min: 2500.0,
-            ..Scenario::default()
-        },
-        start_ms,
-    );
+    let mut sim = story_sim(start_ms);
     let mut produced = 0u64;
     let mut change_sent = false;
     let mut rolled_back_ms = None;
