@@ -143,6 +143,20 @@ impl Default for TopicsConfig {
     }
 }
 
+impl TopicsConfig {
+    /// All six topics: events, changes, alerts, rollbacks, audit, dead letters.
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.events,
+            &self.changes,
+            &self.alerts,
+            &self.rollbacks,
+            &self.audit,
+            &self.dlq,
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {

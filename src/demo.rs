@@ -137,13 +137,8 @@ pub async fn run(
     let cluster = MockCluster::new(1)?;
     let topics = crate::config::TopicsConfig::default();
     cluster.create_topic(&topics.events, 6, 1)?;
-    for t in [
-        &topics.changes,
-        &topics.alerts,
-        &topics.rollbacks,
-        &topics.audit,
-        &topics.dlq,
-    ] {
+    // Every topic but the events one (created above, with partitions to spread over).
+    for t in &topics.all()[1..] {
         cluster.create_topic(t, 1, 1)?;
     }
     let bootstrap = cluster.bootstrap_servers();

@@ -61,22 +61,10 @@ pub fn llr(family: Family, obs: &Obs, e: &Expect, alt: f64) -> f64 {
 /// Kullback-Leibler divergence per window of the alternative from the null (the LLR's mean
 /// under the alternative): the information rate that sets the delay limit h / KL.
 pub fn kl_per_window(family: Family, den: f64, e: &Expect, alt: f64) -> f64 {
-    let obs = match family {
-        Family::Binomial => Obs {
-            num: alt * den,
-            den,
-            sumsq: 0.0,
-        },
-        Family::Poisson => Obs {
-            num: alt * den,
-            den,
-            sumsq: 0.0,
-        },
-        Family::Gaussian => Obs {
-            num: alt * den,
-            den,
-            sumsq: 0.0,
-        },
+    let obs = Obs {
+        num: alt * den,
+        den,
+        sumsq: 0.0,
     };
     // For all three families the LLR is affine in the observation, so evaluating it at the
     // alternative's mean gives its expectation.

@@ -1555,6 +1555,10 @@ mod tests {
 
     const T0: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
 
+    /// One count metric over events of type `x`.
+    const COUNT_X: &str =
+        "[[metrics]]\nname = \"n\"\nkind = \"count\"\nnumerator = { type = \"x\" }\n";
+
     fn engine(metrics: &str) -> Engine {
         let cfg = Config::from_str_named(
             &format!("[detection]\nwarmup_windows = 4\n[engine]\nallowed_lateness_secs = 60\nmax_series_per_metric = 3\n{metrics}"),
@@ -1677,14 +1681,7 @@ dims = ["k"]
 
     #[test]
     fn watermark_follows_the_slowest_partition() {
-        let mut e = engine(
-            r#"
-[[metrics]]
-name = "n"
-kind = "count"
-numerator = { type = "x" }
-"#,
-        );
+        let mut e = engine(COUNT_X);
         let now = T0 + 86_400_000;
         e.assign_sources(&[0, 1], now);
         // Partition 0 runs an hour ahead while partition 1 has not delivered: nothing closes.
@@ -1708,14 +1705,7 @@ numerator = { type = "x" }
 
     #[test]
     fn changes_scheduled_from_a_file_apply_in_event_time() {
-        let mut e = engine(
-            r#"
-[[metrics]]
-name = "n"
-kind = "count"
-numerator = { type = "x" }
-"#,
-        );
+        let mut e = engine(COUNT_X);
         let c = decode_change(
             format!(r#"{{"change_id":"c","ts":{},"action":"applied","actor":{{"kind":"agent","name":"a"}}}}"#, T0 + 1000).as_bytes(),
             4096,

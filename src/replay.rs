@@ -117,7 +117,6 @@ fn load_changes(
             }
         }
     }
-    out.sort_by_key(|c| c.ts);
     Ok((out, rejected))
 }
 

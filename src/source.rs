@@ -202,22 +202,14 @@ pub fn check_topics(
             servers: k.bootstrap_servers.clone(),
             source,
         })?;
-    let t = &k.topics;
-    for topic in [
-        &t.events,
-        &t.changes,
-        &t.alerts,
-        &t.rollbacks,
-        &t.audit,
-        &t.dlq,
-    ] {
+    for topic in k.topics.all() {
         let ok = md
             .topics()
             .iter()
             .any(|mt| mt.name() == topic && mt.error().is_none() && !mt.partitions().is_empty());
         if !ok {
             return Err(SourceError::MissingTopic {
-                topic: topic.clone(),
+                topic: topic.to_string(),
                 servers: k.bootstrap_servers.clone(),
             });
         }

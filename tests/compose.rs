@@ -106,14 +106,7 @@ fn compose_stack_is_consistent() {
     );
     let init = strings(&services[&Value::from("kafka-init")]["command"]).join("\n");
     let t = &cfg.kafka.topics;
-    for topic in [
-        &t.events,
-        &t.changes,
-        &t.alerts,
-        &t.rollbacks,
-        &t.audit,
-        &t.dlq,
-    ] {
+    for topic in t.all() {
         assert!(
             init.contains(&format!("create {topic} ")),
             "topic {topic} not created"

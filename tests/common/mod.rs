@@ -56,7 +56,7 @@ pub async fn start(edit: impl FnOnce(&mut Config)) -> Harness {
         .expect("default config is valid");
     let t = &cfg.kafka.topics;
     cluster.create_topic(&t.events, 4, 1).unwrap();
-    for topic in [&t.changes, &t.alerts, &t.rollbacks, &t.audit, &t.dlq] {
+    for topic in &t.all()[1..] {
         cluster.create_topic(topic, 1, 1).unwrap();
     }
     cfg.kafka.bootstrap_servers = cluster.bootstrap_servers();
