@@ -261,8 +261,9 @@ pub struct PostableAlert {
 }
 
 /// Labels that guardrail sets itself; a series dim with one of these names gets a `dim_` prefix.
-const RESERVED: [&str; 9] = [
+const RESERVED: [&str; 10] = [
     "alertname",
+    "change_owner",
     "metric",
     "severity",
     "tier",
@@ -353,6 +354,10 @@ impl Mapper {
                 "team",
                 self.team.clone().or(owner).unwrap_or_else(|| "none".into()),
             ),
+            (
+                "change_owner",
+                a.change_owner.clone().unwrap_or_else(|| "none".into()),
+            ),
             ("incident_id", a.incident_id.clone()),
             ("series", series_label(&a.series)),
         ] {
@@ -381,6 +386,13 @@ impl Mapper {
         if a.status == "resolved" {
             summary.push_str(" [resolved]");
         }
+        if let Some(lg) = a
+            .local_gain_global_loss
+            .as_ref()
+            .and_then(|v| v["summary"].as_str())
+        {
+            summary.push_str(&format!("; {lg}"));
+        }
         let mut evidence = match a.candidate_changes.first() {
             Some(c) => format!(
                 "top candidate {} (score {:.2}): {}",
@@ -396,6 +408,9 @@ impl Mapper {
                 d.policy,
                 d.reason
             ));
+        }
+        if let Some(e) = &a.evidence {
+            evidence = format!("{e}. {evidence}");
         }
         let mut m = BTreeMap::new();
         m.insert("summary".into(), summary);
@@ -696,16 +711,24 @@ mod tests {
             }],
             top_segments: vec![],
             url: "http://g/incidents/inc-1".into(),
-            decision: Some(Decision {
-                action: DecisionAction::RollbackRequested,
-                change_id: Some("chg-0042".into()),
-                tier: Some(Tier::Autonomous),
-                policy: "tier-autonomous",
-                reason: "autonomous change".into(),
+            decision: Some({
+                let mut d = Decision::new(
+                    DecisionAction::RollbackRequested,
+                    "tier-autonomous",
+                    "autonomous change".into(),
+                );
+                d.change_id = Some("chg-0042".into());
+                d.tier = Some(Tier::Autonomous);
+                d
             }),
             effect: -0.15,
             score: 1.3,
             owner: Some("team-growth".into()),
+            change_owner: Some("team-web".into()),
+            escalated: false,
+            comparison: Some("observational"),
+            evidence: None,
+            local_gain_global_loss: None,
             resolved_at: (status == "resolved").then(|| "2026-11-22T15:10:00.000Z".into()),
             resolution: None,
         }

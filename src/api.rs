@@ -1,23 +1,43 @@
-//! HTTP: `/metrics`, `/healthz`, `/readyz`, the incident and change API, and incident pages.
+//! HTTP: `/metrics`, `/healthz`, `/readyz`, the incident and change API, the control API
+//! (approve / veto / acknowledge / silence) and incident pages.
 //!
-//! The engine publishes a snapshot after each batch that changed something; handlers read the
-//! snapshot and never touch the engine, so the hot path takes no lock per event.
+//! The engine publishes a snapshot after each batch that changed something; read handlers use
+//! the snapshot and never touch the engine, so the hot path takes no lock per event. Control
+//! calls become [`Command`]s on the engine's control channel and wait for its answer.
+//!
+//! Access: everything under `/api/` needs `Authorization: Bearer <token>` of a configured actor
+//! whose role grants the permission ([`authorize`]). With no actors configured, reads stay open
+//! (as before roles existed) and control calls are refused.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::attribute::ChangeState;
+use crate::auth::{Auth, Identity, Permission};
+use crate::control::{Command, ControlError, ControlSender, DecisionCall, Verb};
 use crate::engine::{Engine, HistoryPoint, Incident};
 use crate::event::fmt_time;
 use crate::telemetry::Telemetry;
+
+/// How long a control call waits for the engine (queueing included) before answering 503.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest `reason` accepted on a control call, in characters.
+pub const MAX_REASON_CHARS: usize = 2000;
+
+/// The hint given when a control call arrives but nobody may make one.
+pub const NO_ACTORS_HINT: &str =
+    "no actors are configured: add [[actors]] with a role and token_env to the config";
 
 /// Series history attached to an incident for its page.
 #[derive(Debug, Clone, Serialize)]
@@ -51,7 +71,12 @@ impl Snapshot {
                     onset: fmt_time(i.onset_ms),
                     detected_at: fmt_time(i.detected_ms),
                     resolved_at: i.resolved_ms.map(fmt_time),
-                    history: eng.series[i.series_idx].history(last, eng.window_ms(), eng.band_z()),
+                    // Guards that are not a metric series (sample-ratio mismatch, sprawl,
+                    // pressure) have no history to chart.
+                    history: i
+                        .series_idx
+                        .map(|si| eng.series[si].history(last, eng.window_ms(), eng.band_z()))
+                        .unwrap_or_default(),
                 })
                 .collect(),
             changes: eng.registry.all().cloned().collect(),
@@ -67,6 +92,12 @@ pub struct ApiState {
     /// Why not ready, for `/readyz`.
     pub not_ready_reason: RwLock<String>,
     pub snapshot: RwLock<Arc<Snapshot>>,
+    /// The engine's control channel; set once at service start ([`ApiState::install`]).
+    /// Unset: control calls and audit queries answer 503.
+    pub control: OnceLock<ControlSender>,
+    /// The configured actors; set once at service start. Unset or empty: reads are open and
+    /// control calls answer 403.
+    pub auth: OnceLock<Arc<Auth>>,
 }
 
 impl ApiState {
@@ -76,7 +107,21 @@ impl ApiState {
             ready: AtomicBool::new(false),
             not_ready_reason: RwLock::new("starting: not yet assigned any partition".into()),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            control: OnceLock::new(),
+            auth: OnceLock::new(),
         })
+    }
+
+    /// Sets the actors and the engine's control channel. Call once, before serving; a second
+    /// call changes nothing (and logs a warning).
+    pub fn install(&self, auth: Arc<Auth>, control: ControlSender) {
+        let auth_was_set = self.auth.set(auth).is_err();
+        let control_was_set = self.control.set(control).is_err();
+        if auth_was_set || control_was_set {
+            tracing::warn!(
+                "api: install called more than once; keeping the first actors and control channel"
+            );
+        }
     }
 
     pub fn set_ready(&self, ready: bool, reason: &str) {
@@ -108,12 +153,19 @@ impl ApiState {
 
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
+        // Unauthenticated on purpose: scraped by Prometheus and probed by the orchestrator.
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        // Authenticated: every handler under /api/ calls `authorize` first.
+        .route("/api/whoami", get(whoami))
         .route("/api/incidents", get(list_incidents))
         .route("/api/incidents/{id}", get(get_incident))
+        .route("/api/incidents/{id}/{verb}", post(decide))
         .route("/api/changes", get(list_changes))
+        .route("/api/changes/{id}/audit", get(change_audit))
+        // Unauthenticated on purpose: the incident pages are linked from alerts and chat, and
+        // are read-only views of what the alert already said. Actions go through /api/.
         .route("/incidents", get(incidents_page))
         .route("/incidents/{id}", get(incident_page))
         .with_state(state)
@@ -154,30 +206,314 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
     }
 }
 
-async fn list_incidents(State(s): State<Arc<ApiState>>) -> Response {
-    let snap = s.snap();
-    Json(serde_json::json!({"incidents": snap.incidents, "watermark": snap.watermark}))
-        .into_response()
+/// An API error: `{"error": code, "message": message}` with its status; 401s also carry
+/// `WWW-Authenticate: Bearer realm="guardrail"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
 }
 
-async fn get_incident(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
-    let snap = s.snap();
-    match snap.incidents.iter().find(|i| i.incident.id == id) {
-        Some(i) => Json(i).into_response(),
-        None => not_found(&id),
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized(message: &str) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    fn forbidden(message: String) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    fn bad_request(message: String) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn unavailable(message: String) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    fn not_found(message: String) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 }
 
-async fn list_changes(State(s): State<Arc<ApiState>>) -> Response {
-    Json(serde_json::json!({"changes": s.snap().changes})).into_response()
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(serde_json::json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"guardrail\""),
+            );
+        }
+        r
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        let (status, code) = match &e {
+            ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ControlError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// The one access check of the API: who is calling, and may they do `need`?
+///
+/// - Actors configured: the request must carry `Authorization: Bearer <token>` of one of them
+///   (401 otherwise) whose role grants `need` (403 otherwise); returns the identity.
+/// - No actors configured (or none installed yet): `read` is open (`Ok(None)`), anything else
+///   is 403 with a hint on how to configure actors.
+pub fn authorize(
+    s: &ApiState,
+    headers: &HeaderMap,
+    need: Permission,
+) -> Result<Option<Identity>, ApiError> {
+    let auth = match s.auth.get() {
+        Some(a) if !a.is_empty() => a,
+        _ if need == Permission::Read => return Ok(None),
+        _ => {
+            return Err(ApiError::forbidden(format!(
+                "{NO_ACTORS_HINT}; nobody may {need} until then"
+            )))
+        }
+    };
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
+            "missing Authorization header: send `Authorization: Bearer <token>` with your actor's token",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Err(ApiError::unauthorized(
+            "malformed Authorization header: expected `Authorization: Bearer <token>`",
+        ));
+    };
+    let Some(id) = auth.authenticate(token) else {
+        return Err(ApiError::unauthorized(
+            "unknown token: no configured actor has this token",
+        ));
+    };
+    if !id.may(need) {
+        return Err(ApiError::forbidden(format!(
+            "actor {} (role {}) may not {need}; allowed: {}",
+            id.name,
+            id.role,
+            id.permissions_str()
+        )));
+    }
+    Ok(Some(id.clone()))
+}
+
+/// As [`authorize`], for calls that need a person: no actors configured is 403.
+fn authorize_actor(
+    s: &ApiState,
+    headers: &HeaderMap,
+    need: Permission,
+) -> Result<Identity, ApiError> {
+    authorize(s, headers, need)?.ok_or_else(|| {
+        ApiError::forbidden(format!(
+            "{NO_ACTORS_HINT}; until then reads need no token and nobody can act"
+        ))
+    })
+}
+
+/// `GET /api/whoami`: the caller's actor, role and permissions.
+async fn whoami(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Json<Identity>, ApiError> {
+    Ok(Json(authorize_actor(&s, &headers, Permission::Read)?))
+}
+
+async fn list_incidents(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Permission::Read)?;
+    let snap = s.snap();
+    Ok(
+        Json(serde_json::json!({"incidents": snap.incidents, "watermark": snap.watermark}))
+            .into_response(),
+    )
+}
+
+async fn get_incident(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Permission::Read)?;
+    let snap = s.snap();
+    match snap.incidents.iter().find(|i| i.incident.id == id) {
+        Some(i) => Ok(Json(i).into_response()),
+        None => Ok(not_found(&id)),
+    }
+}
+
+async fn list_changes(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Permission::Read)?;
+    Ok(Json(serde_json::json!({"changes": s.snap().changes})).into_response())
+}
+
+/// The optional body of a control call.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    reason: Option<String>,
+    silence_secs: Option<u64>,
+}
+
+/// Sends `cmd` to the engine and waits for the answer on `rx`, for at most [`CONTROL_TIMEOUT`].
+async fn ask<T>(
+    s: &ApiState,
+    cmd: Command,
+    rx: tokio::sync::oneshot::Receiver<T>,
+) -> Result<T, ApiError> {
+    let Some(tx) = s.control.get() else {
+        return Err(ApiError::unavailable(
+            "the engine's control channel is not connected (service starting?)".into(),
+        ));
+    };
+    let call = async {
+        let closed = || ApiError::from(ControlError::Unavailable);
+        tx.send(cmd).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())
+    };
+    tokio::time::timeout(CONTROL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::unavailable(format!(
+                "the engine did not answer within {} s; it may be busy or stuck, try again",
+                CONTROL_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+/// `POST /api/incidents/{id}/{verb}`: approve, veto, acknowledge or silence an incident's
+/// decision. Body (optional): `{"reason": "...", "silence_secs": 3600}`.
+async fn decide(
+    State(s): State<Arc<ApiState>>,
+    Path((id, verb)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(v) = Verb::parse(&verb) else {
+        // Only for callers who may read: do not answer strangers.
+        authorize(&s, &headers, Permission::Read)?;
+        let verbs: Vec<&str> = Verb::ALL.iter().map(|v| v.as_str()).collect();
+        return Ok((
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({
+                "error": "not_found",
+                "message": format!("unknown action {verb:?}; use one of: {}", verbs.join(", ")),
+                "verbs": verbs,
+            })),
+        )
+            .into_response());
+    };
+    let who = authorize_actor(&s, &headers, Permission::for_verb(v))?;
+    let b: DecideBody = if body.iter().all(|c| c.is_ascii_whitespace()) {
+        DecideBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "invalid JSON body: {e}; expected {{\"reason\": \"...\", \"silence_secs\": 3600}} or no body"
+            ))
+        })?
+    };
+    if b.silence_secs.is_some() && v != Verb::Silence {
+        return Err(ApiError::bad_request(format!(
+            "silence_secs applies only to silence, not to {}",
+            v.as_str()
+        )));
+    }
+    if b.silence_secs == Some(0) {
+        return Err(ApiError::bad_request(
+            "silence_secs must be at least 1".into(),
+        ));
+    }
+    let reason = b
+        .reason
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty());
+    if reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > MAX_REASON_CHARS)
+    {
+        return Err(ApiError::bad_request(format!(
+            "reason is longer than {MAX_REASON_CHARS} characters"
+        )));
+    }
+    let call = DecisionCall {
+        incident_id: id.clone(),
+        verb: v,
+        principal: who.principal(),
+        reason,
+        silence_secs: b.silence_secs,
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let answer = ask(&s, Command::Decide { call, reply }, rx)
+        .await
+        .and_then(|a| a.map_err(ApiError::from));
+    tracing::info!(
+        actor = %who.name,
+        role = %who.role,
+        verb = v.as_str(),
+        incident = %id,
+        status = answer.as_ref().map(|_| 200).unwrap_or_else(|e| e.status.as_u16()),
+        "api: control call"
+    );
+    Ok(Json(answer?).into_response())
+}
+
+/// `GET /api/changes/{id}/audit`: every audit record about a change and its incidents.
+async fn change_audit(
+    State(s): State<Arc<ApiState>>,
+    Path(change_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Permission::Read)?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let cmd = Command::ChangeAudit {
+        change_id: change_id.clone(),
+        reply,
+    };
+    let records = ask(&s, cmd, rx).await?;
+    if records.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no audit records for change {change_id}: unknown change, or nothing recorded about it yet"
+        )));
+    }
+    Ok(Json(serde_json::json!({"change_id": change_id, "records": records})).into_response())
 }
 
 fn not_found(id: &str) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        Json(serde_json::json!({"error": "not_found", "message": format!("no incident {id}")})),
-    )
-        .into_response()
+    ApiError::not_found(format!("no incident {id}")).into_response()
 }
 
 fn esc(s: &str) -> String {
@@ -749,7 +1085,7 @@ async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
             .unwrap_or_default(),
         dchange = esc(d.change_id.as_deref().unwrap_or("-")),
         tier = d.tier.map(|t| t.as_str()).unwrap_or("-"),
-        policy = esc(d.policy),
+        policy = esc(&d.policy),
         reason = esc(&d.reason),
         rb = esc(inc.rollback_id.as_deref().unwrap_or("-")),
         n = i.history.len(),

@@ -26,6 +26,8 @@ pub struct ChangeState {
     pub rollback: Option<serde_json::Value>,
     /// Who confirmed the rollback.
     pub rolled_back_by: Option<Actor>,
+    /// The metric the change is meant to improve.
+    pub target_metric: Option<String>,
 }
 
 impl ChangeState {
@@ -114,6 +116,7 @@ impl Registry {
                 description: None,
                 rollback: None,
                 rolled_back_by: None,
+                target_metric: None,
             });
         match c.action {
             ChangeAction::Applied => {
@@ -128,6 +131,7 @@ impl Registry {
                 st.owner = c.owner.clone().or(st.owner.take());
                 st.description = c.description.clone().or(st.description.take());
                 st.rollback = c.rollback.clone().or(st.rollback.take());
+                st.target_metric = c.target_metric.clone().or(st.target_metric.take());
             }
             ChangeAction::RolledBack => {
                 st.rolled_back_ms = Some(c.ts);

@@ -73,6 +73,16 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub alertmanager: AlertmanagerConfig,
+    /// Change guards: watches opened when a change is applied, treatment/holdout tests,
+    /// variation sprawl and customer pressure.
+    #[serde(default)]
+    pub guards: GuardsConfig,
+    /// Role name -> what it may do (`read`, `approve`, `veto`, `acknowledge`, `silence`).
+    #[serde(default)]
+    pub roles: crate::auth::RolesConfig,
+    /// Named actors with a role and a bearer token for the HTTP API.
+    #[serde(default)]
+    pub actors: Vec<crate::auth::ActorConfig>,
     #[serde(default)]
     pub metrics: Vec<Spanned<MetricConfig>>,
 }
@@ -377,15 +387,31 @@ impl Tier {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
-    /// Tier of a change that names none and whose kind is not listed in `tiers`.
+    /// Tier of a change that names none and that no rule or `tiers` entry covers.
     pub default_tier: Tier,
-    /// Tier per change kind (`wording`, `offer`, `audience`, ...).
+    /// Tier per change kind (`wording`, `offer`, `audience`, ...), after `rules`.
     pub tiers: BTreeMap<String, Tier>,
-    /// Decide and audit, never act: no rollback request is produced.
+    /// Rules by change kind and metric severity; the first that matches applies (a change that
+    /// names its own tier keeps it, but the rule's shadow mode and timings still apply).
+    pub rules: Vec<PolicyRule>,
+    /// Global switch: decide and audit, never act: no rollback request is produced.
     pub shadow_mode: bool,
     /// How far before the estimated onset a change may have been applied and still be a
     /// candidate.
     pub candidate_lookback_secs: u64,
+    /// `supervised`: the rollback is requested when this much event time has passed after the
+    /// decision, unless someone vetoes (or approves earlier).
+    pub veto_window_secs: u64,
+    /// `human` (and a tripped circuit breaker): with no approval, veto or acknowledgement after
+    /// this long, the alert is re-sent with a higher severity.
+    pub escalate_after_secs: u64,
+    /// Circuit breaker: automatic rollbacks allowed in any hour of event time, over all
+    /// surfaces. Past it guardrail stops acting and asks a human.
+    pub max_auto_rollbacks_per_hour: u32,
+    /// The same, per surface of the change's scope (a change without surfaces counts as `*`).
+    pub max_auto_rollbacks_per_hour_per_surface: u32,
+    /// The metric a change of each kind is meant to improve, for "local gain, global loss".
+    pub target_metrics: BTreeMap<String, String>,
 }
 
 impl Default for PolicyConfig {
@@ -393,8 +419,116 @@ impl Default for PolicyConfig {
         Self {
             default_tier: Tier::Human,
             tiers: BTreeMap::new(),
+            rules: Vec::new(),
             shadow_mode: false,
             candidate_lookback_secs: 7 * 24 * 3600,
+            veto_window_secs: 15 * 60,
+            escalate_after_secs: 30 * 60,
+            max_auto_rollbacks_per_hour: 5,
+            max_auto_rollbacks_per_hour_per_surface: 2,
+            target_metrics: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[[policy.rules]]`: what applies to changes of a kind hurting metrics of a severity.
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Cited in decisions and audit records; defaults to `rule-<position>`.
+    pub name: Option<String>,
+    /// Matches changes of this kind; unset matches any.
+    pub change_kind: Option<String>,
+    /// Matches incidents on metrics of this severity; unset matches any.
+    pub metric_severity: Option<Severity>,
+    pub tier: Option<Tier>,
+    /// Shadow mode for this rule only: decide and audit, never act.
+    pub shadow_mode: Option<bool>,
+    pub veto_window_secs: Option<u64>,
+    pub escalate_after_secs: Option<u64>,
+}
+
+/// `[guards]`: watches opened when changes are applied, and the two stream-wide guards.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardsConfig {
+    /// How long a change is watched after it is applied (2 h to 7 days).
+    pub watch_secs: u64,
+    /// False-alarm probability of one treatment-vs-holdout test (per change and metric), valid
+    /// under continuous looking.
+    pub alpha: f64,
+    /// Mixing scale of the mSPRT, as a relative effect: the test is most sensitive to effects
+    /// about this size.
+    pub mixture_relative_effect: f64,
+    /// The event type counted per arm for the sample-ratio-mismatch check.
+    pub exposure_event: String,
+    /// False-alarm probability of the (sequential) sample-ratio-mismatch check.
+    pub srm_alpha: f64,
+    pub sprawl: SprawlConfig,
+    pub pressure: PressureConfig,
+}
+
+impl Default for GuardsConfig {
+    fn default() -> Self {
+        Self {
+            watch_secs: 24 * 3600,
+            alpha: 0.01,
+            mixture_relative_effect: 0.10,
+            exposure_event: "session".into(),
+            srm_alpha: 0.001,
+            sprawl: SprawlConfig::default(),
+            pressure: PressureConfig::default(),
+        }
+    }
+}
+
+/// Variation sprawl: too many variants live on one surface ("knowing when to stop").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SprawlConfig {
+    pub enabled: bool,
+    /// Distinct `variant` values seen on one surface within `window_secs` above which the
+    /// surface is fragmented.
+    pub max_variants_per_surface: u32,
+    pub window_secs: u64,
+    pub severity: Severity,
+}
+
+impl Default for SprawlConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_variants_per_surface: 12,
+            window_secs: 3600,
+            severity: Severity::Warning,
+        }
+    }
+}
+
+/// Customer pressure: messages per recipient per day above a cap.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PressureConfig {
+    pub enabled: bool,
+    pub message_event: String,
+    pub unsubscribe_event: String,
+    /// Messages per distinct recipient within one UTC day (per surface) above which customers
+    /// are under pressure.
+    pub max_messages_per_user_day: f64,
+    /// Recipients needed in the day before the ratio is judged.
+    pub min_users: u64,
+    pub severity: Severity,
+}
+
+impl Default for PressureConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            message_event: "message_sent".into(),
+            unsubscribe_event: "unsubscribe".into(),
+            max_messages_per_user_day: 3.0,
+            min_users: 50,
+            severity: Severity::Warning,
         }
     }
 }
@@ -733,7 +867,125 @@ impl Config {
             let d = mc.detection.resolve(&self.detection);
             check_detection(&d, &key("detection"), text, &mut errs, &at, off);
         }
+        self.check_governance(text, &mut errs, &at);
         errs
+    }
+
+    /// Policy, guards, roles and actors.
+    fn check_governance(
+        &self,
+        text: &str,
+        errs: &mut Vec<LocatedError>,
+        at: &dyn Fn(usize, String, String) -> LocatedError,
+    ) {
+        let loc = |k: &str| find_key(text, k).unwrap_or(0);
+        let p = &self.policy;
+        let metric_names: Vec<&str> = self
+            .metrics
+            .iter()
+            .map(|m| m.get_ref().name.as_str())
+            .collect();
+        for (kind, m) in &p.target_metrics {
+            if !metric_names.contains(&m.as_str()) {
+                errs.push(at(
+                    loc("target_metrics"),
+                    format!("policy.target_metrics.{kind}"),
+                    format!(
+                        "{m:?} is not a configured metric{}",
+                        suggest(m, metric_names.iter().copied())
+                            .map(|s| format!("; did you mean {s:?}?"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        if p.veto_window_secs == 0 || p.veto_window_secs > 7 * 86400 {
+            errs.push(at(
+                loc("veto_window_secs"),
+                "policy.veto_window_secs".into(),
+                format!(
+                    "must be between 1 and 604800 (7 days), got {}",
+                    p.veto_window_secs
+                ),
+            ));
+        }
+        if p.escalate_after_secs == 0 {
+            errs.push(at(
+                loc("escalate_after_secs"),
+                "policy.escalate_after_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        let mut rule_names = std::collections::HashSet::new();
+        for (i, r) in p.rules.iter().enumerate() {
+            let name = r.name.clone().unwrap_or_else(|| format!("rule-{}", i + 1));
+            if !rule_names.insert(name.clone()) {
+                errs.push(at(
+                    loc("rules"),
+                    format!("policy.rules[{i}].name"),
+                    format!("duplicate rule name {name:?}"),
+                ));
+            }
+            if r.veto_window_secs == Some(0) || r.escalate_after_secs == Some(0) {
+                errs.push(at(
+                    loc("rules"),
+                    format!("policy.rules[{i}]"),
+                    "veto_window_secs and escalate_after_secs must be at least 1".into(),
+                ));
+            }
+        }
+        let g = &self.guards;
+        if !(2 * 3600..=7 * 86400).contains(&g.watch_secs) {
+            errs.push(at(
+                loc("watch_secs"),
+                "guards.watch_secs".into(),
+                format!(
+                    "must be between 7200 (2 h) and 604800 (7 days), got {}",
+                    g.watch_secs
+                ),
+            ));
+        }
+        for (k, v, hi) in [
+            ("alpha", g.alpha, 0.5),
+            ("srm_alpha", g.srm_alpha, 0.5),
+            ("mixture_relative_effect", g.mixture_relative_effect, 10.0),
+        ] {
+            if !(v > 0.0 && v < hi) {
+                errs.push(at(
+                    loc(k),
+                    format!("guards.{k}"),
+                    format!("must be in (0, {hi}), got {v}"),
+                ));
+            }
+        }
+        if g.sprawl.max_variants_per_surface < 2 {
+            errs.push(at(
+                loc("max_variants_per_surface"),
+                "guards.sprawl.max_variants_per_surface".into(),
+                "must be at least 2".into(),
+            ));
+        }
+        if g.sprawl.window_secs < self.engine.window_secs || g.sprawl.window_secs > 7 * 86400 {
+            errs.push(at(
+                loc("window_secs"),
+                "guards.sprawl.window_secs".into(),
+                format!(
+                    "must be between engine.window_secs ({}) and 604800, got {}",
+                    self.engine.window_secs, g.sprawl.window_secs
+                ),
+            ));
+        }
+        if !(g.pressure.max_messages_per_user_day >= 1.0) {
+            errs.push(at(
+                loc("max_messages_per_user_day"),
+                "guards.pressure.max_messages_per_user_day".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        for (key, message) in crate::auth::validate(&self.roles, &self.actors) {
+            let k = key.rsplit('.').next().unwrap_or(&key).to_string();
+            errs.push(at(loc(&k), key, message));
+        }
     }
 }
 
@@ -807,18 +1059,19 @@ fn with_suggestion(message: &str) -> String {
     let Some((field, expected)) = rest.split_once('`') else {
         return message.to_string();
     };
-    let best = expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|k| (edit_distance(field, k), k))
-        .min();
-    match best {
-        Some((d, k)) if d <= (field.len().max(3) / 2).max(2) => {
-            format!("{message}; did you mean `{k}`?")
-        }
-        _ => message.to_string(),
+    match suggest(field, expected.split('`').skip(1).step_by(2)) {
+        Some(k) => format!("{message}; did you mean `{k}`?"),
+        None => message.to_string(),
     }
+}
+
+/// The candidate closest to `word`, if close enough to be a likely typo.
+pub fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|k| (edit_distance(word, k), k))
+        .min()
+        .filter(|(d, _)| *d <= (word.len().max(3) / 2).max(2))
+        .map(|(_, k)| k)
 }
 
 /// Levenshtein distance (keys are short).

@@ -8,7 +8,7 @@
 //! closing a window runs the baseline and the detector of every series once.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hasher;
 
 use serde::Serialize;
@@ -24,12 +24,15 @@ use crate::detect::{Alarm, Detector, Recovery, Side};
 use crate::event::{
     decode_change, decode_event, fmt_time, Actor, Change, ChangeAction, ErrorCode, Event, Reject,
 };
+use crate::guard::{Guards, Pressure, Sprawl};
 use crate::policy::{self, Decision, DecisionAction};
 use crate::sink::{
     stable_id, Alert, AuditRecord, Output, RollbackData, RollbackMetric, RollbackRequest,
     TopSegment,
 };
 use crate::window::Ring;
+
+mod govern;
 
 /// Dimensions read from the `dims` object, across all metrics.
 const MAX_OBJ_DIMS: usize = 16;
@@ -196,14 +199,29 @@ pub enum IncidentStatus {
 pub struct Incident {
     pub id: String,
     pub metric: String,
+    /// The metric and series the incident is about; None for guards that are not a metric
+    /// series (sample-ratio mismatch, sprawl, pressure).
     #[serde(skip)]
-    pub metric_idx: usize,
+    pub metric_idx: Option<usize>,
     #[serde(skip)]
-    pub series_idx: usize,
+    pub series_idx: Option<usize>,
+    /// Human label of the series (`country=FR`, `change_id=chg-1`).
+    pub label: String,
     pub series: serde_json::Map<String, serde_json::Value>,
     pub status: IncidentStatus,
     pub kind: &'static str,
+    /// Raised by one step when nobody decided in time.
     pub severity: &'static str,
+    /// Owner of the metric and of the top candidate change, for routing.
+    pub owner: Option<String>,
+    pub change_owner: Option<String>,
+    /// How the effect was established: `treatment_vs_holdout` or `observational` (against
+    /// the seasonal forecast), when a change is blamed.
+    pub comparison: Option<&'static str>,
+    /// The main evidence in one line (test statistic, intervals, split).
+    pub evidence: Option<String>,
+    /// The change's target metric improved while this one worsened.
+    pub local_gain_global_loss: Option<serde_json::Value>,
     pub onset_ms: i64,
     pub detected_ms: i64,
     pub resolved_ms: Option<i64>,
@@ -223,6 +241,8 @@ pub struct Incident {
     pub rollback_id: Option<String>,
     /// Every audit record written about this incident, in order: the decision trail.
     pub trail: Vec<TrailEntry>,
+    /// Event time until which escalation and re-notification are muted (`silence`).
+    pub silenced_until_ms: Option<i64>,
     #[serde(skip)]
     recovery: Recovery,
 }
@@ -258,6 +278,17 @@ pub struct EngineStats {
     pub rollbacks_confirmed: u64,
     /// Decisions by (action, tier) as labels.
     pub decisions: HashMap<(&'static str, &'static str), u64>,
+    /// Incidents opened, by kind.
+    pub incidents_by_kind: HashMap<&'static str, u64>,
+    /// Calls by people: approve, veto, acknowledge, silence.
+    pub human_calls: HashMap<&'static str, u64>,
+    /// Event time from detection to a person's approve or veto, in seconds; drained by
+    /// telemetry into a histogram.
+    pub human_decision_secs: Vec<f64>,
+    pub escalations: u64,
+    pub breaker_trips: u64,
+    /// Closed watches by verdict.
+    pub guard_verdicts: HashMap<&'static str, u64>,
 }
 
 /// A partition stops holding the watermark back after this long without messages (wall time).
@@ -306,6 +337,9 @@ struct Schema {
     user_key: (u64, u64),
     series_key: (u64, u64),
     z99: f64,
+    exposure_event: String,
+    message_event: String,
+    unsubscribe_event: String,
 }
 
 pub struct Engine {
@@ -334,7 +368,21 @@ pub struct Engine {
     windows_since_view: u64,
     /// Changes from a file, applied in event-time order as events pass their timestamps.
     scheduled: std::collections::VecDeque<Change>,
+    pub guards: Guards,
+    sprawl: Option<Sprawl>,
+    pressure: Option<Pressure>,
+    /// Automatic rollbacks requested within the last hour of event time, with the surfaces of
+    /// their changes, for the circuit breaker.
+    auto_rollbacks: VecDeque<(i64, Vec<String>)>,
+    /// Recent audit records, for the story of one change (`/api/changes/{id}/audit`).
+    audit_log: VecDeque<AuditRecord>,
+    /// Changes whose rollback a person vetoed (until they are applied again): the reason,
+    /// cited in the decisions of later incidents blamed on them.
+    vetoed: HashMap<String, String>,
 }
+
+/// Audit records kept in memory for the API (the audit topic keeps them all).
+pub const AUDIT_LOG_MAX: usize = 50_000;
 
 fn family_of(kind: MetricKind) -> Family {
     match kind {
@@ -453,6 +501,9 @@ impl Engine {
             user_key,
             series_key: key_from("guardrail-series"),
             z99: Normal::new(0.0, 1.0).unwrap().inverse_cdf(0.995),
+            exposure_event: cfg.guards.exposure_event.clone(),
+            message_event: cfg.guards.pressure.message_event.clone(),
+            unsubscribe_event: cfg.guards.pressure.unsubscribe_event.clone(),
         };
         let mut eng = Engine {
             cfg: cfg.clone(),
@@ -479,6 +530,22 @@ impl Engine {
             dirty: false,
             windows_since_view: 0,
             scheduled: Default::default(),
+            guards: Guards::default(),
+            sprawl: cfg.guards.sprawl.enabled.then(|| {
+                Sprawl::new(
+                    cfg.guards.sprawl.window_secs as i64 * 1000,
+                    cfg.guards.sprawl.max_variants_per_surface as usize,
+                )
+            }),
+            pressure: cfg.guards.pressure.enabled.then(|| {
+                Pressure::new(
+                    cfg.guards.pressure.max_messages_per_user_day,
+                    cfg.guards.pressure.min_users,
+                )
+            }),
+            auto_rollbacks: VecDeque::new(),
+            audit_log: VecDeque::new(),
+            vetoed: HashMap::new(),
         };
         for mi in 0..eng.schema.metrics.len() {
             if eng.schema.metrics[mi].cfg.include_total || eng.schema.metrics[mi].dims.is_empty() {
@@ -640,8 +707,49 @@ impl Engine {
             series,
             index,
             stats,
+            guards,
+            sprawl,
+            pressure,
             ..
         } = self;
+        let (sk, uk) = (sc.series_key, sc.user_key);
+        let keyed = |s: &str| {
+            let mut h = SipHasher13::new_with_keys(sk.0, sk.1);
+            h.write(s.as_bytes());
+            h.finish()
+        };
+        let user_of = |u: &str| {
+            let mut h = SipHasher13::new_with_keys(uk.0, uk.1);
+            h.write(u.as_bytes());
+            h.finish()
+        };
+        // The watch on the change this event is exposed to, and its arm.
+        let arm = match (&ev.change_id, &ev.arm) {
+            (Some(c), Some(a)) if !guards.open.is_empty() => {
+                guards.lookup(c).zip(crate::guard::arm_index(a))
+            }
+            _ => None,
+        };
+        if let Some((gi, a)) = arm {
+            if ev.ty.as_ref() == sc.exposure_event.as_str() {
+                guards.all[gi].exposure[a] += 1.0;
+            }
+        }
+        if let (Some(sp), Some(surface), Some(variant)) =
+            (sprawl.as_mut(), &ev.surface, &ev.variant)
+        {
+            sp.observe(keyed(surface), surface, keyed(variant), ev.ts_ms);
+        }
+        if let Some(p) = pressure.as_mut() {
+            let surface = ev.surface.as_deref().unwrap_or(MISSING_DIM);
+            if ev.ty.as_ref() == sc.message_event.as_str() {
+                if let Some(u) = &ev.user {
+                    p.message(keyed(surface), surface, user_of(u), ev.ts_ms);
+                }
+            } else if ev.ty.as_ref() == sc.unsubscribe_event.as_str() {
+                p.unsubscribe(keyed(surface), surface, ev.ts_ms);
+            }
+        }
         let Some(routes) = sc.routes.get(ev.ty.as_ref()) else {
             stats.unselected += 1;
             return;
@@ -690,11 +798,7 @@ impl Engine {
                 },
                 (MetricKind::Distinct, Role::Num) => match &ev.user {
                     Some(u) => {
-                        let h = *user_hash.get_or_insert_with(|| {
-                            let mut h = SipHasher13::new_with_keys(sc.user_key.0, sc.user_key.1);
-                            h.write(u.as_bytes());
-                            h.finish()
-                        });
+                        let h = *user_hash.get_or_insert_with(|| user_of(u));
                         (0.0, 0.0, 0.0, Some(h))
                     }
                     None => {
@@ -705,6 +809,12 @@ impl Engine {
                 (_, Role::Num) => (1.0, 0.0, 0.0, None),
                 (_, Role::Den) => (0.0, 1.0, 0.0, None),
             };
+            if let (Some((gi, a)), None) = (arm, user) {
+                let x = &mut guards.all[gi].metrics[r.metric].arms[a];
+                x.num += dn;
+                x.den += dd;
+                x.sumsq += dsq;
+            }
             let add = |s: &mut Series| {
                 let a = s.ring.slot(w);
                 a.num += dn;
@@ -986,6 +1096,11 @@ impl Engine {
         for (si, a, e) in alarms {
             self.open_incident(si, w, a, e);
         }
+        let end = (w + 1) * self.schema.window_ms;
+        self.close_guards(w);
+        self.check_sprawl(end);
+        self.check_pressure(end);
+        self.run_deadlines(end);
     }
 
     /// (num - expected) summed over windows [from, to] of a series' history.
@@ -1087,20 +1202,15 @@ impl Engine {
             (_, Side::Up) => "spike",
         };
         let surface = m.cfg.numerator.surface.clone();
-        let candidates = self.registry.candidates(
+        let mut candidates = self.registry.candidates(
             &s.dims,
             surface.as_deref(),
             onset_ms,
             wm,
             self.cfg.policy.candidate_lookback_secs as i64 * 1000,
         );
+        let comparison = self.weigh_candidates(&mut candidates, s.metric);
         let top_segments = self.top_segments(si, a.onset_window, w);
-        let top = candidates.first();
-        let change = top.and_then(|c| self.registry.get(&c.change_id));
-        let pending = top
-            .map(|c| self.pending_rollbacks.contains_key(&c.change_id))
-            .unwrap_or(false);
-        let decision = policy::decide(&self.cfg.policy, top, change, pending, detected_ms);
         let delay_events: f64 = (a.onset_window..=w)
             .filter_map(|x| s.hist_at(x, w))
             .map(|h| {
@@ -1111,15 +1221,23 @@ impl Engine {
                 }
             })
             .sum();
+        // Relative effect with a 95% interval, for "local gain, global loss".
+        let rel_half = 1.96 * sd / expected.abs().max(1e-12);
         let inc = Incident {
             id: id.clone(),
             metric: m.name().to_string(),
-            metric_idx: s.metric,
-            series_idx: si,
+            metric_idx: Some(s.metric),
+            series_idx: Some(si),
+            label: s.label.clone(),
             series: self.series_json(si),
             status: IncidentStatus::Firing,
             kind,
             severity: m.cfg.severity.as_str(),
+            owner: m.cfg.owner.clone(),
+            change_owner: None,
+            comparison,
+            evidence: None,
+            local_gain_global_loss: None,
             onset_ms,
             detected_ms,
             resolved_ms: None,
@@ -1134,77 +1252,36 @@ impl Engine {
             delay_events,
             candidates,
             top_segments,
-            decision: decision.clone(),
+            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
             rollback_id: None,
             trail: Vec::new(),
+            silenced_until_ms: None,
             recovery: Recovery::new(observed),
         };
-        let idx = self.incidents.len();
-        self.incidents.push(inc);
-        self.incident_ids.insert(id.clone(), idx);
+        let evidence = serde_json::json!({
+            "metric": inc.metric, "series": inc.series, "kind": inc.kind,
+            "observed": inc.observed, "expected": inc.expected,
+            "expected_low": inc.expected_low, "expected_high": inc.expected_high,
+            "effect": inc.effect, "effect_ci95": [round3(effect - rel_half), round3(effect + rel_half)],
+            "onset": fmt_time(onset_ms), "detected_at": fmt_time(detected_ms),
+            "delay_windows": inc.delay_windows, "delay_events": inc.delay_events,
+            "family": format!("{:?}", m.family).to_lowercase(),
+            "statistic_over_threshold": inc.score, "threshold": s.detector.h,
+            "dispersion": e.phi, "tuned_effect": a.tuned_effect,
+        });
+        let det_policy = serde_json::json!({
+            "detector": "cusum-bank",
+            "false_alarms_per_series_week": m.det.false_alarms_per_series_week,
+            "min_relative_effect": m.det.min_relative_effect,
+        });
+        let idx = self.raise(inc, evidence, det_policy, Some((effect, rel_half)));
         self.series[si].incident = Some(idx);
         self.series[si].detector.reset();
-        self.dirty = true;
-        self.stats.alerts_firing += 1;
-        *self
-            .stats
-            .decisions
-            .entry((
-                decision.action.as_str(),
-                decision.tier.map(Tier::as_str).unwrap_or("none"),
-            ))
-            .or_default() += 1;
-
-        let inc = &self.incidents[idx];
-        let owner = m.cfg.owner.clone();
-        self.audit(
-            Some(&id),
-            None,
-            "detection",
-            Actor::system("detector"),
-            serde_json::json!({
-                "metric": inc.metric, "series": inc.series, "kind": inc.kind,
-                "observed": inc.observed, "expected": inc.expected,
-                "expected_low": inc.expected_low, "expected_high": inc.expected_high,
-                "effect": inc.effect, "onset": fmt_time(onset_ms), "detected_at": fmt_time(detected_ms),
-                "delay_windows": inc.delay_windows, "delay_events": inc.delay_events,
-                "family": format!("{:?}", m.family).to_lowercase(),
-                "statistic_over_threshold": inc.score, "threshold": self.series[si].detector.h,
-                "dispersion": e.phi, "tuned_effect": a.tuned_effect,
-            }),
-            serde_json::json!({
-                "detector": "cusum-bank",
-                "false_alarms_per_series_week": m.det.false_alarms_per_series_week,
-                "min_relative_effect": m.det.min_relative_effect,
-            }),
-        );
-        let alert = self.alert_for(idx, owner);
-        self.outputs.push(Output::Alert(alert));
-        let inc = &self.incidents[idx];
-        let action = match decision.action {
-            DecisionAction::NeedsHumanDecision => "human_decision_requested",
-            _ => "policy_evaluation",
-        };
-        self.audit(
-            Some(&id),
-            decision.change_id.as_deref(),
-            action,
-            Actor::system("policy"),
-            serde_json::json!({
-                "decision": decision.action.as_str(), "reason": decision.reason,
-                "candidate_changes": inc.candidates, "top_segments": inc.top_segments,
-            }),
-            serde_json::json!({
-                "rule": decision.policy, "tier": decision.tier.map(Tier::as_str),
-                "shadow_mode": self.cfg.policy.shadow_mode,
-            }),
-        );
-        if decision.action == DecisionAction::RollbackRequested {
-            self.request_rollback(idx, detected_ms);
-        }
     }
 
-    fn request_rollback(&mut self, idx: usize, at_ms: i64) {
+    /// Produces the rollback request for an incident's decision (once per (incident, change)).
+    /// `decided_by` is the policy rule or the person who approved.
+    fn request_rollback(&mut self, idx: usize, at_ms: i64, decided_by: Actor) {
         let inc = &self.incidents[idx];
         let Some(change_id) = inc.decision.change_id.clone() else {
             return;
@@ -1215,6 +1292,30 @@ impl Engine {
         }
         let change = self.registry.get(&change_id);
         let tier = inc.decision.tier.unwrap_or(Tier::Autonomous);
+        let automatic = decided_by.kind == "policy";
+        let surfaces: Vec<String> = change
+            .map(|c| c.scope.surfaces.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vec!["*".to_string()]);
+        let mut metrics = vec![RollbackMetric {
+            metric: inc.metric.clone(),
+            observed: inc.observed,
+            expected: inc.expected,
+        }];
+        // Other firing incidents blamed on the same change go in the same request.
+        for o in &self.incidents {
+            if o.id != inc.id
+                && o.status == IncidentStatus::Firing
+                && o.decision.change_id.as_deref() == Some(change_id.as_str())
+                && !metrics.iter().any(|m| m.metric == o.metric)
+            {
+                metrics.push(RollbackMetric {
+                    metric: o.metric.clone(),
+                    observed: o.observed,
+                    expected: o.expected,
+                });
+            }
+        }
         let req = RollbackRequest {
             specversion: "1.0",
             ty: "io.guardrail.rollback.requested",
@@ -1230,7 +1331,7 @@ impl Engine {
                     "{} {} on {} ({}): observed {:.4} vs expected {:.4} ({:+.1}%) since {}; {}",
                     inc.metric,
                     inc.kind,
-                    self.series[inc.series_idx].label,
+                    inc.label,
                     inc.severity,
                     inc.observed,
                     inc.expected,
@@ -1238,54 +1339,54 @@ impl Engine {
                     fmt_time(inc.onset_ms),
                     inc.decision.reason
                 ),
-                metrics: vec![RollbackMetric {
-                    metric: inc.metric.clone(),
-                    observed: inc.observed,
-                    expected: inc.expected,
-                }],
-                decided_by: Actor {
-                    kind: "policy".into(),
-                    name: inc.decision.policy.into(),
-                },
+                metrics,
+                decided_by: decided_by.clone(),
                 rollback: change
                     .and_then(|c| c.rollback.clone())
                     .unwrap_or_else(|| serde_json::json!({})),
             },
         };
         let inc_id = inc.id.clone();
-        let policy_name = inc.decision.policy;
+        let policy_name = inc.decision.policy.clone();
         self.audit(
             Some(&inc_id),
             Some(&change_id),
             "rollback_requested",
-            Actor { kind: "policy".into(), name: policy_name.into() },
-            serde_json::json!({"rollback_request_id": rid, "event_time": fmt_time(at_ms), "reason": req.data.reason}),
+            decided_by,
+            serde_json::json!({"rollback_request_id": rid, "event_time": fmt_time(at_ms), "reason": req.data.reason,
+                "automatic": automatic}),
             serde_json::json!({"rule": policy_name, "tier": tier.as_str()}),
         );
         self.outputs.push(Output::Rollback(req));
+        let d = &mut self.incidents[idx].decision;
+        d.action = DecisionAction::RollbackRequested;
+        d.set_deadline(None);
         self.incidents[idx].rollback_id = Some(rid.clone());
         self.pending_rollbacks.insert(change_id, rid);
         self.stats.rollbacks_requested += 1;
+        if automatic {
+            self.auto_rollbacks.push_back((at_ms, surfaces));
+        }
+        self.dirty = true;
     }
 
-    fn alert_for(&self, idx: usize, owner: Option<String>) -> Alert {
+    fn alert_for(&self, idx: usize) -> Alert {
         let inc = &self.incidents[idx];
         let resolved = inc.status == IncidentStatus::Resolved;
-        let last = &self.series[inc.series_idx].last;
-        let (observed, expected, lo, hi) = if resolved {
-            (
+        let last = inc.series_idx.map(|si| &self.series[si].last);
+        let (observed, expected, lo, hi) = match (resolved, last) {
+            (true, Some(last)) => (
                 last.observed,
                 last.expected,
                 last.expected_low,
                 last.expected_high,
-            )
-        } else {
-            (
+            ),
+            _ => (
                 inc.observed,
                 inc.expected,
                 inc.expected_low,
                 inc.expected_high,
-            )
+            ),
         };
         Alert {
             incident_id: inc.id.clone(),
@@ -1307,7 +1408,12 @@ impl Engine {
             decision: Some(inc.decision.clone()),
             effect: inc.effect,
             score: inc.score,
-            owner,
+            owner: inc.owner.clone(),
+            change_owner: inc.change_owner.clone(),
+            escalated: inc.decision.escalated,
+            comparison: inc.comparison,
+            evidence: inc.evidence.clone(),
+            local_gain_global_loss: inc.local_gain_global_loss.clone(),
             resolved_at: inc.resolved_ms.map(fmt_time),
             resolution: inc.resolution.clone(),
         }
@@ -1318,31 +1424,56 @@ impl Engine {
             return;
         };
         let end = (w + 1) * self.schema.window_ms;
-        let inc = &mut self.incidents[idx];
-        inc.status = IncidentStatus::Resolved;
-        inc.resolved_ms = Some(end);
-        inc.resolution = Some(match how {
+        let onset = self.incidents[idx].onset_ms;
+        let text = match how {
             "recovered" => format!(
                 "recovered: the series is back to its baseline (likelihood ratio {}:1 against the shifted level)",
                 crate::detect::RECOVERY_ODDS as u64
             ),
             _ => format!(
                 "expired: still shifted after {}; the new level is accepted as normal and the baseline re-learns",
-                human_duration(end - inc.onset_ms)
+                human_duration(end - onset)
             ),
-        });
+        };
         if how == "expired" {
             self.series[si].baseline.relearn();
         }
         self.series[si].detector.reset();
         self.series[si].learn_from = w + 1;
+        self.resolve_incident(
+            idx,
+            end,
+            text,
+            serde_json::json!({"rule": "recovery-sequential-test", "odds": crate::detect::RECOVERY_ODDS}),
+        );
+    }
+
+    /// Marks an incident resolved at event time `end` and emits its resolved alert.
+    fn resolve_incident(
+        &mut self,
+        idx: usize,
+        end: i64,
+        resolution: String,
+        policy: serde_json::Value,
+    ) {
+        let inc = &mut self.incidents[idx];
+        if inc.status == IncidentStatus::Resolved {
+            return;
+        }
+        inc.status = IncidentStatus::Resolved;
+        inc.resolved_ms = Some(end);
+        inc.resolution = Some(resolution);
+        if inc.decision.deadline_ms.is_some() {
+            // A decision still open when the incident ends is moot: nothing is done at its
+            // deadline.
+            inc.decision.set_deadline(None);
+            inc.decision
+                .reason
+                .push_str("; the incident resolved before the deadline");
+        }
         self.dirty = true;
         self.stats.alerts_resolved += 1;
-        let owner = self.schema.metrics[self.series[si].metric]
-            .cfg
-            .owner
-            .clone();
-        let alert = self.alert_for(idx, owner);
+        let alert = self.alert_for(idx);
         let inc = &self.incidents[idx];
         let (id, res) = (inc.id.clone(), inc.resolution.clone());
         self.audit(
@@ -1352,7 +1483,7 @@ impl Engine {
             Actor::system("detector"),
             serde_json::json!({"resolution": res, "resolved_at": fmt_time(end),
                 "last_window": {"observed": finite(alert.observed), "expected": finite(alert.expected)}}),
-            serde_json::json!({"rule": "recovery-sequential-test", "odds": crate::detect::RECOVERY_ODDS}),
+            policy,
         );
         self.outputs.push(Output::Alert(alert));
     }
@@ -1366,7 +1497,7 @@ impl Engine {
         actor: Actor,
         evidence: serde_json::Value,
         policy: serde_json::Value,
-    ) {
+    ) -> String {
         self.audit_seq += 1;
         let audit_id = stable_id(
             "aud-",
@@ -1389,16 +1520,24 @@ impl Engine {
                 });
             }
         }
-        self.outputs.push(Output::Audit(AuditRecord {
-            audit_id,
+        let rec = AuditRecord {
+            audit_id: audit_id.clone(),
             at,
+            seq: self.audit_seq,
+            event_time: self.max_ts.map(fmt_time),
             incident_id: incident_id.map(String::from),
             change_id: change_id.map(String::from),
             action,
             actor,
             evidence,
             policy,
-        }));
+        };
+        if self.audit_log.len() >= AUDIT_LOG_MAX {
+            self.audit_log.pop_front();
+        }
+        self.audit_log.push_back(rec.clone());
+        self.outputs.push(Output::Audit(rec));
+        audit_id
     }
 
     /// Queues changes (from a file) to be applied in event-time order, each just before the
@@ -1424,6 +1563,7 @@ impl Engine {
         }] += 1;
         self.dirty = true;
         self.registry.apply(c);
+        self.change_guards_on(c);
         if c.action == ChangeAction::RolledBack {
             if let Some(rid) = self.pending_rollbacks.remove(&c.change_id) {
                 self.stats.rollbacks_confirmed += 1;
@@ -1479,7 +1619,7 @@ impl Engine {
                 let n = self
                     .incidents
                     .iter()
-                    .filter(|i| i.metric_idx == mi && i.status == IncidentStatus::Firing)
+                    .filter(|i| i.metric_idx == Some(mi) && i.status == IncidentStatus::Firing)
                     .count();
                 (m.name().to_string(), m.cfg.severity.as_str(), n)
             })

@@ -437,6 +437,10 @@ pub struct Change {
     pub description: Option<String>,
     #[serde(default)]
     pub rollback: Option<serde_json::Value>,
+    /// Extension: the metric this change is meant to improve (its "local gain"); otherwise
+    /// `policy.target_metrics` for its kind.
+    #[serde(default)]
+    pub target_metric: Option<String>,
 }
 
 fn de_time<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {

@@ -9,8 +9,13 @@
 //! - [`window`]    tumbling event-time windows per series, closed by the watermark.
 //! - [`baseline`]  seasonal, outlier-robust online baselines, frozen during incidents.
 //! - [`detect`]    calibrated sequential detectors (binomial, Poisson with exposure, Gaussian).
+//! - [`guard`]     watches on applied changes (treatment vs holdout, SRM), variation sprawl,
+//!   customer pressure; [`seqtest`] their always-valid sequential tests.
 //! - [`attribute`] the registry of changes in force and candidate ranking.
-//! - [`policy`]    decisions by tier; rollback requests for autonomous changes.
+//! - [`policy`]    decisions by tier: veto windows, escalation, circuit breaker, shadow mode.
+//! - [`control`]   approve / veto / acknowledge / silence: API commands applied by the engine.
+//! - [`audit`]     `guardrail audit --change ID`: one change's story from the audit topic.
+//! - [`auth`]      actors, roles and bearer tokens for the HTTP API.
 //! - [`engine`]    wires decode -> window -> baseline -> detect -> attribute -> policy; the
 //!   same engine runs live (Kafka) and over files (replay).
 //! - [`sink`]      contract outputs: alerts, signed rollback requests, audit, dead letters,
@@ -26,14 +31,19 @@
 pub mod alertmanager;
 pub mod api;
 pub mod attribute;
+pub mod audit;
+pub mod auth;
 pub mod baseline;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod detect;
 pub mod engine;
 pub mod event;
+pub mod guard;
 pub mod policy;
 pub mod replay;
+pub mod seqtest;
 pub mod service;
 pub mod sim;
 pub mod sink;

@@ -133,6 +133,29 @@ enum Cmd {
         #[arg(long, default_value_t = 42, env = "GUARDRAIL_TRAFFIC_SEED")]
         seed: u64,
     },
+    /// The whole story of one change: every audit record about it and the incidents blamed on
+    /// it (detection, decision, veto or approval, escalation, rollback, confirmation), in order.
+    /// Reads the audit topic of the configured cluster, or an audit.jsonl written by `replay`.
+    Audit {
+        /// The change id.
+        #[arg(long, env = "GUARDRAIL_AUDIT_CHANGE")]
+        change: String,
+        /// Config naming the cluster and the audit topic.
+        #[arg(long, short, env = "GUARDRAIL_CONFIG", conflicts_with = "file")]
+        config: Option<PathBuf>,
+        /// Kafka bootstrap servers (overrides the config's).
+        #[arg(long, env = "GUARDRAIL_AUDIT_BROKERS")]
+        brokers: Option<String>,
+        /// Audit topic (overrides the config's).
+        #[arg(long, env = "GUARDRAIL_AUDIT_TOPIC")]
+        topic: Option<String>,
+        /// Read this audit.jsonl (from `replay --out`) instead of Kafka.
+        #[arg(long, env = "GUARDRAIL_AUDIT_FILE")]
+        file: Option<PathBuf>,
+        /// Print the records as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -167,6 +190,52 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
+        Cmd::Audit {
+            change,
+            config,
+            brokers,
+            topic,
+            file,
+            json,
+        } => {
+            init_logging(cli.log_format, "warn");
+            let records = match file {
+                Some(f) => guardrail::audit::from_file(&f, &change)?,
+                None => {
+                    let mut kafka = match &config {
+                        Some(c) => Config::from_file(c)?.kafka,
+                        None => guardrail::config::KafkaConfig::default(),
+                    };
+                    if let Some(b) = brokers {
+                        kafka.bootstrap_servers = b;
+                    } else if config.is_none() {
+                        anyhow::bail!(
+                            "give --config FILE or --brokers HOST:PORT (or --file audit.jsonl)"
+                        );
+                    }
+                    if let Some(t) = topic {
+                        kafka.topics.audit = t;
+                    }
+                    guardrail::audit::from_kafka(
+                        &kafka,
+                        &change,
+                        std::time::Duration::from_secs(30),
+                    )?
+                }
+            };
+            if records.is_empty() {
+                eprintln!("no audit record mentions change {change}");
+                return Ok(ExitCode::from(1));
+            }
+            if json {
+                for r in &records {
+                    println!("{r}");
+                }
+            } else {
+                print!("{}", guardrail::audit::render(&change, &records));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::CheckConfig { file } => match Config::from_file(&file) {
             Ok(c) => {
                 println!(

@@ -1,8 +1,14 @@
 //! Policy: from an incident and its top candidate change to a decision, by tier.
 //!
-//! - `autonomous`: request the rollback at once (unless shadow mode), and report.
-//! - `supervised` and `human`: this version records that a human decision is needed, in the
-//!   alert and the audit trail; veto windows, approvals and escalation build on this.
+//! - `autonomous`: request the rollback at once, and report.
+//! - `supervised`: request it when the veto window ends, unless someone vetoes first (or
+//!   approves earlier).
+//! - `human`: never act alone; ask for a decision and escalate when nobody answers in time.
+//!
+//! What applies is found in order: the tier the change names, the first `[[policy.rules]]`
+//! matching (change kind, metric severity), `tiers` by kind, `default_tier`. Shadow mode
+//! (global or per rule) decides and audits but never acts. The circuit breaker (in the engine,
+//! which counts rollbacks) turns an automatic rollback into a human decision.
 //!
 //! A rollback is requested at most once per change while a request is pending: a second
 //! incident blamed on the same change is recorded against the pending request.
@@ -10,7 +16,8 @@
 use serde::Serialize;
 
 use crate::attribute::{Candidate, ChangeState};
-use crate::config::{PolicyConfig, Tier};
+use crate::config::{PolicyConfig, Severity, Tier};
+use crate::event::{fmt_time, Actor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -19,7 +26,9 @@ pub enum DecisionAction {
     RollbackRequested,
     /// A rollback for this change is already pending; nothing new is produced.
     RollbackAlreadyRequested,
-    /// The change's tier does not let guardrail act alone.
+    /// `supervised`: the rollback will be requested at `deadline` unless vetoed.
+    AwaitingVetoWindow,
+    /// `human` (or breaker open): waits for approve or veto.
     NeedsHumanDecision,
     /// Shadow mode: the rollback would have been requested.
     ShadowRollback,
@@ -27,27 +36,51 @@ pub enum DecisionAction {
     NoCandidate,
     /// The top candidate is no longer in force (already rolled back or superseded).
     ChangeNotInForce,
+    /// A person refused the rollback: the change stays.
+    Vetoed,
+    /// The circuit breaker is open: guardrail stopped acting and asks a human.
+    BreakerOpen,
+    /// Not a case for rollback (a broken split, sprawl, pressure): people investigate.
+    Investigate,
 }
 
 impl DecisionAction {
-    pub const ALL: [DecisionAction; 6] = [
+    pub const ALL: [DecisionAction; 10] = [
         DecisionAction::RollbackRequested,
         DecisionAction::RollbackAlreadyRequested,
+        DecisionAction::AwaitingVetoWindow,
         DecisionAction::NeedsHumanDecision,
         DecisionAction::ShadowRollback,
         DecisionAction::NoCandidate,
         DecisionAction::ChangeNotInForce,
+        DecisionAction::Vetoed,
+        DecisionAction::BreakerOpen,
+        DecisionAction::Investigate,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DecisionAction::RollbackRequested => "rollback_requested",
             DecisionAction::RollbackAlreadyRequested => "rollback_already_requested",
+            DecisionAction::AwaitingVetoWindow => "awaiting_veto_window",
             DecisionAction::NeedsHumanDecision => "needs_human_decision",
             DecisionAction::ShadowRollback => "shadow_rollback",
             DecisionAction::NoCandidate => "no_candidate",
             DecisionAction::ChangeNotInForce => "change_not_in_force",
+            DecisionAction::Vetoed => "vetoed",
+            DecisionAction::BreakerOpen => "breaker_open",
+            DecisionAction::Investigate => "investigate",
         }
+    }
+
+    /// Waiting on a person (or on a veto window): approve and veto make sense.
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            DecisionAction::AwaitingVetoWindow
+                | DecisionAction::NeedsHumanDecision
+                | DecisionAction::BreakerOpen
+        )
     }
 }
 
@@ -58,107 +91,188 @@ pub struct Decision {
     pub change_id: Option<String>,
     pub tier: Option<Tier>,
     /// The policy rule that applied (named so audits can cite it).
-    pub policy: &'static str,
+    pub policy: String,
     pub reason: String,
+    /// Shadow mode applied: guardrail decides and audits, never acts.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
+    /// Event time the veto window ends (`awaiting_veto_window`) or escalation is due
+    /// (`needs_human_decision`, `breaker_open`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    #[serde(skip)]
+    pub deadline_ms: Option<i64>,
+    /// The person who approved or vetoed, when a person decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<Actor>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged_by: Option<Actor>,
+    /// Nobody decided in time and the alert was re-sent with a higher severity.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub escalated: bool,
 }
 
-/// Decides for an incident detected at event time `at_ms`.
+impl Decision {
+    pub fn new(action: DecisionAction, policy: &str, reason: String) -> Decision {
+        Decision {
+            action,
+            change_id: None,
+            tier: None,
+            policy: policy.to_string(),
+            reason,
+            shadow: false,
+            deadline: None,
+            deadline_ms: None,
+            decided_by: None,
+            acknowledged_by: None,
+            escalated: false,
+        }
+    }
+
+    pub fn set_deadline(&mut self, at_ms: Option<i64>) {
+        self.deadline_ms = at_ms;
+        self.deadline = at_ms.map(fmt_time);
+    }
+}
+
+/// What governs a change hurting a metric of some severity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applicable {
+    pub tier: Tier,
+    pub tier_source: &'static str,
+    /// Rule cited in decisions.
+    pub rule: String,
+    pub shadow: bool,
+    pub veto_window_ms: i64,
+    pub escalate_after_ms: i64,
+}
+
+pub fn applicable(policy: &PolicyConfig, change: &ChangeState, severity: Severity) -> Applicable {
+    let rule = policy.rules.iter().enumerate().find(|(_, r)| {
+        r.change_kind
+            .as_ref()
+            .map(|k| change.kind.as_ref() == Some(k))
+            .unwrap_or(true)
+            && r.metric_severity.map(|s| s == severity).unwrap_or(true)
+    });
+    let (tier, tier_source) = if let Some(t) = change.tier {
+        (t, "named by the change")
+    } else if let Some(t) = rule.and_then(|(_, r)| r.tier) {
+        (t, "policy rule")
+    } else if let Some(t) = change.kind.as_ref().and_then(|k| policy.tiers.get(k)) {
+        (*t, "policy for its kind")
+    } else {
+        (policy.default_tier, "default tier")
+    };
+    let rule_name = match rule {
+        Some((i, r)) => r.name.clone().unwrap_or_else(|| format!("rule-{}", i + 1)),
+        None => match tier {
+            Tier::Autonomous => "autonomous-immediate".into(),
+            Tier::Supervised => "supervised-veto-window".into(),
+            Tier::Human => "human-decides".into(),
+        },
+    };
+    let secs = |o: Option<u64>, d: u64| o.unwrap_or(d) as i64 * 1000;
+    Applicable {
+        tier,
+        tier_source,
+        rule: rule_name,
+        shadow: policy.shadow_mode || rule.and_then(|(_, r)| r.shadow_mode).unwrap_or(false),
+        veto_window_ms: secs(
+            rule.and_then(|(_, r)| r.veto_window_secs),
+            policy.veto_window_secs,
+        ),
+        escalate_after_ms: secs(
+            rule.and_then(|(_, r)| r.escalate_after_secs),
+            policy.escalate_after_secs,
+        ),
+    }
+}
+
+/// Decides for an incident on a metric of `severity` detected at event time `at_ms`.
 pub fn decide(
     policy: &PolicyConfig,
     top: Option<&Candidate>,
     change: Option<&ChangeState>,
     pending_rollback: bool,
     at_ms: i64,
+    severity: Severity,
 ) -> Decision {
     let (Some(top), Some(change)) = (top, change) else {
-        return Decision {
-            action: DecisionAction::NoCandidate,
-            change_id: None,
-            tier: None,
-            policy: "no-candidate",
-            reason: "no change in force covers this series before the onset; investigate".into(),
-        };
+        return Decision::new(
+            DecisionAction::NoCandidate,
+            "no-candidate",
+            "no change in force covers this series before the onset; investigate".into(),
+        );
     };
-    let tier = change.effective_tier(policy);
-    let tier_source = if change.tier.is_some() {
-        "named by the change"
-    } else if change
-        .kind
-        .as_ref()
-        .map(|k| policy.tiers.contains_key(k))
-        .unwrap_or(false)
-    {
-        "policy for its kind"
-    } else {
-        "default tier"
+    let ap = applicable(policy, change, severity);
+    let mk = |action, reason: String| {
+        let mut d = Decision::new(action, &ap.rule, reason);
+        d.change_id = Some(top.change_id.clone());
+        d.tier = Some(ap.tier);
+        d.shadow = ap.shadow;
+        d
     };
-    let mk = |action, policy_name: &'static str, reason: String| Decision {
-        action,
-        change_id: Some(top.change_id.clone()),
-        tier: Some(tier),
-        policy: policy_name,
-        reason,
-    };
+    let id = &top.change_id;
+    let src = ap.tier_source;
     if !change.in_force_at(at_ms) {
         return mk(
             DecisionAction::ChangeNotInForce,
-            "not-in-force",
-            format!(
-                "{} is no longer in force; nothing to roll back",
-                top.change_id
-            ),
+            format!("{id} is no longer in force; nothing to roll back"),
         );
     }
-    match tier {
-        Tier::Autonomous => {
-            if pending_rollback {
-                mk(
-                    DecisionAction::RollbackAlreadyRequested,
-                    "autonomous-immediate",
-                    format!(
-                        "rollback of {} already requested and pending",
-                        top.change_id
-                    ),
-                )
-            } else if policy.shadow_mode {
-                mk(
-                    DecisionAction::ShadowRollback,
-                    "shadow-mode",
-                    format!(
-                        "tier autonomous ({tier_source}): would request rollback of {}, shadow mode is on",
-                        top.change_id
-                    ),
-                )
-            } else {
-                mk(
-                    DecisionAction::RollbackRequested,
-                    "autonomous-immediate",
-                    format!(
-                        "tier autonomous ({tier_source}): bounded impact, rollback of {} requested at once (candidate score {:.2})",
-                        top.change_id, top.score
-                    ),
-                )
-            }
-        }
-        Tier::Supervised | Tier::Human => mk(
-            DecisionAction::NeedsHumanDecision,
-            if tier == Tier::Human {
-                "human-decides"
-            } else {
-                "supervised-needs-human"
-            },
+    if pending_rollback {
+        return mk(
+            DecisionAction::RollbackAlreadyRequested,
+            format!("rollback of {id} already requested and pending"),
+        );
+    }
+    let shadow_note = if ap.shadow {
+        " (shadow mode: decide and audit, never act)"
+    } else {
+        ""
+    };
+    match ap.tier {
+        Tier::Autonomous if ap.shadow => mk(
+            DecisionAction::ShadowRollback,
+            format!("tier autonomous ({src}): would request rollback of {id}{shadow_note}"),
+        ),
+        Tier::Autonomous => mk(
+            DecisionAction::RollbackRequested,
             format!(
-                "tier {} ({tier_source}): guardrail does not act alone on {}; needs human decision",
-                tier.as_str(),
-                top.change_id
+                "tier autonomous ({src}): bounded impact, rollback of {id} requested at once (candidate score {:.2})",
+                top.score
             ),
         ),
+        Tier::Supervised => {
+            let mut d = mk(
+                DecisionAction::AwaitingVetoWindow,
+                format!(
+                    "tier supervised ({src}): rollback of {id} at {} unless vetoed{shadow_note}",
+                    fmt_time(at_ms + ap.veto_window_ms)
+                ),
+            );
+            d.set_deadline(Some(at_ms + ap.veto_window_ms));
+            d
+        }
+        Tier::Human => {
+            let mut d = mk(
+                DecisionAction::NeedsHumanDecision,
+                format!(
+                    "tier human ({src}): guardrail does not act alone on {id}; approve or veto (escalates at {}){shadow_note}",
+                    fmt_time(at_ms + ap.escalate_after_ms)
+                ),
+            );
+            d.set_deadline(Some(at_ms + ap.escalate_after_ms));
+            d
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PolicyRule;
     use crate::event::{Actor, Scope};
 
     fn change(tier: Option<Tier>, kind: Option<&str>) -> ChangeState {
@@ -176,6 +290,7 @@ mod tests {
             description: None,
             rollback: None,
             rolled_back_by: None,
+            target_metric: None,
         }
     }
 
@@ -187,55 +302,86 @@ mod tests {
         }
     }
 
+    fn d(p: &PolicyConfig, ch: &ChangeState, pending: bool, sev: Severity) -> Decision {
+        decide(p, Some(&cand()), Some(ch), pending, 10, sev)
+    }
+
     #[test]
     fn tiers() {
         let mut p = PolicyConfig::default();
-        let c = cand();
-        let d = decide(
-            &p,
-            Some(&c),
-            Some(&change(Some(Tier::Autonomous), None)),
-            false,
-            10,
+        let crit = Severity::Critical;
+        let auto = change(Some(Tier::Autonomous), None);
+        assert_eq!(
+            d(&p, &auto, false, crit).action,
+            DecisionAction::RollbackRequested
         );
-        assert_eq!(d.action, DecisionAction::RollbackRequested);
-        let d = decide(
-            &p,
-            Some(&c),
-            Some(&change(Some(Tier::Autonomous), None)),
-            true,
-            10,
+        assert_eq!(
+            d(&p, &auto, true, crit).action,
+            DecisionAction::RollbackAlreadyRequested
         );
-        assert_eq!(d.action, DecisionAction::RollbackAlreadyRequested);
-        let d = decide(
-            &p,
-            Some(&c),
-            Some(&change(None, Some("wording"))),
-            false,
-            10,
-        );
-        assert_eq!(d.action, DecisionAction::NeedsHumanDecision);
-        assert_eq!(d.tier, Some(Tier::Human));
+        let wording = change(None, Some("wording"));
+        let x = d(&p, &wording, false, crit);
+        assert_eq!(x.action, DecisionAction::NeedsHumanDecision);
+        assert_eq!(x.tier, Some(Tier::Human));
+        assert_eq!(x.deadline_ms, Some(10 + 30 * 60 * 1000));
+        p.tiers.insert("wording".into(), Tier::Supervised);
+        let x = d(&p, &wording, false, crit);
+        assert_eq!(x.action, DecisionAction::AwaitingVetoWindow);
+        assert_eq!(x.deadline_ms, Some(10 + 15 * 60 * 1000));
+        assert!(x.reason.contains("policy for its kind"), "{}", x.reason);
         p.tiers.insert("wording".into(), Tier::Autonomous);
-        let d = decide(
-            &p,
-            Some(&c),
-            Some(&change(None, Some("wording"))),
-            false,
-            10,
+        assert_eq!(
+            d(&p, &wording, false, crit).action,
+            DecisionAction::RollbackRequested
         );
-        assert_eq!(d.action, DecisionAction::RollbackRequested);
-        assert!(d.reason.contains("policy for its kind"));
         p.shadow_mode = true;
-        let d = decide(
-            &p,
-            Some(&c),
-            Some(&change(None, Some("wording"))),
-            false,
-            10,
+        let x = d(&p, &wording, false, crit);
+        assert_eq!(x.action, DecisionAction::ShadowRollback);
+        assert!(x.shadow);
+        assert_eq!(
+            decide(&p, None, None, false, 10, crit).action,
+            DecisionAction::NoCandidate
         );
-        assert_eq!(d.action, DecisionAction::ShadowRollback);
-        let d = decide(&p, None, None, false, 10);
-        assert_eq!(d.action, DecisionAction::NoCandidate);
+    }
+
+    #[test]
+    fn rules_match_kind_and_severity_in_order() {
+        let mut p = PolicyConfig::default();
+        p.tiers.insert("wording".into(), Tier::Autonomous);
+        p.rules = vec![
+            PolicyRule {
+                name: Some("wording-critical".into()),
+                change_kind: Some("wording".into()),
+                metric_severity: Some(Severity::Critical),
+                tier: Some(Tier::Supervised),
+                veto_window_secs: Some(60),
+                ..Default::default()
+            },
+            PolicyRule {
+                name: Some("trial-offers".into()),
+                change_kind: Some("offer".into()),
+                shadow_mode: Some(true),
+                ..Default::default()
+            },
+        ];
+        let wording = change(None, Some("wording"));
+        let x = d(&p, &wording, false, Severity::Critical);
+        assert_eq!(x.action, DecisionAction::AwaitingVetoWindow);
+        assert_eq!(x.policy, "wording-critical");
+        assert_eq!(x.deadline_ms, Some(10 + 60_000));
+        // Warning severity: the rule does not match; `tiers` decides.
+        let x = d(&p, &wording, false, Severity::Warning);
+        assert_eq!(x.action, DecisionAction::RollbackRequested);
+        assert_eq!(x.policy, "autonomous-immediate");
+        // Per-rule shadow mode, with the change's own tier.
+        let offer = change(Some(Tier::Autonomous), Some("offer"));
+        let x = d(&p, &offer, false, Severity::Critical);
+        assert_eq!(x.action, DecisionAction::ShadowRollback);
+        assert_eq!(x.policy, "trial-offers");
+        // The change names its tier: it wins over the rule's tier.
+        let named = change(Some(Tier::Human), Some("wording"));
+        let x = d(&p, &named, false, Severity::Critical);
+        assert_eq!(x.action, DecisionAction::NeedsHumanDecision);
+        assert!(x.reason.contains("named by the change"));
     }
 }

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState, Snapshot};
 use crate::config::Config;
+use crate::control::Command;
 use crate::engine::{Engine, EngineError};
 use crate::event::now_ms;
 use crate::sink::{dead_letter, Encoded, KafkaSink, Output, Signer};
@@ -35,6 +36,8 @@ pub enum ServiceError {
     Http(#[from] std::io::Error),
     #[error("alertmanager: {0}")]
     Alertmanager(#[from] crate::alertmanager::Error),
+    #[error("API actors: {0}")]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// What a run did, for callers that stop it (tests, the demo).
@@ -68,6 +71,13 @@ pub async fn run(
 ) -> Result<RunReport, ServiceError> {
     let signer = signer(&cfg)?;
     let mut engine = Engine::new(&cfg)?;
+    let auth = Arc::new(crate::auth::Auth::from_config(&cfg.roles, &cfg.actors)?);
+    if auth.is_empty() {
+        tracing::warn!("no [[actors]] configured: the HTTP API is read-only and unauthenticated; approve, veto, acknowledge and silence are refused");
+    }
+    // Control calls from the API, applied by this task between messages.
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Command>(64);
+    state.install(auth, ctl_tx);
     let telemetry = state.telemetry.clone();
     let alertmanager = crate::alertmanager::spawn(&cfg, telemetry.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -123,8 +133,27 @@ pub async fn run(
         let msg = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
-            m = consumer.recv() => Some(m),
-            _ = tokio::time::sleep(FLUSH_EVERY), if !batch.is_empty() => None,
+            Some(cmd) = ctl_rx.recv() => Err(cmd),
+            m = consumer.recv() => Ok(Some(m)),
+            _ = tokio::time::sleep(FLUSH_EVERY), if !batch.is_empty() => Ok(None),
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(Command::Decide { call, reply }) => {
+                let r = engine.control(&call);
+                // Deliver the audit record (and any rollback) before answering, so a caller
+                // that sees 200 finds them on the topics.
+                if engine.has_outputs() {
+                    flusher.flush(&mut engine, &mut batch, &mut stop).await;
+                    last_flush = Instant::now();
+                }
+                let _ = reply.send(r);
+                continue;
+            }
+            Err(Command::ChangeAudit { change_id, reply }) => {
+                let _ = reply.send(engine.change_audit(&change_id));
+                continue;
+            }
         };
         while let Ok(mv) = mv_rx.try_recv() {
             match mv {

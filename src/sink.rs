@@ -52,7 +52,23 @@ pub struct Alert {
     pub effect: f64,
     /// Detection statistic over its threshold at detection (>= 1).
     pub score: f64,
+    /// Owner of the metric (routing).
     pub owner: Option<String>,
+    /// Owner of the top candidate change (routing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_owner: Option<String>,
+    /// Nobody decided in time: re-sent with a higher severity.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub escalated: bool,
+    /// `treatment_vs_holdout` or `observational`, when a change is blamed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<&'static str>,
+    /// The main evidence in one line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<String>,
+    /// The change's target metric improved while this guardrail metric worsened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_gain_global_loss: Option<serde_json::Value>,
     /// Event time the incident resolved (resolved alerts only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolved_at: Option<String>,
@@ -96,6 +112,11 @@ pub struct RollbackRequest {
 pub struct AuditRecord {
     pub audit_id: String,
     pub at: String,
+    /// Extension: order of records from one instance (`at` has millisecond resolution).
+    pub seq: u64,
+    /// Extension: the engine's latest event time when the record was written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub incident_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

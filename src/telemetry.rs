@@ -47,9 +47,166 @@ pub struct Telemetry {
     series_low: GaugeVec,
     series_high: GaugeVec,
     series_score: GaugeVec,
+    gov: Governance,
     exported: Mutex<HashSet<(String, String)>>,
     prev: Mutex<EngineStats>,
     errors_logged: Mutex<HashMap<&'static str, Instant>>,
+}
+
+/// Governance: incidents by kind, people's calls, escalations, the circuit breaker, guards.
+struct Governance {
+    incidents: IntCounterVec,
+    human_calls: IntCounterVec,
+    time_to_decision: Histogram,
+    escalations: IntCounter,
+    breaker_trips: IntCounter,
+    breaker_open: IntGauge,
+    pending: IntGaugeVec,
+    guards_open: IntGauge,
+    guard_verdicts: IntCounterVec,
+}
+
+impl Governance {
+    fn new(r: &Registry) -> Governance {
+        let incidents = counter_vec(
+            r,
+            "guardrail_incidents_total",
+            "Incidents opened, by kind (drop, spike, shift, srm, guardrail_breach, fragmentation, pressure, ...).",
+            &["kind"],
+        );
+        for k in [
+            "drop",
+            "spike",
+            "shift",
+            "drift",
+            "data_quality",
+            "srm",
+            "fragmentation",
+            "pressure",
+            "guardrail_breach",
+        ] {
+            incidents.with_label_values(&[k]);
+        }
+        let human_calls = counter_vec(
+            r,
+            "guardrail_human_decisions_total",
+            "Calls by people on incidents' decisions, by verb (approve, veto, acknowledge, silence).",
+            &["verb"],
+        );
+        for v in crate::control::Verb::ALL {
+            human_calls.with_label_values(&[v.as_str()]);
+        }
+        let time_to_decision = Histogram::with_opts(
+            HistogramOpts::new(
+                "guardrail_time_to_human_decision_seconds",
+                "Event time from detection to a person's approve or veto.",
+            )
+            .buckets(vec![
+                60.0,
+                300.0,
+                900.0,
+                1800.0,
+                3600.0,
+                4.0 * 3600.0,
+                12.0 * 3600.0,
+                86400.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(time_to_decision.clone()))
+            .expect("unique metric");
+        let pending = IntGaugeVec::new(
+            Opts::new(
+                "guardrail_decisions_pending",
+                "Firing incidents whose decision waits on a person or a veto window, by tier.",
+            ),
+            &["tier"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(pending.clone()))
+            .expect("unique metric");
+        for t in ["human", "supervised", "autonomous"] {
+            pending.with_label_values(&[t]);
+        }
+        let breaker_open = IntGauge::new(
+            "guardrail_circuit_breaker_open",
+            "1 while the circuit breaker stops automatic rollbacks (a limit per hour is reached).",
+        )
+        .expect("valid metric");
+        r.register(Box::new(breaker_open.clone()))
+            .expect("unique metric");
+        let guards_open = IntGauge::new(
+            "guardrail_guards_open",
+            "Changes under watch (guard window open).",
+        )
+        .expect("valid metric");
+        r.register(Box::new(guards_open.clone()))
+            .expect("unique metric");
+        let guard_verdicts = counter_vec(
+            r,
+            "guardrail_guard_verdicts_total",
+            "Closed change watches, by verdict.",
+            &["verdict"],
+        );
+        for v in ["passed", "breached", "untrustworthy_split"] {
+            guard_verdicts.with_label_values(&[v]);
+        }
+        Governance {
+            incidents,
+            human_calls,
+            time_to_decision,
+            escalations: counter(
+                r,
+                "guardrail_escalations_total",
+                "Decisions nobody took in time, re-sent with a higher severity.",
+            ),
+            breaker_trips: counter(
+                r,
+                "guardrail_circuit_breaker_trips_total",
+                "Automatic rollbacks the circuit breaker turned into human decisions.",
+            ),
+            breaker_open,
+            pending,
+            guards_open,
+            guard_verdicts,
+        }
+    }
+
+    fn absorb(&self, eng: &mut Engine, prev: &EngineStats) {
+        let s = &eng.stats;
+        let delta = |v: &IntCounterVec,
+                     cur: &HashMap<&'static str, u64>,
+                     old: &HashMap<&'static str, u64>| {
+            for (k, n) in cur {
+                let d = n - old.get(k).copied().unwrap_or(0);
+                if d > 0 {
+                    v.with_label_values(&[k]).inc_by(d);
+                }
+            }
+        };
+        delta(
+            &self.incidents,
+            &s.incidents_by_kind,
+            &prev.incidents_by_kind,
+        );
+        delta(&self.human_calls, &s.human_calls, &prev.human_calls);
+        delta(
+            &self.guard_verdicts,
+            &s.guard_verdicts,
+            &prev.guard_verdicts,
+        );
+        self.escalations.inc_by(s.escalations - prev.escalations);
+        self.breaker_trips
+            .inc_by(s.breaker_trips - prev.breaker_trips);
+        for x in eng.stats.human_decision_secs.drain(..) {
+            self.time_to_decision.observe(x);
+        }
+        self.breaker_open.set(eng.breaker_open() as i64);
+        for (t, n) in eng.pending_decisions() {
+            self.pending.with_label_values(&[t.as_str()]).set(n as i64);
+        }
+        self.guards_open.set(eng.guards.open_count() as i64);
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -244,6 +401,7 @@ impl Telemetry {
                 "Detection statistic over its threshold (1 = alarm; 1 while in an incident).",
                 &sl,
             ),
+            gov: Governance::new(&r),
             exported: Mutex::new(HashSet::new()),
             prev: Mutex::new(EngineStats::default()),
             errors_logged: Mutex::new(HashMap::new()),
@@ -296,7 +454,8 @@ impl Telemetry {
                 self.decisions.with_label_values(&[k.0, k.1]).inc_by(d);
             }
         }
-        *prev = s.clone();
+        self.gov.absorb(eng, &prev);
+        *prev = eng.stats.clone();
         drop(prev);
         if let Some(t) = eng.max_event_time_ms() {
             self.watermark

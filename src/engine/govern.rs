@@ -1,0 +1,1309 @@
+//! The engine's governance half: raising incidents and deciding on them, decision deadlines
+//! (veto windows, escalation), the circuit breaker, human calls from the API, change guards
+//! (treatment vs holdout, SRM, observational), variation sprawl and customer pressure.
+//!
+//! Every step writes an audit record; decisions run on the engine's event-time clock, which in
+//! live operation trails wall time by the allowed lateness, so replays decide the same way.
+
+use serde_json::json;
+
+use super::*;
+use crate::control::{ControlError, DecisionCall, Outcome, Verb};
+use crate::guard::{ChangeGuard, PressureFinding, SprawlFinding, HOLDOUT, TREATMENT};
+use crate::seqtest::{self, ArmStats, MsprtConfig};
+
+/// Events per arm before treatment and holdout are compared (the test is valid earlier, but
+/// the variance estimates of tiny samples are not worth a page).
+pub const MIN_ARM_VOLUME: f64 = 200.0;
+const HOUR_MS: i64 = 3_600_000;
+
+fn human(name: &str, role: &str) -> Actor {
+    Actor {
+        kind: "human".into(),
+        name: format!("{name} ({role})"),
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:+.1}%", x * 100.0)
+}
+
+impl Engine {
+    /// Event time "now" for decisions: the latest event seen.
+    fn clock_ms(&self) -> i64 {
+        self.max_ts.unwrap_or(0)
+    }
+
+    /// Adds treatment/holdout (or observational) evidence to candidates of an incident on
+    /// `metric`, re-ranks them, and says which comparison backs the top one.
+    pub(super) fn weigh_candidates(
+        &self,
+        cands: &mut [Candidate],
+        metric: usize,
+    ) -> Option<&'static str> {
+        for c in cands.iter_mut() {
+            let Some(g) = self.latest_guard(&c.change_id) else {
+                continue;
+            };
+            let w = &g.metrics[metric];
+            if let Some(cmp) = w.comparison.as_ref().filter(|_| !g.srm_flagged) {
+                if cmp.harmful {
+                    c.score = round3(1.0 - (1.0 - c.score) * 0.25);
+                } else if cmp.rel_ci_low > -0.02 && cmp.rel_ci_high < 0.02 {
+                    // The holdout rules out any effect worth a page: a weak suspect.
+                    c.score = round3(c.score * 0.5);
+                }
+                c.evidence
+                    .push_str(&format!("; treatment vs holdout: {}", cmp.evidence()));
+            } else if g.srm_flagged {
+                c.evidence.push_str(
+                    "; treatment/holdout split is broken (sample-ratio mismatch): no causal evidence",
+                );
+            } else if let Some((rel, lo, hi)) = w.observational.effect() {
+                c.evidence.push_str(&format!(
+                    "; observational (no holdout): post-change {} vs the seasonal forecast (95% CI {}..{})",
+                    pct(rel),
+                    pct(lo),
+                    pct(hi)
+                ));
+            }
+        }
+        cands.sort_by(|a, b| {
+            b.score
+                .partial_cmp(&a.score)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| a.change_id.cmp(&b.change_id))
+        });
+        let top = cands.first()?;
+        let g = self.latest_guard(&top.change_id)?;
+        Some(
+            if g.metrics[metric].comparison.is_some() && !g.srm_flagged {
+                "treatment_vs_holdout"
+            } else {
+                "observational"
+            },
+        )
+    }
+
+    /// The most recent watch on a change (open or closed).
+    fn latest_guard(&self, change_id: &str) -> Option<&ChangeGuard> {
+        if let Some(i) = self.guards.lookup(change_id) {
+            return Some(&self.guards.all[i]);
+        }
+        self.guards
+            .all
+            .iter()
+            .rev()
+            .find(|g| g.change_id == change_id)
+    }
+
+    /// "Local gain, global loss": the change's target metric improved (interval clear of zero)
+    /// while `metric` worsened by `effect` (relative, with its 95% half-width).
+    fn local_gain(
+        &self,
+        change_id: &str,
+        metric: usize,
+        effect: (f64, f64),
+    ) -> Option<serde_json::Value> {
+        let ch = self.registry.get(change_id)?;
+        let target = ch.target_metric.clone().or_else(|| {
+            ch.kind
+                .as_ref()
+                .and_then(|k| self.cfg.policy.target_metrics.get(k).cloned())
+        })?;
+        let ti = self
+            .schema
+            .metrics
+            .iter()
+            .position(|m| m.name() == target)?;
+        if ti == metric {
+            return None;
+        }
+        let g = self.latest_guard(change_id)?;
+        let w = &g.metrics[ti];
+        let (rel, lo, hi, how) = match w.comparison.as_ref().filter(|_| !g.srm_flagged) {
+            Some(c) => (
+                c.relative,
+                c.rel_ci_low,
+                c.rel_ci_high,
+                "treatment_vs_holdout",
+            ),
+            None => {
+                let (r, l, h) = w.observational.effect()?;
+                (r, l, h, "observational")
+            }
+        };
+        let improved = match self.schema.metrics[ti].cfg.direction {
+            Direction::Drop => lo > 0.0,
+            Direction::Spike => hi < 0.0,
+            Direction::Both => false,
+        };
+        if !improved {
+            return None;
+        }
+        let gm = self.schema.metrics[metric].name();
+        Some(json!({
+            "target": {"metric": target, "effect": round3(rel), "ci95": [round3(lo), round3(hi)], "comparison": how},
+            "guardrail": {"metric": gm, "effect": round3(effect.0),
+                "ci95": [round3(effect.0 - effect.1), round3(effect.0 + effect.1)]},
+            "summary": format!(
+                "local gain, global loss: {target} {} ({}..{}, {how}) while {gm} {} ({}..{})",
+                pct(rel), pct(lo), pct(hi), pct(effect.0), pct(effect.0 - effect.1), pct(effect.0 + effect.1)
+            ),
+        }))
+    }
+
+    /// Registers a new incident: audit of the detection, the firing alert, the policy decision
+    /// and what it leads to. `effect` is the relative effect and its 95% half-width, for
+    /// "local gain, global loss". Returns the incident's index.
+    pub(super) fn raise(
+        &mut self,
+        mut inc: Incident,
+        evidence: serde_json::Value,
+        det_policy: serde_json::Value,
+        effect: Option<(f64, f64)>,
+    ) -> usize {
+        let at = inc.detected_ms;
+        let top = inc.candidates.first().cloned();
+        let change = top.as_ref().and_then(|c| self.registry.get(&c.change_id));
+        inc.change_owner = change.and_then(|c| c.owner.clone());
+        if matches!(inc.kind, "srm" | "fragmentation" | "pressure") {
+            let mut d = Decision::new(
+                DecisionAction::Investigate,
+                "investigate",
+                match inc.kind {
+                    "srm" => "the exposure split is broken: treatment/holdout comparisons of this change are not trustworthy and are suspended; check assignment, logging and bot filtering".into(),
+                    "fragmentation" => "too many variants live on this surface: decide which to stop; guardrail does not roll back on sprawl".into(),
+                    _ => "customers receive more messages than the cap: review send frequency; guardrail does not roll back on pressure".into(),
+                },
+            );
+            d.change_id = top.as_ref().map(|c| c.change_id.clone());
+            inc.decision = d;
+        } else {
+            let pending = top
+                .as_ref()
+                .map(|c| self.pending_rollbacks.contains_key(&c.change_id))
+                .unwrap_or(false);
+            let sev = self
+                .schema
+                .metrics
+                .get(inc.metric_idx.unwrap_or(usize::MAX))
+                .map(|m| m.cfg.severity)
+                .unwrap_or(crate::config::Severity::Warning);
+            inc.decision = policy::decide(&self.cfg.policy, top.as_ref(), change, pending, at, sev);
+            let vetoed = inc
+                .decision
+                .change_id
+                .as_ref()
+                .and_then(|c| self.vetoed.get(c));
+            if let (Some(why), true) = (
+                vetoed,
+                inc.decision.action.is_open()
+                    || inc.decision.action == DecisionAction::RollbackRequested,
+            ) {
+                inc.decision.action = DecisionAction::Vetoed;
+                inc.decision.set_deadline(None);
+                inc.decision.reason =
+                    format!("{why}; this incident is recorded against the veto, not acted on");
+            }
+        }
+        if let (Some(t), Some(mi), Some(e)) = (&top, inc.metric_idx, effect) {
+            inc.local_gain_global_loss = self.local_gain(&t.change_id, mi, e);
+        }
+        let id = inc.id.clone();
+        let suspect = inc.decision.change_id.clone();
+        let idx = self.incidents.len();
+        self.incidents.push(inc);
+        self.incident_ids.insert(id.clone(), idx);
+        self.dirty = true;
+        self.stats.alerts_firing += 1;
+        *self
+            .stats
+            .incidents_by_kind
+            .entry(self.incidents[idx].kind)
+            .or_default() += 1;
+        let mut evidence = evidence;
+        if let (Some(lg), Some(o)) = (
+            &self.incidents[idx].local_gain_global_loss,
+            evidence.as_object_mut(),
+        ) {
+            o.insert("local_gain_global_loss".into(), lg.clone());
+        }
+        self.audit(
+            Some(&id),
+            suspect.as_deref(),
+            "detection",
+            Actor::system("detector"),
+            evidence,
+            det_policy,
+        );
+        let alert = self.alert_for(idx);
+        self.outputs.push(Output::Alert(alert));
+        self.after_decision(idx, at, true);
+        idx
+    }
+
+    /// Audits a fresh decision and carries out what it says now (a rollback, or the breaker).
+    fn after_decision(&mut self, idx: usize, at: i64, count: bool) {
+        let d = self.incidents[idx].decision.clone();
+        if count {
+            *self
+                .stats
+                .decisions
+                .entry((
+                    d.action.as_str(),
+                    d.tier.map(Tier::as_str).unwrap_or("none"),
+                ))
+                .or_default() += 1;
+        }
+        let inc = &self.incidents[idx];
+        let action = match d.action {
+            DecisionAction::NeedsHumanDecision | DecisionAction::AwaitingVetoWindow => {
+                "human_decision_requested"
+            }
+            _ => "policy_evaluation",
+        };
+        let (id, cands, segs) = (
+            inc.id.clone(),
+            inc.candidates.clone(),
+            inc.top_segments.clone(),
+        );
+        self.audit(
+            Some(&id),
+            d.change_id.as_deref(),
+            action,
+            Actor::system("policy"),
+            json!({
+                "decision": d.action.as_str(), "reason": d.reason, "deadline": d.deadline,
+                "candidate_changes": cands, "top_segments": segs,
+            }),
+            json!({
+                "rule": d.policy, "tier": d.tier.map(Tier::as_str), "shadow_mode": d.shadow,
+            }),
+        );
+        if d.action == DecisionAction::RollbackRequested {
+            self.act_automatically(idx, at);
+        }
+    }
+
+    /// An automatic rollback, unless the circuit breaker is open: then guardrail stops, asks a
+    /// human and says why.
+    fn act_automatically(&mut self, idx: usize, at: i64) {
+        let Some(change_id) = self.incidents[idx].decision.change_id.clone() else {
+            return;
+        };
+        if let Some((why, counts)) = self.breaker_reason(&change_id, at) {
+            self.stats.breaker_trips += 1;
+            let esc = self.cfg.policy.escalate_after_secs as i64 * 1000;
+            let inc = &mut self.incidents[idx];
+            inc.decision.action = DecisionAction::BreakerOpen;
+            inc.decision.reason = format!(
+                "circuit breaker open: {why}; guardrail stopped acting on its own and asks a human to approve or veto the rollback of {change_id}"
+            );
+            inc.decision.set_deadline(Some(at + esc));
+            inc.severity = "critical";
+            let id = inc.id.clone();
+            let reason = inc.decision.reason.clone();
+            self.audit(
+                Some(&id),
+                Some(&change_id),
+                "circuit_breaker",
+                Actor::system("circuit-breaker"),
+                json!({"reason": reason, "recent_automatic_rollbacks": counts}),
+                json!({
+                    "max_auto_rollbacks_per_hour": self.cfg.policy.max_auto_rollbacks_per_hour,
+                    "max_auto_rollbacks_per_hour_per_surface": self.cfg.policy.max_auto_rollbacks_per_hour_per_surface,
+                }),
+            );
+            // Page: the incident's alert again, critical, with the breaker's reason.
+            let alert = self.alert_for(idx);
+            self.outputs.push(Output::Alert(alert));
+            return;
+        }
+        let rule = self.incidents[idx].decision.policy.clone();
+        self.request_rollback(
+            idx,
+            at,
+            Actor {
+                kind: "policy".into(),
+                name: rule,
+            },
+        );
+    }
+
+    /// Why the breaker forbids another automatic rollback of `change_id` at `at`, if it does.
+    fn breaker_reason(&mut self, change_id: &str, at: i64) -> Option<(String, serde_json::Value)> {
+        while self
+            .auto_rollbacks
+            .front()
+            .map(|(t, _)| *t <= at - HOUR_MS)
+            .unwrap_or(false)
+        {
+            self.auto_rollbacks.pop_front();
+        }
+        let p = &self.cfg.policy;
+        let n = self.auto_rollbacks.len() as u32;
+        let surfaces: Vec<String> = self
+            .registry
+            .get(change_id)
+            .map(|c| c.scope.surfaces.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vec!["*".into()]);
+        let counts = json!({"last_hour": n, "by_surface": surfaces.iter().map(|s| {
+            (s.clone(), json!(self.auto_rollbacks.iter().filter(|(_, ss)| ss.contains(s)).count()))
+        }).collect::<serde_json::Map<_, _>>()});
+        if n >= p.max_auto_rollbacks_per_hour {
+            return Some((
+                format!(
+                    "{n} automatic rollbacks in the last hour (limit {})",
+                    p.max_auto_rollbacks_per_hour
+                ),
+                counts,
+            ));
+        }
+        for s in &surfaces {
+            let k = self
+                .auto_rollbacks
+                .iter()
+                .filter(|(_, ss)| ss.contains(s))
+                .count() as u32;
+            if k >= p.max_auto_rollbacks_per_hour_per_surface {
+                return Some((
+                    format!(
+                        "{k} automatic rollbacks on surface {s} in the last hour (limit {} per surface)",
+                        p.max_auto_rollbacks_per_hour_per_surface
+                    ),
+                    counts,
+                ));
+            }
+        }
+        None
+    }
+
+    /// Whether the breaker would stop an automatic rollback now (any surface at its limit).
+    pub fn breaker_open(&self) -> bool {
+        let at = self.clock_ms();
+        let recent: Vec<&(i64, Vec<String>)> = self
+            .auto_rollbacks
+            .iter()
+            .filter(|(t, _)| *t > at - HOUR_MS)
+            .collect();
+        let p = &self.cfg.policy;
+        if recent.len() as u32 >= p.max_auto_rollbacks_per_hour {
+            return true;
+        }
+        let mut per: HashMap<&str, u32> = HashMap::new();
+        for (_, ss) in &recent {
+            for s in ss {
+                *per.entry(s.as_str()).or_default() += 1;
+            }
+        }
+        per.values()
+            .any(|&k| k >= p.max_auto_rollbacks_per_hour_per_surface)
+    }
+
+    /// Decisions waiting on a person or a veto window, by tier.
+    pub fn pending_decisions(&self) -> [(Tier, usize); 3] {
+        let mut out = [
+            (Tier::Human, 0),
+            (Tier::Supervised, 0),
+            (Tier::Autonomous, 0),
+        ];
+        for i in self
+            .incidents
+            .iter()
+            .filter(|i| i.status == IncidentStatus::Firing && i.decision.action.is_open())
+        {
+            let t = i.decision.tier.unwrap_or(Tier::Human);
+            if let Some(x) = out.iter_mut().find(|(k, _)| *k == t) {
+                x.1 += 1;
+            }
+        }
+        out
+    }
+
+    /// Veto windows that ended and escalations that are due, at event time `now`.
+    pub(super) fn run_deadlines(&mut self, now: i64) {
+        let due: Vec<usize> = self
+            .incidents
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| {
+                i.status == IncidentStatus::Firing
+                    && i.decision.deadline_ms.map(|d| d <= now).unwrap_or(false)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for idx in due {
+            let d = self.incidents[idx].decision.clone();
+            let id = self.incidents[idx].id.clone();
+            self.incidents[idx].decision.set_deadline(None);
+            self.dirty = true;
+            match d.action {
+                DecisionAction::AwaitingVetoWindow => {
+                    let change = d.change_id.clone().unwrap_or_default();
+                    let in_force = self
+                        .registry
+                        .get(&change)
+                        .map(|c| c.in_force_at(now))
+                        .unwrap_or(false);
+                    let pending = self.pending_rollbacks.contains_key(&change);
+                    let inc = &mut self.incidents[idx];
+                    let (action, reason) = if !in_force {
+                        (
+                            DecisionAction::ChangeNotInForce,
+                            format!("veto window ended; {change} is no longer in force"),
+                        )
+                    } else if pending {
+                        (
+                            DecisionAction::RollbackAlreadyRequested,
+                            format!("veto window ended; rollback of {change} already requested"),
+                        )
+                    } else if d.shadow {
+                        (DecisionAction::ShadowRollback, format!("veto window ended without a veto: would request rollback of {change} (shadow mode)"))
+                    } else {
+                        (
+                            DecisionAction::RollbackRequested,
+                            format!(
+                                "veto window ended without a veto: rollback of {change} requested"
+                            ),
+                        )
+                    };
+                    inc.decision.action = action;
+                    inc.decision.reason = reason.clone();
+                    self.audit(
+                        Some(&id),
+                        Some(&change),
+                        "veto_window_elapsed",
+                        Actor::system("policy"),
+                        json!({"decision": action.as_str(), "reason": reason, "deadline": d.deadline}),
+                        json!({"rule": d.policy, "tier": "supervised", "shadow_mode": d.shadow}),
+                    );
+                    *self
+                        .stats
+                        .decisions
+                        .entry((action.as_str(), "supervised"))
+                        .or_default() += 1;
+                    if action == DecisionAction::RollbackRequested {
+                        self.act_automatically(idx, now);
+                    }
+                }
+                DecisionAction::NeedsHumanDecision | DecisionAction::BreakerOpen => {
+                    if d.acknowledged_by.is_some() || d.escalated {
+                        continue;
+                    }
+                    let inc = &mut self.incidents[idx];
+                    let from = inc.severity;
+                    inc.severity = match from {
+                        "info" => "warning",
+                        _ => "critical",
+                    };
+                    inc.decision.escalated = true;
+                    let to = inc.severity;
+                    self.stats.escalations += 1;
+                    self.audit(
+                        Some(&id),
+                        d.change_id.as_deref(),
+                        "escalation",
+                        Actor::system("policy"),
+                        json!({"reason": format!("no approval, veto or acknowledgement by {}", d.deadline.clone().unwrap_or_default()),
+                            "severity_from": from, "severity_to": to}),
+                        json!({"rule": d.policy, "escalate_after_secs": self.cfg.policy.escalate_after_secs}),
+                    );
+                    let alert = self.alert_for(idx);
+                    self.outputs.push(Output::Alert(alert));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A person's call on an incident's decision (from the API).
+    pub fn control(&mut self, call: &DecisionCall) -> Result<Outcome, ControlError> {
+        let idx = *self
+            .incident_ids
+            .get(&call.incident_id)
+            .ok_or_else(|| ControlError::NotFound(call.incident_id.clone()))?;
+        let now = self.clock_ms();
+        let who = human(&call.principal.name, &call.principal.role);
+        let d = self.incidents[idx].decision.clone();
+        let firing = self.incidents[idx].status == IncidentStatus::Firing;
+        let change = d.change_id.clone();
+        let reason = call.reason.clone();
+        let base_evidence = |extra: serde_json::Value| {
+            let mut e = json!({"role": call.principal.role, "reason": reason,
+                "decision_before": d.action.as_str()});
+            if let (Some(o), Some(x)) = (e.as_object_mut(), extra.as_object()) {
+                o.extend(x.clone());
+            }
+            e
+        };
+        let (audit_action, message) = match call.verb {
+            Verb::Approve | Verb::Veto if !d.action.is_open() => {
+                return Err(ControlError::Conflict(match d.action {
+                    DecisionAction::RollbackRequested
+                    | DecisionAction::RollbackAlreadyRequested => format!(
+                        "the rollback of {} was already requested; nothing left to {}",
+                        change.unwrap_or_default(),
+                        call.verb.as_str()
+                    ),
+                    DecisionAction::Vetoed => "already vetoed".to_string(),
+                    a => format!(
+                        "nothing to {}: the decision is {}",
+                        call.verb.as_str(),
+                        a.as_str()
+                    ),
+                }));
+            }
+            Verb::Approve => {
+                let ch = change.clone().unwrap_or_default();
+                if !self
+                    .registry
+                    .get(&ch)
+                    .map(|c| c.in_force_at(now))
+                    .unwrap_or(false)
+                {
+                    return Err(ControlError::Conflict(format!(
+                        "{ch} is no longer in force; nothing to roll back"
+                    )));
+                }
+                self.record_human_decision(idx, now);
+                let inc = &mut self.incidents[idx];
+                inc.decision.set_deadline(None);
+                inc.decision.decided_by = Some(who.clone());
+                let shadow = d.shadow;
+                inc.decision.reason = format!(
+                    "approved by {}{}",
+                    who.name,
+                    call.reason
+                        .as_ref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+                let id = self.audit(
+                    Some(&call.incident_id),
+                    Some(&ch),
+                    "approval",
+                    who.clone(),
+                    base_evidence(json!({"shadow_mode": shadow})),
+                    json!({"rule": d.policy, "tier": d.tier.map(Tier::as_str)}),
+                );
+                if shadow {
+                    self.incidents[idx].decision.action = DecisionAction::ShadowRollback;
+                } else if self.pending_rollbacks.contains_key(&ch) {
+                    self.incidents[idx].decision.action = DecisionAction::RollbackAlreadyRequested;
+                } else {
+                    self.incidents[idx].decision.action = DecisionAction::RollbackRequested;
+                    self.request_rollback(idx, now, who.clone());
+                    let why = format!(
+                        "rollback of {ch} approved by {} on {}",
+                        who.name, call.incident_id
+                    );
+                    self.settle_siblings(idx, &ch, DecisionAction::RollbackAlreadyRequested, &why);
+                }
+                self.dirty = true;
+                return Ok(self.outcome(
+                    idx,
+                    call.verb,
+                    id,
+                    format!("approved: {}", self.incidents[idx].decision.action.as_str()),
+                ));
+            }
+            Verb::Veto => {
+                self.record_human_decision(idx, now);
+                let inc = &mut self.incidents[idx];
+                inc.decision.action = DecisionAction::Vetoed;
+                inc.decision.set_deadline(None);
+                inc.decision.decided_by = Some(who.clone());
+                inc.decision.reason = format!(
+                    "vetoed by {}{}: {} stays",
+                    who.name,
+                    call.reason
+                        .as_ref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default(),
+                    change.clone().unwrap_or_default()
+                );
+                let why = inc.decision.reason.clone();
+                if let Some(ch) = &change {
+                    self.vetoed.insert(ch.clone(), why.clone());
+                    self.settle_siblings(idx, ch, DecisionAction::Vetoed, &why);
+                }
+                ("veto", "vetoed: no rollback will be requested".to_string())
+            }
+            Verb::Acknowledge | Verb::Silence => {
+                if !firing {
+                    return Err(ControlError::Conflict("the incident is resolved".into()));
+                }
+                let inc = &mut self.incidents[idx];
+                inc.decision.acknowledged_by = Some(who.clone());
+                // Acknowledging stops escalation; it does not stop a veto window.
+                if matches!(
+                    d.action,
+                    DecisionAction::NeedsHumanDecision | DecisionAction::BreakerOpen
+                ) {
+                    inc.decision.set_deadline(None);
+                }
+                if call.verb == Verb::Silence {
+                    let secs = call.silence_secs.unwrap_or(3600);
+                    inc.silenced_until_ms = Some(now + secs as i64 * 1000);
+                    (
+                        "silence",
+                        format!("silenced for {}", human_duration(secs as i64 * 1000)),
+                    )
+                } else {
+                    (
+                        "acknowledgement",
+                        "acknowledged: escalation stopped".to_string(),
+                    )
+                }
+            }
+        };
+        self.dirty = true;
+        let extra = match call.verb {
+            Verb::Silence => json!({"silence_secs": call.silence_secs.unwrap_or(3600)}),
+            _ => json!({}),
+        };
+        let id = self.audit(
+            Some(&call.incident_id),
+            change.as_deref(),
+            audit_action,
+            who,
+            base_evidence(extra),
+            json!({"rule": d.policy, "tier": d.tier.map(Tier::as_str)}),
+        );
+        Ok(self.outcome(idx, call.verb, id, message))
+    }
+
+    /// A person decided for a change: other open decisions on it follow.
+    fn settle_siblings(&mut self, idx: usize, change: &str, action: DecisionAction, why: &str) {
+        for (k, o) in self.incidents.iter_mut().enumerate() {
+            if k != idx
+                && o.status == IncidentStatus::Firing
+                && o.decision.action.is_open()
+                && o.decision.change_id.as_deref() == Some(change)
+            {
+                o.decision.action = action;
+                o.decision.set_deadline(None);
+                o.decision.reason = why.to_string();
+            }
+        }
+    }
+
+    fn record_human_decision(&mut self, idx: usize, now: i64) {
+        let secs = (now - self.incidents[idx].detected_ms).max(0) as f64 / 1000.0;
+        self.stats.human_decision_secs.push(secs);
+    }
+
+    fn outcome(&mut self, idx: usize, verb: Verb, audit_id: String, message: String) -> Outcome {
+        *self.stats.human_calls.entry(verb.as_str()).or_default() += 1;
+        let inc = &self.incidents[idx];
+        Outcome {
+            incident_id: inc.id.clone(),
+            verb,
+            audit_id,
+            decision: inc.decision.clone(),
+            message,
+        }
+    }
+
+    /// Every audit record about one change and the incidents blamed on it, in order.
+    pub fn change_audit(&self, change_id: &str) -> Vec<AuditRecord> {
+        crate::audit::select(self.audit_log.iter(), change_id, |r| {
+            (r.incident_id.as_deref(), r.change_id.as_deref())
+        })
+        .into_iter()
+        .cloned()
+        .collect()
+    }
+
+    /// Opens a watch when a change is applied; closes it when the change ends.
+    pub(super) fn change_guards_on(&mut self, c: &Change) {
+        match c.action {
+            ChangeAction::Applied => {
+                // Applied again: a new decision, not bound by an old veto.
+                self.vetoed.remove(&c.change_id);
+                let Some(st) = self.registry.get(&c.change_id) else {
+                    return;
+                };
+                let g = ChangeGuard::new(
+                    st,
+                    c.ts,
+                    self.cfg.guards.watch_secs as i64 * 1000,
+                    self.schema.metrics.len(),
+                );
+                let ev = json!({
+                    "watch_until": fmt_time(g.closes_ms),
+                    "metrics": self.schema.metrics.iter().map(|m| m.name()).collect::<Vec<_>>(),
+                    "holdout": g.holdout, "scope": st.scope, "kind": st.kind,
+                    "tier": st.effective_tier(&self.cfg.policy).as_str(),
+                    "comparison": if g.holdout.is_some() { "treatment_vs_holdout" } else { "observational" },
+                });
+                self.guards.open(g);
+                self.audit(
+                    None,
+                    Some(&c.change_id),
+                    "guard_opened",
+                    c.actor.clone(),
+                    ev,
+                    json!({"alpha": self.cfg.guards.alpha, "srm_alpha": self.cfg.guards.srm_alpha,
+                        "watch_secs": self.cfg.guards.watch_secs}),
+                );
+            }
+            ChangeAction::RolledBack | ChangeAction::Superseded => {
+                let how = if c.action == ChangeAction::RolledBack {
+                    "rolled back"
+                } else {
+                    "superseded"
+                };
+                if let Some(gi) = self.guards.lookup(&c.change_id) {
+                    self.close_guard(gi, c.ts, &format!("change {how}"));
+                }
+            }
+        }
+    }
+
+    /// Ends a watch: the verdict per metric, and its open guard incidents resolve.
+    fn close_guard(&mut self, gi: usize, at: i64, why: &str) {
+        self.guards.close(gi);
+        let g = &self.guards.all[gi];
+        let mut verdicts = serde_json::Map::new();
+        let mut worst = "passed";
+        for (mi, w) in g.metrics.iter().enumerate() {
+            let v = if w.breached {
+                "breached"
+            } else if let Some(c) = &w.comparison {
+                if g.srm_flagged {
+                    "untrustworthy_split"
+                } else if c.harmful {
+                    "breached"
+                } else {
+                    "passed"
+                }
+            } else if w.observational.windows > 0 {
+                "passed_observational"
+            } else {
+                "no_data"
+            };
+            if v == "breached" {
+                worst = "breached";
+            } else if v == "untrustworthy_split" && worst == "passed" {
+                worst = "untrustworthy_split";
+            }
+            let mut e = json!({"verdict": v});
+            if let Some(c) = &w.comparison {
+                e["treatment_vs_holdout"] = json!(c.evidence());
+            }
+            if let Some((r, lo, hi)) = w.observational.effect() {
+                e["observational"] = json!({"effect": round3(r), "ci95": [round3(lo), round3(hi)],
+                    "windows": w.observational.windows, "coverage": w.coverage});
+            }
+            verdicts.insert(self.schema.metrics[mi].name().to_string(), e);
+        }
+        let change_id = g.change_id.clone();
+        let srm = g.srm.map(|s| s.evidence());
+        *self.stats.guard_verdicts.entry(worst).or_default() += 1;
+        self.audit(
+            None,
+            Some(&change_id),
+            "guard_closed",
+            Actor::system("guard"),
+            json!({"verdict": worst, "why": why, "closed_at": fmt_time(at), "metrics": verdicts, "split": srm}),
+            json!({"alpha": self.cfg.guards.alpha}),
+        );
+        let open: Vec<usize> = self
+            .incidents
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| {
+                i.status == IncidentStatus::Firing
+                    && i.series_idx.is_none()
+                    && matches!(i.kind, "guardrail_breach" | "srm")
+                    && i.series.get("change_id").and_then(|v| v.as_str())
+                        == Some(change_id.as_str())
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for idx in open {
+            self.resolve_incident(
+                idx,
+                at,
+                format!("the watch on {change_id} ended: {why}"),
+                json!({"rule": "guard-closed"}),
+            );
+        }
+    }
+
+    /// After window `w`: every open watch takes the window's in-scope observations, checks its
+    /// split and compares treatment with holdout.
+    pub(super) fn close_guards(&mut self, w: i64) {
+        if self.guards.open.is_empty() {
+            return;
+        }
+        let wm = self.schema.window_ms;
+        let (start, end) = (w * wm, (w + 1) * wm);
+        let mut open: Vec<usize> = self.guards.open.values().copied().collect();
+        open.sort_unstable();
+        let list: Vec<(usize, &[(String, String)], Option<&str>)> = self
+            .series
+            .iter()
+            .map(|s| {
+                (
+                    s.metric,
+                    s.dims.as_slice(),
+                    self.schema.metrics[s.metric]
+                        .cfg
+                        .numerator
+                        .surface
+                        .as_deref(),
+                )
+            })
+            .collect();
+        let msprt = MsprtConfig {
+            alpha: self.cfg.guards.alpha,
+            tau_rel: self.cfg.guards.mixture_relative_effect,
+        };
+        let mut breaches: Vec<(usize, usize)> = Vec::new();
+        let mut srms: Vec<usize> = Vec::new();
+        let mut closing: Vec<usize> = Vec::new();
+        for &gi in &open {
+            let g = &mut self.guards.all[gi];
+            if let Some(ch) = self.registry.get(&g.change_id) {
+                g.rescope(ch, &list);
+            }
+            let watching = start >= g.opened_ms;
+            for (mi, mw) in g.metrics.iter_mut().enumerate() {
+                let m = &self.schema.metrics[mi];
+                if watching {
+                    let mut any = false;
+                    for &si in &mw.in_scope {
+                        if let Some(h) = self.series[si].hist_at(w, w) {
+                            if h.exp.is_nan() || h.sd.is_nan() {
+                                continue;
+                            }
+                            let (den, sd) = (h.den as f64, h.sd as f64);
+                            let o = &mut mw.observational;
+                            o.observed += h.num as f64;
+                            o.expected += h.exp as f64 * den;
+                            o.variance += (sd * den).powi(2);
+                            o.volume += den;
+                            any = true;
+                        }
+                    }
+                    mw.observational.windows += any as u32;
+                }
+                if m.cfg.kind == MetricKind::Distinct {
+                    continue;
+                }
+                let arm = |a: usize| -> ArmStats {
+                    let mut x = mw.arms[a];
+                    if m.per_window {
+                        // A count without exposure: per exposure event of the arm.
+                        x.den = g.exposure[a];
+                    }
+                    x
+                };
+                let (t, h) = (arm(TREATMENT), arm(HOLDOUT));
+                if t.den < MIN_ARM_VOLUME || h.den < MIN_ARM_VOLUME {
+                    continue;
+                }
+                let sides: &[Side] = match m.cfg.direction {
+                    Direction::Drop => &[Side::Down],
+                    Direction::Spike => &[Side::Up],
+                    Direction::Both => &[Side::Down, Side::Up],
+                };
+                let mut best: Option<seqtest::Comparison> = None;
+                for &side in sides {
+                    if let Some(c) = seqtest::compare(m.family, side, &t, &h, &msprt) {
+                        if best.map(|b| c.log_lambda > b.log_lambda).unwrap_or(true) {
+                            best = Some(c);
+                        }
+                    }
+                }
+                mw.comparison = best;
+                if let Some(c) = best {
+                    if c.harmful && !mw.breached && !g.srm_flagged {
+                        breaches.push((gi, mi));
+                    }
+                }
+            }
+            if let Some(q) = g.holdout {
+                g.srm = seqtest::srm(
+                    g.exposure[TREATMENT],
+                    g.exposure[HOLDOUT],
+                    q,
+                    self.cfg.guards.srm_alpha,
+                );
+                if g.srm.map(|s| s.mismatch).unwrap_or(false) && !g.srm_flagged {
+                    srms.push(gi);
+                }
+            }
+            if end >= g.closes_ms {
+                closing.push(gi);
+            }
+        }
+        // A broken split first: it makes this window's breaches untrustworthy.
+        for gi in srms {
+            self.raise_srm(gi, end);
+        }
+        for (gi, mi) in breaches {
+            if !self.guards.all[gi].srm_flagged {
+                self.raise_breach(gi, mi, w);
+            }
+        }
+        for gi in closing {
+            self.close_guard(gi, end, "the watch period ended");
+        }
+    }
+
+    fn guard_incident(
+        &self,
+        gi: usize,
+        metric: &str,
+        kind: &'static str,
+        severity: &'static str,
+        detected_ms: i64,
+    ) -> Incident {
+        let g = &self.guards.all[gi];
+        let id = stable_id(
+            "inc-",
+            &[metric, kind, &g.change_id, &g.opened_ms.to_string()],
+        );
+        let mut series = serde_json::Map::new();
+        series.insert("change_id".into(), json!(g.change_id));
+        Incident {
+            id,
+            metric: metric.to_string(),
+            metric_idx: None,
+            series_idx: None,
+            label: format!("change_id={}", g.change_id),
+            series,
+            status: IncidentStatus::Firing,
+            kind,
+            severity,
+            owner: None,
+            change_owner: None,
+            comparison: Some("treatment_vs_holdout"),
+            evidence: None,
+            local_gain_global_loss: None,
+            onset_ms: g.opened_ms,
+            detected_ms,
+            resolved_ms: None,
+            resolution: None,
+            observed: 0.0,
+            expected: 0.0,
+            expected_low: 0.0,
+            expected_high: 0.0,
+            effect: 0.0,
+            score: 0.0,
+            delay_windows: (detected_ms - g.opened_ms).div_euclid(self.schema.window_ms),
+            delay_events: 0.0,
+            candidates: vec![Candidate {
+                change_id: g.change_id.clone(),
+                score: 1.0,
+                evidence: String::new(),
+            }],
+            top_segments: Vec::new(),
+            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
+            rollback_id: None,
+            trail: Vec::new(),
+            silenced_until_ms: None,
+            recovery: Recovery::new(0.0),
+        }
+    }
+
+    fn raise_srm(&mut self, gi: usize, end: i64) {
+        let g = &self.guards.all[gi];
+        let Some(s) = g.srm else { return };
+        let mut inc = self.guard_incident(gi, "exposure_split", "srm", "warning", end);
+        let sd = (s.expected_holdout * (1.0 - s.expected_holdout)
+            / (s.treatment + s.holdout).max(1.0))
+        .sqrt();
+        inc.observed = s.observed_holdout;
+        inc.expected = s.expected_holdout;
+        inc.expected_low = s.expected_holdout - self.schema.z99 * sd;
+        inc.expected_high = s.expected_holdout + self.schema.z99 * sd;
+        inc.effect = round3(s.observed_holdout / s.expected_holdout - 1.0);
+        inc.score = round3(s.log_bayes_factor / s.threshold);
+        inc.delay_events = s.treatment + s.holdout;
+        inc.evidence = Some(s.evidence());
+        inc.candidates[0].evidence = format!("the change's own split: {}", s.evidence());
+        inc.comparison = None;
+        self.guards.all[gi].srm_flagged = true;
+        let ev = json!({"split": s, "evidence": s.evidence()});
+        self.raise(
+            inc,
+            ev,
+            json!({"test": "sequential-beta-binomial-srm", "alpha": self.cfg.guards.srm_alpha}),
+            None,
+        );
+    }
+
+    fn raise_breach(&mut self, gi: usize, mi: usize, w: i64) {
+        let wm = self.schema.window_ms;
+        let g = &self.guards.all[gi];
+        let Some(c) = g.metrics[mi].comparison else {
+            return;
+        };
+        let m = &self.schema.metrics[mi];
+        let mut inc = self.guard_incident(
+            gi,
+            m.name(),
+            "guardrail_breach",
+            m.cfg.severity.as_str(),
+            (w + 1) * wm,
+        );
+        let half = (c.ci_high - c.ci_low) / 2.0;
+        let (tr, hr) = (c.treatment.rate(), c.holdout.rate());
+        inc.metric_idx = Some(mi);
+        inc.owner = m.cfg.owner.clone();
+        inc.observed = tr;
+        inc.expected = hr;
+        inc.expected_low = hr - half;
+        inc.expected_high = hr + half;
+        inc.effect = round3(c.relative);
+        inc.score = round3(c.log_lambda / c.threshold);
+        inc.delay_events = c.treatment.den + c.holdout.den;
+        inc.evidence = Some(format!("treatment vs holdout: {}", c.evidence()));
+        inc.candidates[0].evidence = format!(
+            "the change's own treatment vs holdout on {}: {}",
+            m.name(),
+            c.evidence()
+        );
+        if let Some(t) = m.total {
+            let from = g.opened_ms.div_euclid(wm);
+            inc.top_segments = self.top_segments(t, from, w);
+        }
+        let rel_half = ((c.rel_ci_high - c.rel_ci_low) / 2.0).abs();
+        let ev = json!({
+            "metric": m.name(), "comparison": "treatment_vs_holdout",
+            "treatment": {"rate": tr, "num": c.treatment.num, "den": c.treatment.den},
+            "holdout": {"rate": hr, "num": c.holdout.num, "den": c.holdout.den},
+            "difference": c.diff, "relative": round3(c.relative),
+            "ci": [c.ci_low, c.ci_high], "relative_ci": [round3(c.rel_ci_low), round3(c.rel_ci_high)],
+            "log_lambda": c.log_lambda, "threshold": c.threshold, "evidence": c.evidence(),
+        });
+        self.guards.all[gi].metrics[mi].breached = true;
+        self.raise(
+            inc,
+            ev,
+            json!({"test": "msprt-half-normal-mixture", "alpha": self.cfg.guards.alpha,
+                "mixture_relative_effect": self.cfg.guards.mixture_relative_effect}),
+            Some((c.relative, rel_half)),
+        );
+    }
+
+    /// Changes in force on a surface, as candidates for a sprawl or pressure incident.
+    fn surface_candidates(&self, surface: &str, at: i64) -> Vec<Candidate> {
+        let dims = [("surface".to_string(), surface.to_string())];
+        self.registry.candidates(
+            &dims,
+            None,
+            at,
+            self.schema.window_ms,
+            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn surface_incident(
+        &self,
+        metric: &str,
+        kind: &'static str,
+        surface: &str,
+        onset_ms: i64,
+        end: i64,
+        severity: &'static str,
+    ) -> Incident {
+        let mut inc = self.guard_incident_base(metric, kind, surface, onset_ms, end, severity);
+        inc.candidates = self.surface_candidates(surface, end);
+        inc
+    }
+
+    fn guard_incident_base(
+        &self,
+        metric: &str,
+        kind: &'static str,
+        surface: &str,
+        onset_ms: i64,
+        end: i64,
+        severity: &'static str,
+    ) -> Incident {
+        let mut series = serde_json::Map::new();
+        series.insert("surface".into(), json!(surface));
+        Incident {
+            id: stable_id("inc-", &[metric, kind, surface, &onset_ms.to_string()]),
+            metric: metric.to_string(),
+            metric_idx: None,
+            series_idx: None,
+            label: format!("surface={surface}"),
+            series,
+            status: IncidentStatus::Firing,
+            kind,
+            severity,
+            owner: None,
+            change_owner: None,
+            comparison: None,
+            evidence: None,
+            local_gain_global_loss: None,
+            onset_ms,
+            detected_ms: end,
+            resolved_ms: None,
+            resolution: None,
+            observed: 0.0,
+            expected: 0.0,
+            expected_low: 0.0,
+            expected_high: 0.0,
+            effect: 0.0,
+            score: 0.0,
+            delay_windows: (end - onset_ms).div_euclid(self.schema.window_ms),
+            delay_events: 0.0,
+            candidates: Vec::new(),
+            top_segments: Vec::new(),
+            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
+            rollback_id: None,
+            trail: Vec::new(),
+            silenced_until_ms: None,
+            recovery: Recovery::new(0.0),
+        }
+    }
+
+    pub(super) fn check_sprawl(&mut self, end: i64) {
+        let Some(sp) = &self.sprawl else { return };
+        let (over, back) = sp.evaluate(end);
+        let wms = sp.window_ms();
+        for (key, idx) in back {
+            self.sprawl
+                .as_mut()
+                .expect("sprawl")
+                .set_incident(key, None);
+            let n = self
+                .sprawl
+                .as_ref()
+                .and_then(|s| s.previous(key))
+                .map(|p| p.1)
+                .unwrap_or(0);
+            self.resolve_incident(
+                idx,
+                end,
+                format!(
+                    "back to {n} variants in the last {} (limit {})",
+                    human_duration(wms),
+                    self.cfg.guards.sprawl.max_variants_per_surface
+                ),
+                json!({"rule": "sprawl-window-under-limit"}),
+            );
+        }
+        for f in over {
+            let SprawlFinding {
+                surface,
+                variants,
+                limit,
+                window_start_ms,
+                key,
+            } = f;
+            let sev = self.cfg.guards.sprawl.severity.as_str();
+            let mut inc = self.surface_incident(
+                "variation_sprawl",
+                "fragmentation",
+                &surface,
+                window_start_ms,
+                end,
+                sev,
+            );
+            if self.incident_ids.contains_key(&inc.id) {
+                continue;
+            }
+            let prev = self.sprawl.as_ref().and_then(|s| s.previous(key));
+            inc.observed = variants as f64;
+            inc.expected = limit as f64;
+            inc.expected_low = 1.0;
+            inc.expected_high = limit as f64;
+            inc.effect = round3(variants as f64 / limit as f64 - 1.0);
+            inc.score = round3(variants as f64 / limit as f64);
+            inc.evidence = Some(format!(
+                "{variants}{} distinct variants live on {surface} since {} (limit {limit} per {}){}",
+                if variants > 4 * limit { "+" } else { "" },
+                fmt_time(window_start_ms),
+                human_duration(wms),
+                prev.map(|(s, n)| format!("; {n} in the window from {}", fmt_time(s))).unwrap_or_default()
+            ));
+            let ev = json!({"surface": surface, "variants": variants, "limit": limit,
+                "window_start": fmt_time(window_start_ms), "window_secs": wms / 1000,
+                "evidence": inc.evidence});
+            let idx = self.raise(inc, ev, json!({"guard": "variation-sprawl"}), None);
+            self.sprawl
+                .as_mut()
+                .expect("sprawl")
+                .set_incident(key, Some(idx));
+        }
+    }
+
+    pub(super) fn check_pressure(&mut self, end: i64) {
+        let Some(p) = &self.pressure else { return };
+        let (over, ended) = p.evaluate(end);
+        for (key, idx) in ended {
+            self.pressure
+                .as_mut()
+                .expect("pressure")
+                .set_incident(key, None);
+            self.resolve_incident(
+                idx,
+                end,
+                "the day ended: the cap applies per day and starts again".into(),
+                json!({"rule": "pressure-daily-cap"}),
+            );
+        }
+        for f in over {
+            let PressureFinding {
+                surface,
+                key,
+                day_start_ms,
+                today,
+                yesterday,
+                cap,
+            } = f;
+            let sev = self.cfg.guards.pressure.severity.as_str();
+            let mut inc = self.surface_incident(
+                "customer_pressure",
+                "pressure",
+                &surface,
+                day_start_ms,
+                end,
+                sev,
+            );
+            if self.incident_ids.contains_key(&inc.id) {
+                continue;
+            }
+            inc.observed = today.per_user();
+            inc.expected = cap;
+            inc.expected_low = 0.0;
+            inc.expected_high = cap;
+            inc.effect = round3(today.per_user() / cap - 1.0);
+            inc.score = round3(today.per_user() / cap);
+            inc.delay_events = today.messages;
+            inc.evidence = Some(format!(
+                "{:.2} messages per recipient on {surface} today ({:.0} messages to ~{:.0} recipients; cap {cap}); unsubscribes {:.0} ({:.2}% of recipients){}",
+                today.per_user(),
+                today.messages,
+                today.recipients,
+                today.unsubscribes,
+                today.unsubscribe_rate() * 100.0,
+                yesterday
+                    .map(|y| format!(
+                        " vs {:.2}% yesterday at {:.2} messages per recipient",
+                        y.unsubscribe_rate() * 100.0,
+                        y.per_user()
+                    ))
+                    .unwrap_or_default()
+            ));
+            let ev = json!({"surface": surface, "today": today, "yesterday": yesterday, "cap": cap,
+                "evidence": inc.evidence});
+            let idx = self.raise(inc, ev, json!({"guard": "customer-pressure"}), None);
+            self.pressure
+                .as_mut()
+                .expect("pressure")
+                .set_incident(key, Some(idx));
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! Guards: what guardrail watches besides the metric series.
+//!
+//! - [`ChangeGuard`]: opened when a change is applied, for `guards.watch_secs`. Events that carry
+//!   the change's `change_id` and an `arm` feed per-arm sums for every metric; the engine
+//!   compares treatment against holdout with an always-valid test after every window (so
+//!   looking continuously does not inflate false alarms) and checks the exposure split for a
+//!   sample-ratio mismatch first: a broken split makes the comparison untrustworthy. Without a
+//!   holdout, the in-scope series' observed totals are set against the baseline's forecast for
+//!   the same windows: an observational comparison, labelled as such.
+//! - [`Sprawl`]: distinct variants live per surface within a window ("knowing when to stop").
+//! - [`Pressure`]: messages per recipient per day, with unsubscribes beside them.
+//!
+//! Per-event work is a hash lookup and a few additions; everything else runs once per window.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::attribute::{coverage, ChangeState, Coverage};
+use crate::seqtest::{ArmStats, Comparison, Srm};
+use crate::window::Hll;
+
+pub const TREATMENT: usize = 0;
+pub const HOLDOUT: usize = 1;
+
+/// Parses the contract's `arm` field.
+pub fn arm_index(arm: &str) -> Option<usize> {
+    match arm {
+        "treatment" => Some(TREATMENT),
+        "holdout" => Some(HOLDOUT),
+        _ => None,
+    }
+}
+
+/// Observed against forecast, summed over in-scope windows since the change.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Observational {
+    pub observed: f64,
+    pub expected: f64,
+    /// Variance of `observed` under the baseline.
+    pub variance: f64,
+    pub volume: f64,
+    pub windows: u32,
+}
+
+impl Observational {
+    /// Relative effect with a 95% interval, when there is anything to compare.
+    pub fn effect(&self) -> Option<(f64, f64, f64)> {
+        if self.windows == 0 || self.expected <= 0.0 {
+            return None;
+        }
+        let rel = self.observed / self.expected - 1.0;
+        let half = 1.96 * self.variance.max(0.0).sqrt() / self.expected;
+        Some((rel, rel - half, rel + half))
+    }
+}
+
+/// Per-metric state of a change's watch.
+#[derive(Debug, Clone, Default)]
+pub struct MetricWatch {
+    pub arms: [ArmStats; 2],
+    pub observational: Observational,
+    /// Latest treatment/holdout comparison.
+    pub comparison: Option<Comparison>,
+    /// A breach incident was opened for this metric.
+    pub breached: bool,
+    /// The series (indices into the engine's series) in the change's scope, and how they
+    /// cover it; recomputed as series appear.
+    pub in_scope: Vec<usize>,
+    pub coverage: Option<&'static str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChangeGuard {
+    pub change_id: String,
+    pub opened_ms: i64,
+    pub closes_ms: i64,
+    /// Expected holdout share of exposures, from the change record.
+    pub holdout: Option<f64>,
+    pub metrics: Vec<MetricWatch>,
+    /// Exposure events per arm, for the split check.
+    pub exposure: [f64; 2],
+    pub srm: Option<Srm>,
+    /// An SRM incident was opened: comparisons are not trusted from then on.
+    pub srm_flagged: bool,
+    pub closed: bool,
+    /// Series count when `in_scope` was last computed.
+    scoped_at: usize,
+}
+
+impl ChangeGuard {
+    pub fn new(c: &ChangeState, opened_ms: i64, watch_ms: i64, metrics: usize) -> ChangeGuard {
+        ChangeGuard {
+            change_id: c.change_id.clone(),
+            opened_ms,
+            closes_ms: opened_ms + watch_ms,
+            holdout: c.holdout.filter(|h| *h > 0.0),
+            metrics: vec![MetricWatch::default(); metrics],
+            exposure: [0.0; 2],
+            srm: None,
+            srm_flagged: false,
+            closed: false,
+            scoped_at: usize::MAX,
+        }
+    }
+
+    /// Any event carried this change's arms.
+    pub fn has_arms(&self) -> bool {
+        self.exposure.iter().sum::<f64>() > 0.0
+            || self
+                .metrics
+                .iter()
+                .any(|m| m.arms.iter().any(|a| a.den > 0.0 || a.num > 0.0))
+    }
+
+    /// Recomputes which series of each metric are in the change's scope, when series were
+    /// added. The most specific series win: those the scope covers exactly; else the totals.
+    pub fn rescope(
+        &mut self,
+        change: &ChangeState,
+        series: &[(usize, &[(String, String)], Option<&str>)],
+    ) {
+        if self.scoped_at == series.len() {
+            return;
+        }
+        self.scoped_at = series.len();
+        for (mi, w) in self.metrics.iter_mut().enumerate() {
+            let mut exact = Vec::new();
+            let mut total = Vec::new();
+            for (si, (metric, dims, surface)) in series.iter().enumerate() {
+                if *metric != mi {
+                    continue;
+                }
+                match coverage(&change.scope, dims, *surface) {
+                    Coverage::Exact if !dims.is_empty() => exact.push(si),
+                    Coverage::Exact | Coverage::Everything | Coverage::Partial
+                        if dims.is_empty() =>
+                    {
+                        total.push(si)
+                    }
+                    _ => {}
+                }
+            }
+            if change.scope.is_everything() || exact.is_empty() {
+                w.coverage = (!total.is_empty()).then_some(if change.scope.is_everything() {
+                    "the change applies everywhere: the metric's total"
+                } else {
+                    "no series matches the scope exactly: the metric's total, which dilutes the effect"
+                });
+                w.in_scope = total;
+            } else {
+                w.coverage = Some("the series the scope covers exactly");
+                w.in_scope = exact;
+            }
+        }
+    }
+}
+
+/// Open and closed guards, looked up by change id on the hot path.
+#[derive(Debug, Default)]
+pub struct Guards {
+    pub all: Vec<ChangeGuard>,
+    /// change id -> index in `all`, for open guards only.
+    pub open: HashMap<String, usize>,
+}
+
+impl Guards {
+    /// Opens (or re-opens, when a change is applied again) the watch on a change.
+    pub fn open(&mut self, g: ChangeGuard) -> usize {
+        if let Some(&i) = self.open.get(&g.change_id) {
+            self.all[i].closed = true;
+        }
+        self.all.push(g);
+        let i = self.all.len() - 1;
+        self.open.insert(self.all[i].change_id.clone(), i);
+        i
+    }
+
+    pub fn close(&mut self, i: usize) {
+        self.all[i].closed = true;
+        if self.open.get(&self.all[i].change_id) == Some(&i) {
+            self.open.remove(&self.all[i].change_id);
+        }
+    }
+
+    #[inline]
+    pub fn lookup(&self, change_id: &str) -> Option<usize> {
+        self.open.get(change_id).copied()
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+}
+
+/// Variants seen on one surface in the current and the previous sprawl window.
+#[derive(Debug)]
+struct SurfaceVariants {
+    name: String,
+    bucket: i64,
+    variants: Vec<u64>,
+    prev_bucket: i64,
+    prev_count: usize,
+    /// Incident index while fragmented.
+    pub incident: Option<usize>,
+}
+
+/// Distinct variants per surface per window.
+#[derive(Debug)]
+pub struct Sprawl {
+    window_ms: i64,
+    limit: usize,
+    surfaces: HashMap<u64, SurfaceVariants>,
+}
+
+/// A surface over (or back under) its variant limit.
+#[derive(Debug, Clone)]
+pub struct SprawlFinding {
+    pub surface: String,
+    pub variants: usize,
+    pub limit: usize,
+    pub window_start_ms: i64,
+    pub key: u64,
+}
+
+impl Sprawl {
+    pub fn new(window_ms: i64, limit: usize) -> Sprawl {
+        Sprawl {
+            window_ms,
+            limit,
+            surfaces: HashMap::new(),
+        }
+    }
+
+    /// Records that `variant` (hashed) was live on `surface` (hashed) at `ts`.
+    #[inline]
+    pub fn observe(&mut self, surface_key: u64, surface: &str, variant: u64, ts: i64) {
+        let b = ts.div_euclid(self.window_ms);
+        let cap = 4 * self.limit + 1;
+        let s = self
+            .surfaces
+            .entry(surface_key)
+            .or_insert_with(|| SurfaceVariants {
+                name: surface.to_string(),
+                bucket: b,
+                variants: Vec::new(),
+                prev_bucket: b - 1,
+                prev_count: 0,
+                incident: None,
+            });
+        if b > s.bucket {
+            s.prev_bucket = s.bucket;
+            s.prev_count = s.variants.len();
+            s.bucket = b;
+            s.variants.clear();
+        } else if b < s.bucket {
+            // A late event of the previous window: it can only raise that window's count,
+            // which was judged already; not worth a second set.
+            return;
+        }
+        if s.variants.len() < cap && !s.variants.contains(&variant) {
+            s.variants.push(variant);
+        }
+    }
+
+    /// At the close of the engine window ending at `end_ms`: surfaces over the limit in the
+    /// current sprawl window (fire as soon as it is exceeded), and fragmented surfaces whose
+    /// last complete window came back under it.
+    pub fn evaluate(&self, end_ms: i64) -> (Vec<SprawlFinding>, Vec<(u64, usize)>) {
+        let mut over = Vec::new();
+        let mut back = Vec::new();
+        let cur = (end_ms - 1).div_euclid(self.window_ms);
+        for (k, s) in &self.surfaces {
+            let (count, b) = if s.bucket == cur {
+                (s.variants.len(), s.bucket)
+            } else {
+                (0, cur)
+            };
+            if s.incident.is_none() && count > self.limit {
+                over.push(SprawlFinding {
+                    surface: s.name.clone(),
+                    variants: count,
+                    limit: self.limit,
+                    window_start_ms: b * self.window_ms,
+                    key: *k,
+                });
+            }
+            // Resolve when a whole window ended under the limit.
+            let window_ended = end_ms % self.window_ms == 0;
+            if let Some(i) = s.incident {
+                if window_ended && count <= self.limit {
+                    back.push((*k, i));
+                }
+            }
+        }
+        over.sort_by(|a, b| a.surface.cmp(&b.surface));
+        (over, back)
+    }
+
+    pub fn set_incident(&mut self, key: u64, incident: Option<usize>) {
+        if let Some(s) = self.surfaces.get_mut(&key) {
+            s.incident = incident;
+        }
+    }
+
+    pub fn window_ms(&self) -> i64 {
+        self.window_ms
+    }
+
+    /// Variants counted for a surface in its last complete window (for evidence).
+    pub fn previous(&self, key: u64) -> Option<(i64, usize)> {
+        self.surfaces
+            .get(&key)
+            .map(|s| (s.prev_bucket * self.window_ms, s.prev_count))
+    }
+}
+
+/// One surface's messaging in one UTC day.
+#[derive(Debug)]
+struct DayPressure {
+    name: String,
+    day: i64,
+    messages: f64,
+    recipients: Hll,
+    unsubscribes: f64,
+    prev: Option<PressureDay>,
+    incident: Option<usize>,
+}
+
+/// A finished (or running) day of messaging on a surface.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PressureDay {
+    pub messages: f64,
+    pub recipients: f64,
+    pub unsubscribes: f64,
+}
+
+impl PressureDay {
+    pub fn per_user(&self) -> f64 {
+        self.messages / self.recipients.max(1.0)
+    }
+
+    /// Unsubscribes per recipient.
+    pub fn unsubscribe_rate(&self) -> f64 {
+        self.unsubscribes / self.recipients.max(1.0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PressureFinding {
+    pub surface: String,
+    pub key: u64,
+    pub day_start_ms: i64,
+    pub today: PressureDay,
+    pub yesterday: Option<PressureDay>,
+    pub cap: f64,
+}
+
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Messages per recipient per day, per surface.
+#[derive(Debug)]
+pub struct Pressure {
+    cap: f64,
+    min_users: f64,
+    surfaces: HashMap<u64, DayPressure>,
+}
+
+impl Pressure {
+    pub fn new(cap: f64, min_users: u64) -> Pressure {
+        Pressure {
+            cap,
+            min_users: min_users as f64,
+            surfaces: HashMap::new(),
+        }
+    }
+
+    fn day(&mut self, key: u64, surface: &str, ts: i64) -> Option<&mut DayPressure> {
+        let d = ts.div_euclid(DAY_MS);
+        let s = self.surfaces.entry(key).or_insert_with(|| DayPressure {
+            name: surface.to_string(),
+            day: d,
+            messages: 0.0,
+            recipients: Hll::default(),
+            unsubscribes: 0.0,
+            prev: None,
+            incident: None,
+        });
+        if d > s.day {
+            s.prev = Some(PressureDay {
+                messages: s.messages,
+                recipients: s.recipients.estimate(),
+                unsubscribes: s.unsubscribes,
+            });
+            s.day = d;
+            s.messages = 0.0;
+            s.unsubscribes = 0.0;
+            s.recipients.clear();
+        }
+        (d == s.day).then_some(s)
+    }
+
+    #[inline]
+    pub fn message(&mut self, key: u64, surface: &str, user: u64, ts: i64) {
+        if let Some(s) = self.day(key, surface, ts) {
+            s.messages += 1.0;
+            s.recipients.add(user);
+        }
+    }
+
+    #[inline]
+    pub fn unsubscribe(&mut self, key: u64, surface: &str, ts: i64) {
+        if let Some(s) = self.day(key, surface, ts) {
+            s.unsubscribes += 1.0;
+        }
+    }
+
+    /// Surfaces whose running day is over the cap (not yet in an incident), and incidents of
+    /// surfaces whose day has ended (the cap is per day), at event time `end_ms`.
+    pub fn evaluate(&self, end_ms: i64) -> (Vec<PressureFinding>, Vec<(u64, usize)>) {
+        let today = (end_ms - 1).div_euclid(DAY_MS);
+        let mut over = Vec::new();
+        let mut ended = Vec::new();
+        for (k, s) in &self.surfaces {
+            if let Some(i) = s.incident {
+                if s.day < today || end_ms % DAY_MS == 0 {
+                    ended.push((*k, i));
+                    continue;
+                }
+            }
+            if s.day != today || s.incident.is_some() {
+                continue;
+            }
+            let d = PressureDay {
+                messages: s.messages,
+                recipients: s.recipients.estimate(),
+                unsubscribes: s.unsubscribes,
+            };
+            if d.recipients >= self.min_users && d.per_user() > self.cap {
+                over.push(PressureFinding {
+                    surface: s.name.clone(),
+                    key: *k,
+                    day_start_ms: s.day * DAY_MS,
+                    today: d,
+                    yesterday: s.prev,
+                    cap: self.cap,
+                });
+            }
+        }
+        over.sort_by(|a, b| a.surface.cmp(&b.surface));
+        (over, ended)
+    }
+
+    pub fn set_incident(&mut self, key: u64, incident: Option<usize>) {
+        if let Some(s) = self.surfaces.get_mut(&key) {
+            s.incident = incident;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sprawl_fires_within_the_window_and_clears_after_a_calm_one() {
+        let mut s = Sprawl::new(3_600_000, 3);
+        for v in 0..5u64 {
+            s.observe(7, "checkout", v, 1000 + v as i64);
+        }
+        let (over, _) = s.evaluate(300_000);
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].variants, 5);
+        s.set_incident(7, Some(0));
+        // Still fragmented in the same window: no second finding, no resolution.
+        let (over, back) = s.evaluate(600_000);
+        assert!(over.is_empty() && back.is_empty());
+        // Next hour: two variants only; resolved when that hour ends.
+        s.observe(7, "checkout", 1, 3_600_000 + 5);
+        s.observe(7, "checkout", 2, 3_600_000 + 6);
+        assert!(s.evaluate(3_900_000).1.is_empty());
+        assert_eq!(s.evaluate(7_200_000).1, vec![(7, 0)]);
+        assert_eq!(s.previous(7), Some((0, 5)));
+    }
+
+    #[test]
+    fn pressure_needs_recipients_and_resets_daily() {
+        let mut p = Pressure::new(3.0, 10);
+        // 20 users x 4 messages on day 0.
+        for u in 0..20u64 {
+            for k in 0..4 {
+                p.message(
+                    1,
+                    "email",
+                    u.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    1000 * k + u as i64,
+                );
+            }
+        }
+        p.unsubscribe(1, "email", 5000);
+        let (over, _) = p.evaluate(600_000);
+        assert_eq!(over.len(), 1);
+        let f = &over[0];
+        assert!((f.today.per_user() - 4.0).abs() < 0.3, "{:?}", f.today);
+        assert_eq!(f.today.unsubscribes, 1.0);
+        p.set_incident(1, Some(3));
+        // The day ends: the incident ends with it.
+        assert_eq!(p.evaluate(DAY_MS).1, vec![(1, 3)]);
+        // Few recipients: not judged.
+        let mut q = Pressure::new(3.0, 10);
+        for k in 0..50 {
+            q.message(1, "email", 42, k);
+        }
+        assert!(q.evaluate(600_000).0.is_empty());
+    }
+
+    #[test]
+    fn observational_effect_has_an_interval() {
+        let o = Observational {
+            observed: 900.0,
+            expected: 1000.0,
+            variance: 1000.0,
+            volume: 20_000.0,
+            windows: 10,
+        };
+        let (rel, lo, hi) = o.effect().unwrap();
+        assert!((rel + 0.1).abs() < 1e-12);
+        assert!(lo < rel && rel < hi && hi < 0.0);
+        assert!(Observational::default().effect().is_none());
+    }
+}
