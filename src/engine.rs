@@ -1485,7 +1485,7 @@ impl Engine {
                 "last_window": {"observed": finite(alert.observed), "expected": finite(alert.expected)}}),
             policy,
         );
-        self.outputs.push(Output::Alert(alert));
+        self.outputs.push(Output::Alert(Box::new(alert)));
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -130,7 +130,7 @@ pub struct AuditRecord {
 /// Something the engine decided to emit.
 #[derive(Debug, Clone)]
 pub enum Output {
-    Alert(Alert),
+    Alert(Box<Alert>),
     Rollback(RollbackRequest),
     Audit(AuditRecord),
 }

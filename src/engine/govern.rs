@@ -238,7 +238,7 @@ impl Engine {
             det_policy,
         );
         let alert = self.alert_for(idx);
-        self.outputs.push(Output::Alert(alert));
+        self.outputs.push(Output::Alert(Box::new(alert)));
         self.after_decision(idx, at, true);
         idx
     }
@@ -317,7 +317,7 @@ impl Engine {
             );
             // Page: the incident's alert again, critical, with the breaker's reason.
             let alert = self.alert_for(idx);
-            self.outputs.push(Output::Alert(alert));
+            self.outputs.push(Output::Alert(Box::new(alert)));
             return;
         }
         let rule = self.incidents[idx].decision.policy.clone();
@@ -511,7 +511,7 @@ impl Engine {
                         json!({"rule": d.policy, "escalate_after_secs": self.cfg.policy.escalate_after_secs}),
                     );
                     let alert = self.alert_for(idx);
-                    self.outputs.push(Output::Alert(alert));
+                    self.outputs.push(Output::Alert(Box::new(alert)));
                 }
                 _ => {}
             }
@@ -844,7 +844,7 @@ impl Engine {
         let (start, end) = (w * wm, (w + 1) * wm);
         let mut open: Vec<usize> = self.guards.open.values().copied().collect();
         open.sort_unstable();
-        let list: Vec<(usize, &[(String, String)], Option<&str>)> = self
+        let list: Vec<crate::guard::SeriesScope<'_>> = self
             .series
             .iter()
             .map(|s| {
