@@ -478,8 +478,27 @@ impl AlertSet {
                 .unwrap_or(now)
                 .min(now)
         });
+        let labels = self.mapper.labels(a);
+        let mut retired = None;
         match self.entries.get_mut(&a.incident_id) {
             Some(e) => {
+                if e.labels != labels && !resolved {
+                    // An escalation changes the severity label, and Alertmanager identifies an
+                    // alert by its labels: end the old one and carry on under the new labels,
+                    // so routing by severity sees the escalation.
+                    let mut old = Entry {
+                        labels: std::mem::replace(&mut e.labels, labels),
+                        annotations: e.annotations.clone(),
+                        starts_ms: e.starts_ms,
+                        starts_at: e.starts_at.clone(),
+                        generator_url: e.generator_url.clone(),
+                        ends_ms: Some(now),
+                    };
+                    if old.starts_ms > now {
+                        old.starts_ms = now;
+                    }
+                    retired = Some(old);
+                }
                 e.annotations = annotations;
                 e.generator_url = a.url.clone();
                 if ends.is_some() {
@@ -491,7 +510,7 @@ impl AlertSet {
                 self.entries.insert(
                     a.incident_id.clone(),
                     Entry {
-                        labels: self.mapper.labels(a),
+                        labels,
                         annotations,
                         starts_ms,
                         starts_at: a.detected_at.clone(),
@@ -500,6 +519,11 @@ impl AlertSet {
                     },
                 );
             }
+        }
+        if let Some(old) = retired {
+            let n = self.entries.len();
+            self.entries
+                .insert(format!("{}#retired-{n}", a.incident_id), old);
         }
     }
 
@@ -779,6 +803,33 @@ mod tests {
         assert!(json[0]["generatorURL"].is_string() && json[0]["endsAt"].is_string());
         s.posted();
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn an_escalation_ends_the_old_label_set_and_fires_the_new_one() {
+        let mut s = AlertSet::new(Mapper::default());
+        let now = parse_time_str("2026-11-22T16:00:00Z").unwrap();
+        let mut a = alert("firing");
+        a.severity = "warning";
+        s.update(&a, now);
+        s.posted();
+        a.severity = "critical";
+        a.escalated = true;
+        s.update(&a, now + 1000);
+        let p = s.postable(now + 1000, 240_000);
+        assert_eq!(p.len(), 2);
+        let old = p
+            .iter()
+            .find(|x| x.labels["severity"] == "warning")
+            .unwrap();
+        let new = p
+            .iter()
+            .find(|x| x.labels["severity"] == "critical")
+            .unwrap();
+        assert_eq!(old.ends_at, fmt_time(now + 1000));
+        assert_eq!(new.ends_at, fmt_time(now + 1000 + 240_000));
+        s.posted();
+        assert_eq!(s.len(), 1, "the ended label set is dropped once posted");
     }
 
     #[test]

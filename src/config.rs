@@ -975,7 +975,9 @@ impl Config {
                 ),
             ));
         }
-        if g.pressure.max_messages_per_user_day.is_nan() || g.pressure.max_messages_per_user_day < 1.0 {
+        if g.pressure.max_messages_per_user_day.is_nan()
+            || g.pressure.max_messages_per_user_day < 1.0
+        {
             errs.push(at(
                 loc("max_messages_per_user_day"),
                 "guards.pressure.max_messages_per_user_day".into(),

@@ -118,11 +118,7 @@ impl ChangeGuard {
 
     /// Recomputes which series of each metric are in the change's scope, when series were
     /// added. The most specific series win: those the scope covers exactly; else the totals.
-    pub fn rescope(
-        &mut self,
-        change: &ChangeState,
-        series: &[SeriesScope<'_>],
-    ) {
+    pub fn rescope(&mut self, change: &ChangeState, series: &[SeriesScope<'_>]) {
         if self.scoped_at == series.len() {
             return;
         }

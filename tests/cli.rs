@@ -163,18 +163,21 @@ fn simulate_then_replay_writes_the_contract_outputs() {
     let dead = std::fs::read_to_string(out.join("dead_letters.jsonl")).unwrap();
     assert!(dead.contains("bad_timestamp") && dead.contains("garbage"));
 
-    // The same story with a supervised change: guardrail must not act alone; the alert and the
-    // audit say a human decision is needed.
-    let supervised = dir.path().join("changes-supervised.jsonl");
+    // The same story with a `human` change: guardrail must not act alone; the alert and the
+    // audit say a human decision is needed (a replay has nobody to approve).
     let text = std::fs::read_to_string(&changes).unwrap();
     assert!(text.contains("\"tier\":\"autonomous\""));
-    std::fs::write(
-        &supervised,
-        text.replace("\"tier\":\"autonomous\"", "\"tier\":\"supervised\""),
-    )
-    .unwrap();
-    let out2 = dir.path().join("out-supervised");
-    let o = replay(&events, &supervised, &out2);
+    let with_tier = |tier: &str| {
+        let p = dir.path().join(format!("changes-{tier}.jsonl"));
+        std::fs::write(
+            &p,
+            text.replace("\"tier\":\"autonomous\"", &format!("\"tier\":\"{tier}\"")),
+        )
+        .unwrap();
+        p
+    };
+    let out2 = dir.path().join("out-human");
+    let o = replay(&events, &with_tier("human"), &out2);
     assert!(o.status.success());
     assert_eq!(
         std::fs::read_to_string(out2.join("rollbacks.jsonl")).unwrap(),
@@ -184,12 +187,12 @@ fn simulate_then_replay_writes_the_contract_outputs() {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|a| a["status"] == "firing")
+        .filter(|a| a["status"] == "firing" && !a["escalated"].as_bool().unwrap_or(false))
         .collect();
     assert!(!firing.is_empty());
     for a in &firing {
         assert_eq!(a["decision"]["action"], "needs_human_decision", "{a:#}");
-        assert_eq!(a["decision"]["tier"], "supervised");
+        assert_eq!(a["decision"]["tier"], "human");
     }
     let audit = std::fs::read_to_string(out2.join("audit.jsonl")).unwrap();
     assert_eq!(
@@ -198,6 +201,40 @@ fn simulate_then_replay_writes_the_contract_outputs() {
             .count(),
         firing.len()
     );
+
+    // `supervised`: nobody vetoes in a replay, so the rollback goes out when the veto window
+    // (15 min of event time) ends.
+    let out3 = dir.path().join("out-supervised");
+    let o = replay(&events, &with_tier("supervised"), &out3);
+    assert!(o.status.success());
+    let rb: Vec<serde_json::Value> = std::fs::read_to_string(out3.join("rollbacks.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rb.len(), 1, "{rb:#?}");
+    assert_eq!(
+        rb[0]["data"]["decided_by"]["name"],
+        "supervised-veto-window"
+    );
+    let alerts: Vec<serde_json::Value> = std::fs::read_to_string(out3.join("alerts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = alerts
+        .iter()
+        .find(|a| a["incident_id"] == rb[0]["data"]["incident_id"])
+        .unwrap();
+    assert_eq!(first["decision"]["action"], "awaiting_veto_window");
+    let deadline = first["decision"]["deadline"].as_str().unwrap();
+    let audit3 = std::fs::read_to_string(out3.join("audit.jsonl")).unwrap();
+    let elapsed = audit3
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|a| a["action"] == "veto_window_elapsed")
+        .unwrap();
+    assert!(elapsed["event_time"].as_str().unwrap() >= deadline);
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! The monitoring artefacts against a real Prometheus: the service plays the seed story on the
-//! embedded broker (incidents, a rollback request and its confirmation, a dead letter), a real
-//! `prometheus` scrapes its `/metrics` and evaluates `config/rules/guardrail.rules.yml`, and every
-//! query of every dashboard in `dashboards/` must return data. `promtool` checks the exposition
-//! and the rules file.
+//! embedded broker (incidents, a rollback request and its confirmation, a dead letter), then a
+//! human-tier change whose incident waits on a person, who approves it once Prometheus scrapes;
+//! a real `prometheus` scrapes its `/metrics` and evaluates `config/rules/guardrail.rules.yml`,
+//! every query of every dashboard in `dashboards/` must return data, and every governance series
+//! must be in the scrape. `promtool` checks the exposition and the rules file.
 //!
 //! Needs the `prometheus` and `promtool` binaries on PATH (Debian: `apt-get install prometheus`).
 //! Without them the test is skipped, unless `CI` is set, where it fails.
@@ -13,7 +14,98 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use guardrail::auth::ActorConfig;
 use serde_json::Value;
+
+/// The token of the person who decides on the human-tier change (role marketing_owner).
+const APPROVER: &str = "approver-token-0123456789abcdef";
+const MIN: i64 = 60_000;
+
+/// Every governance series, each of which must be in Prometheus after the run: counters start at
+/// 0 for every label value, so the panels over them read 0, not "no data", before anything happens.
+const GOVERNANCE_SERIES: &[&str] = &[
+    "guardrail_decisions_total",
+    "guardrail_decisions_total{action=\"rollback_requested\"}",
+    "guardrail_decisions_total{action=\"rollback_already_requested\"}",
+    "guardrail_decisions_total{action=\"awaiting_veto_window\"}",
+    "guardrail_decisions_total{action=\"needs_human_decision\"}",
+    "guardrail_decisions_total{action=\"shadow_rollback\"}",
+    "guardrail_decisions_total{action=\"no_candidate\"}",
+    "guardrail_decisions_total{action=\"change_not_in_force\"}",
+    "guardrail_decisions_total{action=\"vetoed\"}",
+    "guardrail_decisions_total{action=\"breaker_open\"}",
+    "guardrail_decisions_total{action=\"investigate\"}",
+    "guardrail_decisions_total{tier=\"human\"}",
+    "guardrail_decisions_total{tier=\"supervised\"}",
+    "guardrail_decisions_total{tier=\"autonomous\"}",
+    "guardrail_decisions_total{tier=\"none\"}",
+    "guardrail_human_decisions_total{verb=\"approve\"}",
+    "guardrail_human_decisions_total{verb=\"veto\"}",
+    "guardrail_human_decisions_total{verb=\"acknowledge\"}",
+    "guardrail_human_decisions_total{verb=\"silence\"}",
+    "guardrail_time_to_human_decision_seconds_bucket",
+    "guardrail_time_to_human_decision_seconds_sum",
+    "guardrail_time_to_human_decision_seconds_count",
+    "guardrail_escalations_total",
+    "guardrail_circuit_breaker_trips_total",
+    "guardrail_circuit_breaker_open",
+    "guardrail_decisions_pending{tier=\"human\"}",
+    "guardrail_decisions_pending{tier=\"supervised\"}",
+    "guardrail_decisions_pending{tier=\"autonomous\"}",
+    "guardrail_guards_open",
+    "guardrail_guard_verdicts_total{verdict=\"passed\"}",
+    "guardrail_guard_verdicts_total{verdict=\"breached\"}",
+    "guardrail_guard_verdicts_total{verdict=\"untrustworthy_split\"}",
+    "guardrail_incidents_total{kind=\"drop\"}",
+    "guardrail_incidents_total{kind=\"spike\"}",
+    "guardrail_incidents_total{kind=\"shift\"}",
+    "guardrail_incidents_total{kind=\"drift\"}",
+    "guardrail_incidents_total{kind=\"data_quality\"}",
+    "guardrail_incidents_total{kind=\"srm\"}",
+    "guardrail_incidents_total{kind=\"fragmentation\"}",
+    "guardrail_incidents_total{kind=\"pressure\"}",
+    "guardrail_incidents_total{kind=\"guardrail_breach\"}",
+    "guardrail_rollbacks_requested_total",
+    "guardrail_rollbacks_confirmed_total",
+];
+
+/// A change only a person may roll back (tier human): its incident waits for an approve or veto.
+fn human_change(id: &str, ts: i64) -> String {
+    serde_json::json!({
+        "change_id": id, "ts": guardrail::event::fmt_time(ts), "action": "applied",
+        "actor": {"kind": "agent", "name": "copy-optimizer-v3"}, "kind": "wording",
+        "scope": {"surfaces": ["checkout"], "dims": {"country": ["FR", "BE"]}},
+        "tier": "human", "owner": "team-web", "rollback": {"restore": format!("{id}-before")}
+    })
+    .to_string()
+}
+
+/// Drives the traffic in 5-minute ticks until an incident blamed on `change` is firing and
+/// waiting on a person (or `to` passes); its id.
+async fn drive_until_waiting(
+    h: &common::Harness,
+    sim: &mut guardrail::sim::Sim,
+    to: i64,
+    change: &str,
+) -> Option<String> {
+    let url = format!("{}/api/incidents", h.http);
+    while sim.now_ms() < to {
+        let next = sim.now_ms() + 5 * MIN;
+        h.drive(sim, next, 5 * MIN, |_| {}).await;
+        let (code, body) = common::http(&url, "GET", Some(APPROVER), None).await;
+        assert_eq!(code, 200, "GET /api/incidents: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let waiting = v["incidents"].as_array().into_iter().flatten().find(|i| {
+            i["status"] == "firing"
+                && i["decision"]["change_id"] == change
+                && i["decision"]["action"] == "needs_human_decision"
+        });
+        if let Some(i) = waiting {
+            return i["id"].as_str().map(str::to_string);
+        }
+    }
+    None
+}
 
 /// Kills and reaps the Prometheus child process when dropped (also on panic).
 struct ChildGuard(Child);
@@ -210,14 +302,50 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
 
     // The service through the whole story: incidents, an autonomous rollback request, its
     // confirmation, recovery; plus one malformed event so the dead-letter counters have a sample.
-    let h = common::start(|c| c.detection.warmup_windows = 48).await;
+    let h = common::start(|c| {
+        c.detection.warmup_windows = 48;
+        c.actors = vec![ActorConfig {
+            name: "alice".into(),
+            role: "marketing_owner".into(),
+            token: Some(APPROVER.into()),
+            token_env: None,
+        }];
+    })
+    .await;
     let story = common::play_story(&h, 5, 2, Some(25)).await;
     h.send_event(b"not json").await;
+    // Then a human-tier change hurts clicks: its decision waits on a person. The approval comes
+    // once Prometheus scrapes, so the time-to-decision histogram moves inside the queried range
+    // (its quantiles are NaN, not data, over a range without a call).
+    let mut sim = common::story_sim(story.end_ms);
+    h.send_change(&human_change("chg-hum", story.end_ms)).await;
+    sim.scenario_mut().effects.push(guardrail::sim::Effect {
+        change_id: "chg-hum".into(),
+        countries: vec!["FR".into(), "BE".into()],
+        start_ms: story.end_ms,
+        end_ms: None,
+        ctr_mult: 0.6,
+        conversion_mult: 1.0,
+        ticket_mult: 1.0,
+    });
+    let waiting = drive_until_waiting(&h, &mut sim, story.end_ms + 50 * MIN, "chg-hum")
+        .await
+        .expect("chg-hum's click-through drop is detected and waits on a person");
     let stats = h.get("/metrics").await.1;
     for (series, at_least) in [
         ("guardrail_rollbacks_requested_total", 1.0),
         ("guardrail_rollbacks_confirmed_total", 1.0),
         ("guardrail_alerts_total{status=\"firing\"}", 1.0),
+        (
+            "guardrail_decisions_total{action=\"rollback_requested\",tier=\"autonomous\"}",
+            1.0,
+        ),
+        (
+            "guardrail_decisions_total{action=\"needs_human_decision\",tier=\"human\"}",
+            1.0,
+        ),
+        ("guardrail_decisions_pending{tier=\"human\"}", 1.0),
+        ("guardrail_guards_open", 1.0),
     ] {
         let v = common::metric_value(&stats, series).unwrap_or(0.0);
         assert!(
@@ -226,9 +354,10 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
         );
     }
     println!(
-        "story played in {:.1?} ({} events)",
+        "story played in {:.1?} ({} events, then {} until {waiting} waited on a person)",
         t0.elapsed(),
-        story.produced
+        story.produced,
+        guardrail::event::fmt_time(sim.now_ms()),
     );
 
     // A real Prometheus scraping the service every second, evaluating the repo's rules.
@@ -263,7 +392,7 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
 
     // Wait for a successful scrape, keeping live traffic flowing (heartbeat events, which no
     // metric reads) so rates and the batch-time histogram move as on a running system.
-    let mut hb = story.end_ms;
+    let mut hb = sim.now_ms();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Ok(Some(status)) = guard.0.try_wait() {
@@ -284,6 +413,15 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
         h.heartbeat(hb).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // A person approves the waiting rollback now that Prometheus has a sample from before it.
+    let (code, body) = common::http(
+        &format!("{}/api/incidents/{waiting}/approve", h.http),
+        "POST",
+        Some(APPROVER),
+        Some(r#"{"reason":"clicks matter more"}"#),
+    )
+    .await;
+    assert_eq!(code, 200, "approve {waiting}: {body}");
     // rate() needs two samples inside its range: let several scrapes land.
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(6) {
@@ -292,9 +430,30 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     println!("prometheus up and scraping after {:.1?}", t0.elapsed());
+    let stats = h.get("/metrics").await.1;
+    for (series, at_least) in [
+        ("guardrail_human_decisions_total{verb=\"approve\"}", 1.0),
+        ("guardrail_time_to_human_decision_seconds_count", 1.0),
+        ("guardrail_rollbacks_requested_total", 2.0),
+    ] {
+        let v = common::metric_value(&stats, series).unwrap_or(0.0);
+        assert!(
+            v >= at_least,
+            "the approval should leave {series} >= {at_least}, got {v}"
+        );
+    }
+
+    // Every governance series is in the scrape, every label value included.
+    let mut failures = Vec::new();
+    for series in GOVERNANCE_SERIES {
+        match api(&format!("{prom}/api/v1/query?query={}", pct(series))).await {
+            Ok(d) if has_data(&d) => {}
+            Ok(d) => failures.push(format!("{series} is not in the scrape: {d}")),
+            Err(e) => failures.push(format!("querying {series} failed: {e}")),
+        }
+    }
 
     // Every panel query of every dashboard returns data.
-    let mut failures = Vec::new();
     let mut checked = 0usize;
     let mut variables = 0usize;
     let mut files: Vec<_> = std::fs::read_dir(root.join("dashboards"))
