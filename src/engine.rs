@@ -243,6 +243,10 @@ pub struct Incident {
     pub trail: Vec<TrailEntry>,
     /// Event time until which escalation and re-notification are muted (`silence`).
     pub silenced_until_ms: Option<i64>,
+    /// A data-quality incident that only reflects a tracking outage on another series of the
+    /// same metric (e.g. the total, when one country's events stopped).
+    #[serde(skip)]
+    pub explained_by_outage: bool,
     #[serde(skip)]
     recovery: Recovery,
 }
@@ -380,6 +384,10 @@ pub struct Engine {
     /// cited in the decisions of later incidents blamed on them.
     vetoed: HashMap<String, String>,
 }
+
+/// Events expected in a window before their complete absence is read as a tracking outage
+/// (P(0 | Poisson mean 20) = 2e-9).
+pub const DQ_MIN_EXPECTED: f64 = 20.0;
 
 /// Audit records kept in memory for the API (the audit topic keeps them all).
 pub const AUDIT_LOG_MAX: usize = 50_000;
@@ -977,6 +985,8 @@ impl Engine {
         let start = w * self.schema.window_ms;
         let mut alarms: Vec<(usize, Alarm, Expect)> = Vec::new();
         let mut resolutions: Vec<(usize, &'static str)> = Vec::new();
+        // Series whose events stopped arriving: (series, what stopped, expected per window).
+        let mut outages: Vec<(usize, &'static str, f64)> = Vec::new();
         self.stats.windows_closed += 1;
         self.windows_since_view += 1;
         // The API's view (watermark, series histories) moves with every closed window.
@@ -1004,6 +1014,7 @@ impl Engine {
                 (true, None) => obs.num,
                 (false, _) => obs.den,
             };
+            let volume_before = s.volume as f64;
             s.volume = 0.9 * s.volume + 0.1 * volume as f32;
             let hi = w.rem_euclid(HISTORY as i64) as usize;
             s.hist[hi] = HistEntry {
@@ -1021,7 +1032,52 @@ impl Engine {
                 f64::NAN
             };
             let mut score = 0.0;
-            if let Some(inc) = s.incident {
+            // A tracking outage: what the metric reads stopped arriving while it was expected in
+            // numbers that make zero impossible by chance. It is a data-quality incident, not a
+            // business drop, and the window is neither tested nor learnt.
+            let outage = match e {
+                Some(e) if s.baseline.learnt() >= m.det.warmup_windows => {
+                    if !m.per_window && obs.den == 0.0 && volume_before >= DQ_MIN_EXPECTED {
+                        Some(("denominator", volume_before))
+                    } else if m.family != Family::Gaussian
+                        && obs.num == 0.0
+                        && e.rate * obs.den.max(m.per_window as u8 as f64) >= DQ_MIN_EXPECTED
+                        && (m.per_window || obs.den >= m.det.min_volume_per_window)
+                    {
+                        Some(("numerator", e.rate * obs.den.max(1.0)))
+                    } else {
+                        None
+                    }
+                }
+                _ => None,
+            };
+            let in_dq = s
+                .incident
+                .map(|i| self.incidents[i].kind == "data_quality")
+                .unwrap_or(false);
+            if in_dq {
+                let inc = &self.incidents[s.incident.expect("in an incident")];
+                let cleared = if inc.explained_by_outage {
+                    // A consequence of an outage elsewhere in the metric: ends with it.
+                    !self.incidents.iter().any(|i| {
+                        i.status == IncidentStatus::Firing
+                            && i.kind == "data_quality"
+                            && !i.explained_by_outage
+                            && i.metric_idx == Some(s.metric)
+                    })
+                } else {
+                    outage.is_none() && (obs.den > 0.0 || m.per_window)
+                };
+                if cleared {
+                    resolutions.push((si, "restored"));
+                }
+                score = 1.0;
+            } else if let Some((what, expected)) = outage {
+                if s.incident.is_none() {
+                    outages.push((si, what, expected));
+                }
+                score = 1.0;
+            } else if let Some(inc) = s.incident {
                 // Frozen baseline: test for recovery against it, never learn.
                 let inc_ref = &mut self.incidents[inc];
                 if let Some(e) = e {
@@ -1092,6 +1148,9 @@ impl Engine {
         }
         for (si, how) in resolutions {
             self.resolve(si, w, how);
+        }
+        for (si, what, expected) in outages {
+            self.open_outage(si, w, what, expected);
         }
         for (si, a, e) in alarms {
             self.open_incident(si, w, a, e);
@@ -1201,6 +1260,19 @@ impl Engine {
             (_, Side::Down) => "drop",
             (_, Side::Up) => "spike",
         };
+        let outage = self.incidents.iter().find(|i| {
+            i.status == IncidentStatus::Firing
+                && i.kind == "data_quality"
+                && !i.explained_by_outage
+                && i.metric_idx == Some(s.metric)
+        });
+        let explained = outage.map(|o| {
+            format!(
+                "explained by the tracking outage on {} ({}): not a business {}",
+                o.label, o.id, kind
+            )
+        });
+        let kind = if explained.is_some() { "data_quality" } else { kind };
         let surface = m.cfg.numerator.surface.clone();
         let mut candidates = self.registry.candidates(
             &s.dims,
@@ -1236,7 +1308,7 @@ impl Engine {
             owner: m.cfg.owner.clone(),
             change_owner: None,
             comparison,
-            evidence: None,
+            evidence: explained.clone(),
             local_gain_global_loss: None,
             onset_ms,
             detected_ms,
@@ -1256,6 +1328,7 @@ impl Engine {
             rollback_id: None,
             trail: Vec::new(),
             silenced_until_ms: None,
+            explained_by_outage: explained.is_some(),
             recovery: Recovery::new(observed),
         };
         let evidence = serde_json::json!({
@@ -1426,6 +1499,7 @@ impl Engine {
         let end = (w + 1) * self.schema.window_ms;
         let onset = self.incidents[idx].onset_ms;
         let text = match how {
+            "restored" => "restored: the metric's events arrive again".to_string(),
             "recovered" => format!(
                 "recovered: the series is back to its baseline (likelihood ratio {}:1 against the shifted level)",
                 crate::detect::RECOVERY_ODDS as u64

@@ -41,6 +41,22 @@ fn write_traffic(
     arms: &[Arms],
     seed: u64,
 ) {
+    write_traffic_with(path, start, minutes, per_min, countries, arms, seed, None)
+}
+
+/// As [`write_traffic`], with an optional tracking outage: no conversion events from
+/// `country` in [from, to).
+#[allow(clippy::too_many_arguments)]
+fn write_traffic_with(
+    path: &Path,
+    start: i64,
+    minutes: i64,
+    per_min: u32,
+    countries: &[&str],
+    arms: &[Arms],
+    seed: u64,
+    outage: Option<(&str, i64, i64)>,
+) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut user = 0u64;
@@ -68,7 +84,8 @@ fn write_traffic(
                     r#"{{"type":"session","ts":{ts},"user":"u{user}","surface":"checkout","dims":{{"country":"{c}"}}{extra}}}"#
                 )
                 .unwrap();
-                if rng.gen::<f64>() < p {
+                let lost = outage.map(|(oc, a, b)| oc == *c && ts >= a && ts < b).unwrap_or(false);
+                if rng.gen::<f64>() < p && !lost {
                     writeln!(
                         f,
                         r#"{{"type":"conversion","ts":{},"user":"u{user}","surface":"checkout","dims":{{"country":"{c}"}}{extra}}}"#,
@@ -414,4 +431,47 @@ fn messages_per_recipient_above_the_cap_is_pressure_with_unsubscribes() {
     assert!(ev.contains("unsubscribes 12"), "{ev}");
     assert!(ev.contains("yesterday"), "{ev}");
     assert_eq!(p[1]["status"], "resolved");
+}
+
+#[test]
+fn a_tracking_outage_is_data_quality_not_a_conversion_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = t0();
+    // Four hours of learning, then FR's conversion events stop for an hour (sessions go on).
+    write_traffic_with(
+        &dir.path().join("events.jsonl"),
+        t - 4 * HOUR,
+        6 * 60,
+        600,
+        &["FR", "DE"],
+        &[],
+        4,
+        Some(("FR", t, t + HOUR)),
+    );
+    let cfg = shipped().replace("warmup_windows = 144", "warmup_windows = 24");
+    assert!(cfg.contains("warmup_windows = 24"));
+    let (alerts, rollbacks, _) = replay(dir.path(), &cfg, &[]);
+    let conv: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["metric"] == "conversion_rate" && a["status"] == "firing")
+        .collect();
+    assert!(!conv.is_empty(), "{alerts:#?}");
+    for a in &conv {
+        assert_eq!(a["kind"], "data_quality", "never a business drop: {a:#}");
+        assert_eq!(a["decision"]["action"], "investigate");
+    }
+    let fr = conv
+        .iter()
+        .find(|a| a["series"]["country"] == "FR")
+        .expect("FR's outage is named");
+    assert!(fr["evidence"].as_str().unwrap().contains("no `conversion` events"), "{fr:#}");
+    let onset = guardrail::event::parse_time_str(fr["onset"].as_str().unwrap()).unwrap();
+    assert_eq!(onset, t);
+    let resolved = alerts
+        .iter()
+        .find(|a| a["incident_id"] == fr["incident_id"] && a["status"] == "resolved")
+        .expect("resolved when events come back");
+    let end = guardrail::event::parse_time_str(resolved["resolved_at"].as_str().unwrap()).unwrap();
+    assert!(end > t + HOUR && end <= t + HOUR + 10 * MIN, "{resolved:#}");
+    assert!(rollbacks.is_empty());
 }

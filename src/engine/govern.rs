@@ -167,13 +167,14 @@ impl Engine {
         let top = inc.candidates.first().cloned();
         let change = top.as_ref().and_then(|c| self.registry.get(&c.change_id));
         inc.change_owner = change.and_then(|c| c.owner.clone());
-        if matches!(inc.kind, "srm" | "fragmentation" | "pressure") {
+        if matches!(inc.kind, "srm" | "fragmentation" | "pressure" | "data_quality") {
             let mut d = Decision::new(
                 DecisionAction::Investigate,
                 "investigate",
                 match inc.kind {
                     "srm" => "the exposure split is broken: treatment/holdout comparisons of this change are not trustworthy and are suspended; check assignment, logging and bot filtering".into(),
                     "fragmentation" => "too many variants live on this surface: decide which to stop; guardrail does not roll back on sprawl".into(),
+                    "data_quality" => "a tracking outage, not a business change: check the event pipeline; guardrail does not roll back on data quality".into(),
                     _ => "customers receive more messages than the cap: review send frequency; guardrail does not roll back on pressure".into(),
                 },
             );
@@ -1008,6 +1009,7 @@ impl Engine {
             rollback_id: None,
             trail: Vec::new(),
             silenced_until_ms: None,
+            explained_by_outage: false,
             recovery: Recovery::new(0.0),
         }
     }
@@ -1093,6 +1095,78 @@ impl Engine {
         );
     }
 
+    /// A tracking outage on series `si` in window `w`: `what` (numerator or denominator events)
+    /// stopped while `expected` were expected.
+    pub(super) fn open_outage(&mut self, si: usize, w: i64, what: &'static str, expected: f64) {
+        let wm = self.schema.window_ms;
+        let s = &self.series[si];
+        let m = &self.schema.metrics[s.metric];
+        let onset_ms = w * wm;
+        let id = stable_id("inc-", &[m.name(), &s.label, "data_quality", &onset_ms.to_string()]);
+        if self.incident_ids.contains_key(&id) {
+            return;
+        }
+        let sel = match what {
+            "numerator" => &m.cfg.numerator,
+            _ => m.cfg.denominator.as_ref().or(m.cfg.exposure.as_ref()).unwrap_or(&m.cfg.numerator),
+        };
+        let evidence = format!(
+            "no `{}` events on {} since {} while ~{:.0} per window were expected{}: a tracking outage, not a business drop",
+            sel.event_type,
+            s.label,
+            fmt_time(onset_ms),
+            expected,
+            if what == "numerator" {
+                format!(" (the `{}` events that count them kept arriving)", m.cfg.denominator.as_ref().or(m.cfg.exposure.as_ref()).map(|d| d.event_type.as_str()).unwrap_or("exposure"))
+            } else {
+                String::new()
+            }
+        );
+        let last = s.last;
+        let mut series = self.series_json(si);
+        let inc = Incident {
+            id,
+            metric: m.name().to_string(),
+            metric_idx: Some(s.metric),
+            series_idx: Some(si),
+            label: s.label.clone(),
+            series: std::mem::take(&mut series),
+            status: IncidentStatus::Firing,
+            kind: "data_quality",
+            severity: "warning",
+            owner: m.cfg.owner.clone(),
+            change_owner: None,
+            comparison: None,
+            evidence: Some(evidence.clone()),
+            local_gain_global_loss: None,
+            onset_ms,
+            detected_ms: (w + 1) * wm,
+            resolved_ms: None,
+            resolution: None,
+            observed: 0.0,
+            expected: if last.expected.is_finite() { last.expected } else { 0.0 },
+            expected_low: if last.expected_low.is_finite() { last.expected_low } else { 0.0 },
+            expected_high: if last.expected_high.is_finite() { last.expected_high } else { 0.0 },
+            effect: -1.0,
+            score: 1.0,
+            delay_windows: 1,
+            delay_events: 0.0,
+            candidates: Vec::new(),
+            top_segments: Vec::new(),
+            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
+            rollback_id: None,
+            trail: Vec::new(),
+            silenced_until_ms: None,
+            explained_by_outage: false,
+            recovery: Recovery::new(0.0),
+        };
+        let ev = json!({"metric": inc.metric, "series": inc.series, "missing": what,
+            "event_type": sel.event_type, "expected_per_window": expected, "evidence": evidence});
+        let idx = self.raise(inc, ev, json!({"guard": "tracking-outage", "min_expected": DQ_MIN_EXPECTED}), None);
+        self.series[si].incident = Some(idx);
+        self.series[si].detector.reset();
+    }
+
     /// Changes in force on a surface, as candidates for a sprawl or pressure incident.
     fn surface_candidates(&self, surface: &str, at: i64) -> Vec<Candidate> {
         let dims = [("surface".to_string(), surface.to_string())];
@@ -1164,6 +1238,7 @@ impl Engine {
             rollback_id: None,
             trail: Vec::new(),
             silenced_until_ms: None,
+            explained_by_outage: false,
             recovery: Recovery::new(0.0),
         }
     }
