@@ -639,6 +639,11 @@ pub struct MetricConfig {
     pub include_total: bool,
     /// Who owns this metric (routing, accountability).
     pub owner: Option<String>,
+    /// `share` metrics: the dimension whose mix is watched (`device`, `channel`, `variant`).
+    pub share_of: Option<String>,
+    /// `share` metrics: smallest population stability index worth an alert (0.1 is the usual
+    /// "moderate shift"); the G-test decides whether the shift is real.
+    pub min_psi: Option<f64>,
     #[serde(default)]
     pub detection: DetectionOverrides,
 }
@@ -836,7 +841,20 @@ impl Config {
                     }
                 }
                 MetricKind::Share => {
-                    errs.push(at(off, key("kind"), "kind `share` (mix drift) is part of the contract but not available in this version; use ratio metrics per value meanwhile".into()));
+                    if mc.denominator.is_some() || mc.exposure.is_some() {
+                        errs.push(at(off, key("denominator"), "a share metric reads only its numerator selector: the mix of `share_of` within those events".into()));
+                    }
+                    match &mc.share_of {
+                        None => errs.push(at(off, key("share_of"), "a share metric names the dimension whose mix it watches, e.g. share_of = \"device\"".into())),
+                        Some(d) if mc.dims.contains(d) => errs.push(at(off, key("share_of"), format!("{d:?} is also a segment dimension in `dims`: its mix within a segment of itself is constant"))),
+                        Some(d) if d.is_empty() => errs.push(at(off, key("share_of"), "must not be empty".into())),
+                        _ => {}
+                    }
+                    if let Some(p) = mc.min_psi {
+                        if !(p > 0.0 && p < 10.0) {
+                            errs.push(at(off, key("min_psi"), format!("must be in (0, 10), got {p}")));
+                        }
+                    }
                 }
             }
             if mc.dims.len() > 4 {

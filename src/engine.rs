@@ -32,6 +32,7 @@ use crate::sink::{
 };
 use crate::window::Ring;
 
+mod drift;
 mod govern;
 
 /// Dimensions read from the `dims` object, across all metrics.
@@ -96,6 +97,8 @@ pub struct MetricDef {
     per_window: bool,
     total: Option<usize>,
     series_count: usize,
+    /// `share` metrics: where the watched dimension's value is read.
+    share_of: Option<DimSrc>,
 }
 
 impl MetricDef {
@@ -383,6 +386,10 @@ pub struct Engine {
     /// Changes whose rollback a person vetoed (until they are applied again): the reason,
     /// cited in the decisions of later incidents blamed on them.
     vetoed: HashMap<String, String>,
+    /// `share` metrics' series, their index by key, and category names per metric.
+    pub shares: Vec<crate::share::ShareSeries>,
+    share_index: HashMap<u64, usize>,
+    share_cats: Vec<crate::share::Categories>,
 }
 
 /// Events expected in a window before their complete absence is read as a tracking outage
@@ -440,6 +447,10 @@ impl Engine {
         let mut metrics = Vec::new();
         let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
         for (mi, m) in cfg.metrics().enumerate() {
+            let share_of = match (&m.share_of, m.kind) {
+                (Some(d), MetricKind::Share) => Some(src_of(d, &m.name)?),
+                _ => None,
+            };
             let dims = m
                 .dims
                 .iter()
@@ -477,6 +488,7 @@ impl Engine {
                     || (m.kind == MetricKind::Count && m.exposure.is_none()),
                 total: None,
                 series_count: 0,
+                share_of,
                 cfg: m.clone(),
             });
         }
@@ -554,8 +566,14 @@ impl Engine {
             auto_rollbacks: VecDeque::new(),
             audit_log: VecDeque::new(),
             vetoed: HashMap::new(),
+            shares: Vec::new(),
+            share_index: HashMap::new(),
+            share_cats: vec![Default::default(); cfg.metrics.len()],
         };
         for mi in 0..eng.schema.metrics.len() {
+            if eng.schema.metrics[mi].cfg.kind == MetricKind::Share {
+                continue;
+            }
             if eng.schema.metrics[mi].cfg.include_total || eng.schema.metrics[mi].dims.is_empty() {
                 let si = eng.new_series(mi, Vec::new(), i64::MIN);
                 eng.schema.metrics[mi].total = Some(si);
@@ -718,6 +736,9 @@ impl Engine {
             guards,
             sprawl,
             pressure,
+            shares,
+            share_index,
+            share_cats,
             ..
         } = self;
         let (sk, uk) = (sc.series_key, sc.user_key);
@@ -795,6 +816,51 @@ impl Engine {
             let m = &sc.metrics[r.metric];
             // Selected: from here on it is either aggregated or counted as incomplete.
             any = true;
+            if let Some(src) = m.share_of {
+                let cat = share_cats[r.metric].index(get(src).unwrap_or(MISSING_DIM));
+                let mut add_share = |key: u64, dims: &dyn Fn() -> Vec<(String, String)>| {
+                    let i = match share_index.get(&key) {
+                        Some(&i) => i,
+                        None => {
+                            if shares.iter().filter(|x| x.metric == r.metric).count()
+                                >= sc.max_series
+                            {
+                                stats.series_overflow += 1;
+                                return;
+                            }
+                            shares.push(crate::share::ShareSeries::new(
+                                r.metric,
+                                dims(),
+                                m.det.baseline_half_life_windows * 12.0,
+                            ));
+                            share_index.insert(key, shares.len() - 1);
+                            shares.len() - 1
+                        }
+                    };
+                    shares[i].add(w, cat);
+                };
+                let mut h = SipHasher13::new_with_keys(sk.0, sk.1);
+                h.write_usize(r.metric);
+                h.write_u8(0xfe);
+                if m.cfg.include_total || m.dims.is_empty() {
+                    add_share(h.finish(), &Vec::new);
+                }
+                if !m.dims.is_empty() {
+                    for d in &m.dims {
+                        h.write(get(*d).unwrap_or(MISSING_DIM).as_bytes());
+                        h.write_u8(0xff);
+                    }
+                    add_share(h.finish(), &|| {
+                        m.cfg
+                            .dims
+                            .iter()
+                            .zip(&m.dims)
+                            .map(|(n, d)| (n.clone(), get(*d).unwrap_or(MISSING_DIM).to_string()))
+                            .collect()
+                    });
+                }
+                continue;
+            }
             // What this event adds to the window.
             let (dn, dd, dsq, user) = match (m.cfg.kind, r.role) {
                 (MetricKind::Mean, Role::Num) | (MetricKind::Share, Role::Num) => match ev.value {
@@ -1156,6 +1222,7 @@ impl Engine {
             self.open_incident(si, w, a, e);
         }
         let end = (w + 1) * self.schema.window_ms;
+        self.close_shares(w);
         self.close_guards(w);
         self.check_sprawl(end);
         self.check_pressure(end);

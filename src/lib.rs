@@ -11,6 +11,7 @@
 //! - [`detect`]    calibrated sequential detectors (binomial, Poisson with exposure, Gaussian).
 //! - [`guard`]     watches on applied changes (treatment vs holdout, SRM), variation sprawl,
 //!   customer pressure; [`seqtest`] their always-valid sequential tests.
+//! - [`share`]     `share` metrics: a dimension's mix within an event type, G-test drift.
 //! - [`attribute`] the registry of changes in force and candidate ranking.
 //! - [`policy`]    decisions by tier: veto windows, escalation, circuit breaker, shadow mode.
 //! - [`control`]   approve / veto / acknowledge / silence: API commands applied by the engine.
@@ -45,6 +46,7 @@ pub mod policy;
 pub mod replay;
 pub mod seqtest;
 pub mod service;
+pub mod share;
 pub mod sim;
 pub mod sink;
 pub mod source;

@@ -475,3 +475,44 @@ fn a_tracking_outage_is_data_quality_not_a_conversion_drop() {
     assert!(end > t + HOUR && end <= t + HOUR + 10 * MIN, "{resolved:#}");
     assert!(rollbacks.is_empty());
 }
+
+#[test]
+fn a_shift_in_the_device_mix_is_drift_with_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = t0();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join("events.jsonl")).unwrap());
+    let mut rng = SmallRng::seed_from_u64(9);
+    // Six hours at mobile 60% / desktop 30% / tablet 10%, then two hours at 45 / 45 / 10.
+    for m in 0..(8 * 60) {
+        let ts0 = t - 6 * HOUR + m * MIN;
+        let mix = if ts0 < t { [0.6, 0.3, 0.1] } else { [0.45, 0.45, 0.1] };
+        for k in 0..300 {
+            let u: f64 = rng.gen();
+            let d = if u < mix[0] { "mobile" } else if u < mix[0] + mix[1] { "desktop" } else { "tablet" };
+            let ts = ts0 + k * 200;
+            writeln!(f, r#"{{"type":"session","ts":{ts},"dims":{{"country":"FR","device":"{d}"}}}}"#).unwrap();
+        }
+    }
+    f.flush().unwrap();
+    drop(f);
+    let cfg = shipped().replace("warmup_windows = 144", "warmup_windows = 36");
+    let (alerts, _, _) = replay(dir.path(), &cfg, &[]);
+    let drift: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["metric"] == "device_mix" && a["status"] == "firing")
+        .collect();
+    assert!(!drift.is_empty(), "{alerts:#?}");
+    for a in &drift {
+        assert_eq!(a["kind"], "drift");
+        let detected = guardrail::event::parse_time_str(a["detected_at"].as_str().unwrap()).unwrap();
+        assert!(detected > t && detected <= t + HOUR, "found within the hour: {a:#}");
+        assert!(a["effect"].as_f64().unwrap() >= 0.1, "PSI as the effect: {a:#}");
+        let ev = a["evidence"].as_str().unwrap();
+        assert!(ev.contains("mobile") && ev.contains("PSI") && ev.contains("Jensen-Shannon"), "{ev}");
+    }
+    assert!(drift.iter().any(|a| a["series"]["country"] == "FR"));
+    // Nothing before the shift.
+    assert!(alerts.iter().all(|a| {
+        guardrail::event::parse_time_str(a["detected_at"].as_str().unwrap()).unwrap() > t
+    }), "{alerts:#?}");
+}

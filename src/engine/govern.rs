@@ -167,7 +167,7 @@ impl Engine {
         let top = inc.candidates.first().cloned();
         let change = top.as_ref().and_then(|c| self.registry.get(&c.change_id));
         inc.change_owner = change.and_then(|c| c.owner.clone());
-        if matches!(inc.kind, "srm" | "fragmentation" | "pressure" | "data_quality") {
+        if matches!(inc.kind, "srm" | "fragmentation" | "pressure" | "data_quality" | "drift") {
             let mut d = Decision::new(
                 DecisionAction::Investigate,
                 "investigate",
@@ -175,6 +175,7 @@ impl Engine {
                     "srm" => "the exposure split is broken: treatment/holdout comparisons of this change are not trustworthy and are suspended; check assignment, logging and bot filtering".into(),
                     "fragmentation" => "too many variants live on this surface: decide which to stop; guardrail does not roll back on sprawl".into(),
                     "data_quality" => "a tracking outage, not a business change: check the event pipeline; guardrail does not roll back on data quality".into(),
+                    "drift" => "a drift, not a step: review whether the new level or mix is intended; guardrail does not roll back on drift".into(),
                     _ => "customers receive more messages than the cap: review send frequency; guardrail does not roll back on pressure".into(),
                 },
             );

@@ -1,0 +1,164 @@
+//! Drift: `share` metrics (a dimension's mix) tested against their baseline mix after every
+//! window, and their incidents.
+
+use serde_json::json;
+
+use super::*;
+use crate::share::MixTest;
+
+impl Engine {
+    /// Closes window `w` of every share series: learn, test, open or resolve incidents.
+    pub(super) fn close_shares(&mut self, w: i64) {
+        if self.shares.is_empty() {
+            return;
+        }
+        let wm = self.schema.window_ms;
+        let hour = ((w * wm).rem_euclid(86_400_000) / 3_600_000) as usize;
+        let windows_per_week = (7 * 86_400_000 / wm) as f64;
+        let mut opened: Vec<(usize, MixTest)> = Vec::new();
+        let mut resolved: Vec<(usize, &'static str)> = Vec::new();
+        for i in 0..self.shares.len() {
+            let mi = self.shares[i].metric;
+            let m = &self.schema.metrics[mi];
+            let alpha = m.det.false_alarms_per_series_week / windows_per_week;
+            let min_psi = m.cfg.min_psi.unwrap_or(0.1);
+            let in_incident = self.shares[i].incident.is_some();
+            // Judge before learning: a suspicious window must not be learnt.
+            let warm = self.shares[i].learnt >= m.det.warmup_windows;
+            let s = &mut self.shares[i];
+            let t = s.close(w, hour, !in_incident);
+            let Some(t) = t.filter(|_| warm) else { continue };
+            let shifted = t.p_value < alpha && t.psi >= min_psi;
+            match s.incident {
+                Some(idx) => {
+                    let normal = t.p_value > 0.01 || t.psi < min_psi / 2.0;
+                    if s.calm_step(normal) {
+                        resolved.push((i, "recovered"));
+                    } else if (w + 1) * wm - self.incidents[idx].onset_ms
+                        > m.det.incident_max_secs as i64 * 1000
+                    {
+                        resolved.push((i, "expired"));
+                    }
+                }
+                None if shifted => opened.push((i, t)),
+                None => {}
+            }
+        }
+        for (i, how) in resolved {
+            let Some(idx) = self.shares[i].incident.take() else { continue };
+            self.shares[i].reset_calm();
+            let text = if how == "expired" {
+                self.shares[i].relearn();
+                "expired: the new mix is accepted as normal and learnt again".to_string()
+            } else {
+                "recovered: the mix matches its baseline again for a whole test span".to_string()
+            };
+            self.resolve_incident(
+                idx,
+                (w + 1) * wm,
+                text,
+                json!({"rule": "share-g-test", "calm_windows": crate::share::TEST_WINDOWS}),
+            );
+        }
+        for (i, t) in opened {
+            self.open_mix_drift(i, w, t);
+        }
+    }
+
+    fn open_mix_drift(&mut self, i: usize, w: i64, t: MixTest) {
+        let wm = self.schema.window_ms;
+        let s = &self.shares[i];
+        let m = &self.schema.metrics[s.metric];
+        let cats = &self.share_cats[s.metric].names;
+        let onset_ms = (w + 1 - crate::share::TEST_WINDOWS as i64).max(0) * wm;
+        let id = stable_id("inc-", &[m.name(), &s.label, "drift", &((w + 1) * wm).to_string()]);
+        let dim = m.cfg.share_of.clone().unwrap_or_default();
+        let mix: Vec<String> = (0..cats.len())
+            .filter(|&k| t.observed[k] > 0.0 || t.expected[k] > 0.0)
+            .map(|k| {
+                format!(
+                    "{} {:.1}% (expected {:.1}%)",
+                    cats[k],
+                    t.observed[k] * 100.0,
+                    t.expected[k] * 100.0
+                )
+            })
+            .collect();
+        let evidence = format!(
+            "{dim} mix of `{}` on {}: {}; PSI {:.3}, Jensen-Shannon {:.4} bits; G = {:.1} (df {}, p = {:.1e}) over {:.0} events in the last {}",
+            m.cfg.numerator.event_type,
+            s.label,
+            mix.join(", "),
+            t.psi,
+            t.js,
+            t.g,
+            t.df,
+            t.p_value,
+            t.total,
+            human_duration(crate::share::TEST_WINDOWS as i64 * wm)
+        );
+        let (o, e) = (t.observed[t.top], t.expected[t.top]);
+        let sd = (e * (1.0 - e) / t.total.max(1.0)).sqrt();
+        let mut series: serde_json::Map<String, serde_json::Value> = s
+            .dims
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        series.insert("share_of".into(), json!(dim));
+        let candidates = self.registry.candidates(
+            &s.dims,
+            m.cfg.numerator.surface.as_deref(),
+            onset_ms,
+            wm,
+            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+        );
+        let top_name = cats.get(t.top).cloned().unwrap_or_default();
+        let inc = Incident {
+            id,
+            metric: m.name().to_string(),
+            metric_idx: Some(s.metric),
+            series_idx: None,
+            label: format!("{} ({dim}={top_name})", s.label),
+            series,
+            status: IncidentStatus::Firing,
+            kind: "drift",
+            severity: m.cfg.severity.as_str(),
+            owner: m.cfg.owner.clone(),
+            change_owner: None,
+            comparison: None,
+            evidence: Some(evidence.clone()),
+            local_gain_global_loss: None,
+            onset_ms,
+            detected_ms: (w + 1) * wm,
+            resolved_ms: None,
+            resolution: None,
+            observed: o,
+            expected: e,
+            expected_low: e - self.schema.z99 * sd,
+            expected_high: e + self.schema.z99 * sd,
+            effect: round3(t.psi),
+            score: round3(t.p_value.max(1e-300).log10() / (self.schema.metrics[s.metric].det.false_alarms_per_series_week / (7.0 * 86_400_000.0 / wm as f64)).log10()),
+            delay_windows: crate::share::TEST_WINDOWS as i64,
+            delay_events: t.total,
+            candidates,
+            top_segments: Vec::new(),
+            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
+            rollback_id: None,
+            trail: Vec::new(),
+            silenced_until_ms: None,
+            explained_by_outage: false,
+            recovery: Recovery::new(0.0),
+        };
+        let ev = json!({"metric": inc.metric, "series": inc.series, "categories": cats,
+            "observed": t.observed, "expected": t.expected, "psi": t.psi, "js_bits": t.js,
+            "g": t.g, "df": t.df, "p_value": t.p_value, "events": t.total, "evidence": evidence});
+        let idx = self.raise(
+            inc,
+            ev,
+            json!({"test": "g-test-against-baseline-mix", "min_psi": m.cfg.min_psi.unwrap_or(0.1),
+                "false_alarms_per_series_week": m.det.false_alarms_per_series_week}),
+            None,
+        );
+        self.shares[i].incident = Some(idx);
+    }
+}
