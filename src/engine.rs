@@ -147,6 +147,8 @@ pub struct Series {
     pub last: LastWindow,
     /// Smoothed volume, to pick which series get gauges.
     pub volume: f32,
+    /// Daily level against a long reference: slow drifts.
+    pub trend: crate::trend::Trend,
 }
 
 impl Series {
@@ -1053,6 +1055,9 @@ impl Engine {
         let mut resolutions: Vec<(usize, &'static str)> = Vec::new();
         // Series whose events stopped arriving: (series, what stopped, expected per window).
         let mut outages: Vec<(usize, &'static str, f64)> = Vec::new();
+        // Slow drifts found at the end of a day, and drift incidents that ended.
+        let mut drifts: Vec<(usize, crate::trend::DriftAlarm)> = Vec::new();
+        let mut drift_ends: Vec<(usize, bool)> = Vec::new();
         self.stats.windows_closed += 1;
         self.windows_since_view += 1;
         // The API's view (watermark, series histories) moves with every closed window.
@@ -1081,6 +1086,26 @@ impl Engine {
                 (false, _) => obs.den,
             };
             let volume_before = s.volume as f64;
+            // The daily level learns only windows no incident claims.
+            let quiet = s.incident.is_none();
+            if let Some(a) = s.trend.window(
+                start,
+                start + self.schema.window_ms,
+                obs.num,
+                obs.den,
+                quiet,
+            ) {
+                drifts.push((si, a));
+            }
+            if let Some(ti) = s.trend.incident {
+                if s.trend.recovered() {
+                    drift_ends.push((si, false));
+                } else if start + self.schema.window_ms - self.incidents[ti].onset_ms
+                    > (m.det.incident_max_secs as i64 * 1000).max(7 * 86_400_000)
+                {
+                    drift_ends.push((si, true));
+                }
+            }
             s.volume = 0.9 * s.volume + 0.1 * volume as f32;
             let hi = w.rem_euclid(HISTORY as i64) as usize;
             s.hist[hi] = HistEntry {
@@ -1218,6 +1243,12 @@ impl Engine {
         for (si, what, expected) in outages {
             self.open_outage(si, w, what, expected);
         }
+        for (si, expired) in drift_ends {
+            self.end_drift(si, w, expired);
+        }
+        for (si, a) in drifts {
+            self.open_drift(si, w, a);
+        }
         for (si, a, e) in alarms {
             self.open_incident(si, w, a, e);
         }
@@ -1339,7 +1370,11 @@ impl Engine {
                 o.label, o.id, kind
             )
         });
-        let kind = if explained.is_some() { "data_quality" } else { kind };
+        let kind = if explained.is_some() {
+            "data_quality"
+        } else {
+            kind
+        };
         let surface = m.cfg.numerator.surface.clone();
         let mut candidates = self.registry.candidates(
             &s.dims,
@@ -1815,6 +1850,14 @@ fn make_series(
         }; HISTORY],
         last: LastWindow::default(),
         volume: 0.0,
+        trend: crate::trend::Trend::new(
+            match m.cfg.direction {
+                Direction::Drop => crate::trend::Harm::Down,
+                Direction::Spike => crate::trend::Harm::Up,
+                Direction::Both => crate::trend::Harm::Both,
+            },
+            m.det.false_alarms_per_series_week,
+        ),
     }
 }
 

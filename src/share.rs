@@ -209,9 +209,7 @@ impl ShareSeries {
             return None;
         }
         let df = cells - 1;
-        let p_value = ChiSquared::new(df as f64)
-            .map(|d| d.sf(g))
-            .unwrap_or(1.0);
+        let p_value = ChiSquared::new(df as f64).map(|d| d.sf(g)).unwrap_or(1.0);
         let (mut psi, mut js) = (0.0, 0.0);
         let mut top = 0;
         let mut top_d = -1.0;
@@ -289,7 +287,14 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Feeds `windows` windows of `n` events drawn from `mix`, starting at window `w0`.
-    fn feed(s: &mut ShareSeries, rng: &mut SmallRng, w0: i64, windows: i64, n: usize, mix: &[f64]) -> Vec<Option<MixTest>> {
+    fn feed(
+        s: &mut ShareSeries,
+        rng: &mut SmallRng,
+        w0: i64,
+        windows: i64,
+        n: usize,
+        mix: &[f64],
+    ) -> Vec<Option<MixTest>> {
         let mut out = Vec::new();
         for w in w0..w0 + windows {
             for _ in 0..n {
@@ -332,7 +337,11 @@ mod tests {
         let shifted = feed(&mut s, &mut rng, 2016, 24, 200, &[0.45, 0.45, 0.1]);
         let first = shifted
             .iter()
-            .position(|t| t.as_ref().map(|t| t.p_value < alpha() && t.psi >= 0.05).unwrap_or(false))
+            .position(|t| {
+                t.as_ref()
+                    .map(|t| t.p_value < alpha() && t.psi >= 0.05)
+                    .unwrap_or(false)
+            })
             .expect("the shift is found within two hours");
         assert!(first < 12, "found within the hour: {first}");
         let t = shifted[first].as_ref().unwrap();

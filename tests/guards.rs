@@ -84,7 +84,9 @@ fn write_traffic_with(
                     r#"{{"type":"session","ts":{ts},"user":"u{user}","surface":"checkout","dims":{{"country":"{c}"}}{extra}}}"#
                 )
                 .unwrap();
-                let lost = outage.map(|(oc, a, b)| oc == *c && ts >= a && ts < b).unwrap_or(false);
+                let lost = outage
+                    .map(|(oc, a, b)| oc == *c && ts >= a && ts < b)
+                    .unwrap_or(false);
                 if rng.gen::<f64>() < p && !lost {
                     writeln!(
                         f,
@@ -464,7 +466,13 @@ fn a_tracking_outage_is_data_quality_not_a_conversion_drop() {
         .iter()
         .find(|a| a["series"]["country"] == "FR")
         .expect("FR's outage is named");
-    assert!(fr["evidence"].as_str().unwrap().contains("no `conversion` events"), "{fr:#}");
+    assert!(
+        fr["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("no `conversion` events"),
+        "{fr:#}"
+    );
     let onset = guardrail::event::parse_time_str(fr["onset"].as_str().unwrap()).unwrap();
     assert_eq!(onset, t);
     let resolved = alerts
@@ -480,17 +488,32 @@ fn a_tracking_outage_is_data_quality_not_a_conversion_drop() {
 fn a_shift_in_the_device_mix_is_drift_with_its_size() {
     let dir = tempfile::tempdir().unwrap();
     let t = t0();
-    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.path().join("events.jsonl")).unwrap());
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(dir.path().join("events.jsonl")).unwrap());
     let mut rng = SmallRng::seed_from_u64(9);
     // Six hours at mobile 60% / desktop 30% / tablet 10%, then two hours at 45 / 45 / 10.
     for m in 0..(8 * 60) {
         let ts0 = t - 6 * HOUR + m * MIN;
-        let mix = if ts0 < t { [0.6, 0.3, 0.1] } else { [0.45, 0.45, 0.1] };
+        let mix = if ts0 < t {
+            [0.6, 0.3, 0.1]
+        } else {
+            [0.45, 0.45, 0.1]
+        };
         for k in 0..300 {
             let u: f64 = rng.gen();
-            let d = if u < mix[0] { "mobile" } else if u < mix[0] + mix[1] { "desktop" } else { "tablet" };
+            let d = if u < mix[0] {
+                "mobile"
+            } else if u < mix[0] + mix[1] {
+                "desktop"
+            } else {
+                "tablet"
+            };
             let ts = ts0 + k * 200;
-            writeln!(f, r#"{{"type":"session","ts":{ts},"dims":{{"country":"FR","device":"{d}"}}}}"#).unwrap();
+            writeln!(
+                f,
+                r#"{{"type":"session","ts":{ts},"dims":{{"country":"FR","device":"{d}"}}}}"#
+            )
+            .unwrap();
         }
     }
     f.flush().unwrap();
@@ -504,15 +527,85 @@ fn a_shift_in_the_device_mix_is_drift_with_its_size() {
     assert!(!drift.is_empty(), "{alerts:#?}");
     for a in &drift {
         assert_eq!(a["kind"], "drift");
-        let detected = guardrail::event::parse_time_str(a["detected_at"].as_str().unwrap()).unwrap();
-        assert!(detected > t && detected <= t + HOUR, "found within the hour: {a:#}");
-        assert!(a["effect"].as_f64().unwrap() >= 0.1, "PSI as the effect: {a:#}");
+        let detected =
+            guardrail::event::parse_time_str(a["detected_at"].as_str().unwrap()).unwrap();
+        assert!(
+            detected > t && detected <= t + HOUR,
+            "found within the hour: {a:#}"
+        );
+        assert!(
+            a["effect"].as_f64().unwrap() >= 0.1,
+            "PSI as the effect: {a:#}"
+        );
         let ev = a["evidence"].as_str().unwrap();
-        assert!(ev.contains("mobile") && ev.contains("PSI") && ev.contains("Jensen-Shannon"), "{ev}");
+        assert!(
+            ev.contains("mobile") && ev.contains("PSI") && ev.contains("Jensen-Shannon"),
+            "{ev}"
+        );
     }
     assert!(drift.iter().any(|a| a["series"]["country"] == "FR"));
     // Nothing before the shift.
-    assert!(alerts.iter().all(|a| {
-        guardrail::event::parse_time_str(a["detected_at"].as_str().unwrap()).unwrap() > t
-    }), "{alerts:#?}");
+    assert!(
+        alerts.iter().all(|a| {
+            guardrail::event::parse_time_str(a["detected_at"].as_str().unwrap()).unwrap() > t
+        }),
+        "{alerts:#?}"
+    );
+}
+
+#[test]
+fn a_slow_brand_erosion_is_a_drift_not_missed_and_not_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let day = 24 * HOUR;
+    let start = t0() - 14 * HOUR - 30 * day; // a midnight, 30 days back
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(dir.path().join("events.jsonl")).unwrap());
+    let mut rng = SmallRng::seed_from_u64(10);
+    let noise = rand_distr::Normal::new(0.0, 0.4).unwrap();
+    // 30 days of brand signals, 4 a minute around 0.30; from day 18 the mean erodes by 0.01 a
+    // day (a quarter of a percent of the scale per day: invisible in any one window).
+    for m in 0..(30 * 24 * 60) {
+        let ts0 = start + m * MIN;
+        let d = (ts0 - start) / day;
+        let mean = if d < 18 {
+            0.30
+        } else {
+            0.30 - 0.01 * (d - 17) as f64
+        };
+        for k in 0..4 {
+            let v: f64 =
+                (mean + rand_distr::Distribution::sample(&noise, &mut rng)).clamp(-1.0, 1.0);
+            let ts = ts0 + k * 15_000;
+            writeln!(f, r#"{{"type":"brand_signal","ts":{ts},"value":{v:.4}}}"#).unwrap();
+        }
+    }
+    f.flush().unwrap();
+    drop(f);
+    let (alerts, _, _) = replay(dir.path(), &shipped(), &[]);
+    let brand: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["metric"] == "brand_sentiment" && a["status"] == "firing")
+        .collect();
+    let drift = brand
+        .iter()
+        .find(|a| a["kind"] == "drift")
+        .unwrap_or_else(|| panic!("the erosion is found: {alerts:#?}"));
+    let detected =
+        guardrail::event::parse_time_str(drift["detected_at"].as_str().unwrap()).unwrap();
+    assert!(detected > start + 18 * day, "{drift:#}");
+    assert!(detected <= start + 30 * day, "{drift:#}");
+    assert!(
+        drift["evidence"].as_str().unwrap().contains("drifted down"),
+        "{drift:#}"
+    );
+    assert!(drift["observed"].as_f64().unwrap() < drift["expected"].as_f64().unwrap());
+    // Nothing before the erosion began.
+    for a in &brand {
+        let t = guardrail::event::parse_time_str(a["detected_at"].as_str().unwrap()).unwrap();
+        assert!(t > start + 18 * day, "false alarm before the drift: {a:#}");
+    }
+    eprintln!(
+        "erosion found on day {:.1} (began day 18)",
+        (detected - start) as f64 / day as f64
+    );
 }

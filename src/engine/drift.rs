@@ -1,5 +1,5 @@
 //! Drift: `share` metrics (a dimension's mix) tested against their baseline mix after every
-//! window, and their incidents.
+//! window, slow drifts of a series' daily level, and their incidents.
 
 use serde_json::json;
 
@@ -27,7 +27,9 @@ impl Engine {
             let warm = self.shares[i].learnt >= m.det.warmup_windows;
             let s = &mut self.shares[i];
             let t = s.close(w, hour, !in_incident);
-            let Some(t) = t.filter(|_| warm) else { continue };
+            let Some(t) = t.filter(|_| warm) else {
+                continue;
+            };
             let shifted = t.p_value < alpha && t.psi >= min_psi;
             match s.incident {
                 Some(idx) => {
@@ -45,7 +47,9 @@ impl Engine {
             }
         }
         for (i, how) in resolved {
-            let Some(idx) = self.shares[i].incident.take() else { continue };
+            let Some(idx) = self.shares[i].incident.take() else {
+                continue;
+            };
             self.shares[i].reset_calm();
             let text = if how == "expired" {
                 self.shares[i].relearn();
@@ -71,7 +75,10 @@ impl Engine {
         let m = &self.schema.metrics[s.metric];
         let cats = &self.share_cats[s.metric].names;
         let onset_ms = (w + 1 - crate::share::TEST_WINDOWS as i64).max(0) * wm;
-        let id = stable_id("inc-", &[m.name(), &s.label, "drift", &((w + 1) * wm).to_string()]);
+        let id = stable_id(
+            "inc-",
+            &[m.name(), &s.label, "drift", &((w + 1) * wm).to_string()],
+        );
         let dim = m.cfg.share_of.clone().unwrap_or_default();
         let mix: Vec<String> = (0..cats.len())
             .filter(|&k| t.observed[k] > 0.0 || t.expected[k] > 0.0)
@@ -99,11 +106,8 @@ impl Engine {
         );
         let (o, e) = (t.observed[t.top], t.expected[t.top]);
         let sd = (e * (1.0 - e) / t.total.max(1.0)).sqrt();
-        let mut series: serde_json::Map<String, serde_json::Value> = s
-            .dims
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
+        let mut series: serde_json::Map<String, serde_json::Value> =
+            s.dims.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         series.insert("share_of".into(), json!(dim));
         let candidates = self.registry.candidates(
             &s.dims,
@@ -137,7 +141,14 @@ impl Engine {
             expected_low: e - self.schema.z99 * sd,
             expected_high: e + self.schema.z99 * sd,
             effect: round3(t.psi),
-            score: round3(t.p_value.max(1e-300).log10() / (self.schema.metrics[s.metric].det.false_alarms_per_series_week / (7.0 * 86_400_000.0 / wm as f64)).log10()),
+            score: round3(
+                t.p_value.max(1e-300).log10()
+                    / (self.schema.metrics[s.metric]
+                        .det
+                        .false_alarms_per_series_week
+                        / (7.0 * 86_400_000.0 / wm as f64))
+                        .log10(),
+            ),
             delay_windows: crate::share::TEST_WINDOWS as i64,
             delay_events: t.total,
             candidates,
@@ -160,5 +171,112 @@ impl Engine {
             None,
         );
         self.shares[i].incident = Some(idx);
+    }
+
+    /// A slow drift of series `si`'s daily level, found at the end of window `w`.
+    pub(super) fn open_drift(&mut self, si: usize, w: i64, a: crate::trend::DriftAlarm) {
+        let wm = self.schema.window_ms;
+        let s = &self.series[si];
+        if s.incident.is_some() || s.trend.incident.is_some() {
+            return;
+        }
+        let m = &self.schema.metrics[s.metric];
+        let id = stable_id(
+            "inc-",
+            &[m.name(), &s.label, "drift", &a.onset_day_ms.to_string()],
+        );
+        if self.incident_ids.contains_key(&id) {
+            return;
+        }
+        let effect = match m.family {
+            Family::Gaussian => a.z,
+            _ => a.level / a.reference.abs().max(1e-12) - 1.0,
+        };
+        let evidence = format!(
+            "{} on {} drifted {} over {} day(s): daily level {:.4} vs its reference {:.4} ({:+.1} sd of a day); CUSUM {:.1} over threshold {:.1} (false alarms {} per series-week)",
+            m.name(),
+            s.label,
+            if a.down { "down" } else { "up" },
+            a.days,
+            a.level,
+            a.reference,
+            a.z,
+            a.statistic,
+            a.threshold,
+            m.det.false_alarms_per_series_week
+        );
+        let candidates = self.registry.candidates(
+            &s.dims,
+            m.cfg.numerator.surface.as_deref(),
+            a.onset_day_ms,
+            wm,
+            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+        );
+        let inc = Incident {
+            id,
+            metric: m.name().to_string(),
+            metric_idx: Some(s.metric),
+            series_idx: Some(si),
+            label: s.label.clone(),
+            series: self.series_json(si),
+            status: IncidentStatus::Firing,
+            kind: "drift",
+            severity: m.cfg.severity.as_str(),
+            owner: m.cfg.owner.clone(),
+            change_owner: None,
+            comparison: None,
+            evidence: Some(evidence.clone()),
+            local_gain_global_loss: None,
+            onset_ms: a.onset_day_ms,
+            detected_ms: (w + 1) * wm,
+            resolved_ms: None,
+            resolution: None,
+            observed: a.level,
+            expected: a.reference,
+            expected_low: a.reference - self.schema.z99 * a.sd,
+            expected_high: a.reference + self.schema.z99 * a.sd,
+            effect: round3(effect),
+            score: round3(a.statistic / a.threshold),
+            delay_windows: ((w + 1) * wm - a.onset_day_ms) / wm,
+            delay_events: 0.0,
+            candidates,
+            top_segments: Vec::new(),
+            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
+            rollback_id: None,
+            trail: Vec::new(),
+            silenced_until_ms: None,
+            explained_by_outage: false,
+            recovery: Recovery::new(0.0),
+        };
+        let ev =
+            json!({"metric": inc.metric, "series": inc.series, "drift": a, "evidence": evidence});
+        let idx = self.raise(
+            inc,
+            ev,
+            json!({"detector": "daily-level-cusum", "reference_half_life_days": 14,
+                "false_alarms_per_series_week": m.det.false_alarms_per_series_week}),
+            None,
+        );
+        self.series[si].trend.incident = Some(idx);
+    }
+
+    /// A drift incident ends: back to its reference (two calm days), or expired (the new level
+    /// is accepted).
+    pub(super) fn end_drift(&mut self, si: usize, w: i64, expired: bool) {
+        let Some(idx) = self.series[si].trend.incident else {
+            return;
+        };
+        self.series[si].trend.reset(expired);
+        let text = if expired {
+            "expired: the new daily level is accepted and becomes the reference".to_string()
+        } else {
+            "recovered: two days in a row within one sd of the reference".to_string()
+        };
+        self.resolve_incident(
+            idx,
+            (w + 1) * self.schema.window_ms,
+            text,
+            json!({"rule": "daily-level-cusum"}),
+        );
     }
 }

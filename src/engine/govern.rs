@@ -167,7 +167,10 @@ impl Engine {
         let top = inc.candidates.first().cloned();
         let change = top.as_ref().and_then(|c| self.registry.get(&c.change_id));
         inc.change_owner = change.and_then(|c| c.owner.clone());
-        if matches!(inc.kind, "srm" | "fragmentation" | "pressure" | "data_quality" | "drift") {
+        if matches!(
+            inc.kind,
+            "srm" | "fragmentation" | "pressure" | "data_quality" | "drift"
+        ) {
             let mut d = Decision::new(
                 DecisionAction::Investigate,
                 "investigate",
@@ -1103,13 +1106,21 @@ impl Engine {
         let s = &self.series[si];
         let m = &self.schema.metrics[s.metric];
         let onset_ms = w * wm;
-        let id = stable_id("inc-", &[m.name(), &s.label, "data_quality", &onset_ms.to_string()]);
+        let id = stable_id(
+            "inc-",
+            &[m.name(), &s.label, "data_quality", &onset_ms.to_string()],
+        );
         if self.incident_ids.contains_key(&id) {
             return;
         }
         let sel = match what {
             "numerator" => &m.cfg.numerator,
-            _ => m.cfg.denominator.as_ref().or(m.cfg.exposure.as_ref()).unwrap_or(&m.cfg.numerator),
+            _ => m
+                .cfg
+                .denominator
+                .as_ref()
+                .or(m.cfg.exposure.as_ref())
+                .unwrap_or(&m.cfg.numerator),
         };
         let evidence = format!(
             "no `{}` events on {} since {} while ~{:.0} per window were expected{}: a tracking outage, not a business drop",
@@ -1145,9 +1156,21 @@ impl Engine {
             resolved_ms: None,
             resolution: None,
             observed: 0.0,
-            expected: if last.expected.is_finite() { last.expected } else { 0.0 },
-            expected_low: if last.expected_low.is_finite() { last.expected_low } else { 0.0 },
-            expected_high: if last.expected_high.is_finite() { last.expected_high } else { 0.0 },
+            expected: if last.expected.is_finite() {
+                last.expected
+            } else {
+                0.0
+            },
+            expected_low: if last.expected_low.is_finite() {
+                last.expected_low
+            } else {
+                0.0
+            },
+            expected_high: if last.expected_high.is_finite() {
+                last.expected_high
+            } else {
+                0.0
+            },
             effect: -1.0,
             score: 1.0,
             delay_windows: 1,
@@ -1163,7 +1186,12 @@ impl Engine {
         };
         let ev = json!({"metric": inc.metric, "series": inc.series, "missing": what,
             "event_type": sel.event_type, "expected_per_window": expected, "evidence": evidence});
-        let idx = self.raise(inc, ev, json!({"guard": "tracking-outage", "min_expected": DQ_MIN_EXPECTED}), None);
+        let idx = self.raise(
+            inc,
+            ev,
+            json!({"guard": "tracking-outage", "min_expected": DQ_MIN_EXPECTED}),
+            None,
+        );
         self.series[si].incident = Some(idx);
         self.series[si].detector.reset();
     }
