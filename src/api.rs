@@ -1028,6 +1028,35 @@ async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
         ));
     }
     let chart = chart_svg(i, &snap.changes);
+    // What people and deadlines add to the decision, and the guard's own evidence.
+    let mut govern = String::new();
+    let mut row = |k: &str, v: String| {
+        govern.push_str(&format!("<tr><th>{k}</th><td>{}</td></tr>", esc(&v)));
+    };
+    if let Some(dl) = &d.deadline {
+        row("deadline", dl.clone());
+    }
+    if let Some(a) = &d.decided_by {
+        row("decided by", format!("{} {}", a.kind, a.name));
+    }
+    if let Some(a) = &d.acknowledged_by {
+        row("acknowledged by", format!("{} {}", a.kind, a.name));
+    }
+    if d.escalated {
+        row("escalated", "yes: nobody decided in time".into());
+    }
+    if d.shadow {
+        row("shadow mode", "decided and audited, not acted on".into());
+    }
+    if let Some(c) = inc.comparison {
+        row("comparison", c.to_string());
+    }
+    if let Some(e) = &inc.evidence {
+        row("evidence", e.clone());
+    }
+    if let Some(s) = inc.local_gain_global_loss.as_ref().and_then(|v| v["summary"].as_str()) {
+        row("local gain, global loss", s.to_string());
+    }
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{id} &middot; {metric}</title><style>{STYLE}</style></head><body>\
 <p><a href=\"/incidents\">&larr; all incidents</a></p>\
@@ -1048,7 +1077,7 @@ async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
 <h2>Decision</h2><table class=\"kv\">\
 <tr><th>action</th><td class=\"action\">{action}</td></tr><tr><th>change</th><td>{dchange}</td></tr>\
 <tr><th>tier</th><td>{tier}</td></tr><tr><th>policy</th><td><code>{policy}</code></td></tr>\
-<tr><th>reason</th><td>{reason}</td></tr><tr><th>rollback id</th><td><code>{rb}</code></td></tr></table>\
+<tr><th>reason</th><td>{reason}</td></tr>{govern}<tr><th>rollback id</th><td><code>{rb}</code></td></tr></table>\
 <h2>Candidate changes</h2><table><tr><th>change</th><th>score</th><th>evidence</th><th>actor</th><th>tier</th><th>description</th><th>applied</th><th>rolled back</th></tr>{cands}</table>\
 <h2>Top segments</h2><table><tr><th>segment</th><th>contribution</th></tr>{segs}</table>\
 <h2>Decision trail</h2><table><tr><th>at</th><th>action</th><th>actor kind</th><th>actor</th><th>change</th><th>audit id</th></tr>{trail}</table>\
@@ -1058,6 +1087,7 @@ async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
         id = esc(&inc.id),
         metric = esc(&inc.metric),
         kind = esc(inc.kind),
+        govern = govern,
         sev = esc(inc.severity),
         st = status_str(inc),
         resolution = inc
