@@ -1054,7 +1054,11 @@ async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -
     if let Some(e) = &inc.evidence {
         row("evidence", e.clone());
     }
-    if let Some(s) = inc.local_gain_global_loss.as_ref().and_then(|v| v["summary"].as_str()) {
+    if let Some(s) = inc
+        .local_gain_global_loss
+        .as_ref()
+        .and_then(|v| v["summary"].as_str())
+    {
         row("local gain, global loss", s.to_string());
     }
     Html(format!(

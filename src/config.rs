@@ -852,7 +852,11 @@ impl Config {
                     }
                     if let Some(p) = mc.min_psi {
                         if !(p > 0.0 && p < 10.0) {
-                            errs.push(at(off, key("min_psi"), format!("must be in (0, 10), got {p}")));
+                            errs.push(at(
+                                off,
+                                key("min_psi"),
+                                format!("must be in (0, 10), got {p}"),
+                            ));
                         }
                     }
                 }

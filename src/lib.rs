@@ -11,6 +11,7 @@
 //! - [`detect`]    calibrated sequential detectors (binomial, Poisson with exposure, Gaussian).
 //! - [`guard`]     watches on applied changes (treatment vs holdout, SRM), variation sprawl,
 //!   customer pressure; [`seqtest`] their always-valid sequential tests.
+//! - [`trend`]     slow drifts: daily levels against a long reference, CUSUM in days.
 //! - [`share`]     `share` metrics: a dimension's mix within an event type, G-test drift.
 //! - [`attribute`] the registry of changes in force and candidate ranking.
 //! - [`policy`]    decisions by tier: veto windows, escalation, circuit breaker, shadow mode.
@@ -26,7 +27,12 @@
 //! - [`api`]       HTTP: `/metrics`, `/healthz`, `/readyz`, incidents.
 //! - [`service`]   `guardrail run`: source + engine + sinks + api, with graceful shutdown.
 //! - [`replay`]    `guardrail replay`: the engine over JSON-lines files, as fast as possible.
+//! - [`nab`]       the Numenta Anomaly Benchmark: its scorer, and the engine run over it.
 //! - [`sim`]       the traffic simulator (diurnal, segmented, with injected effects).
+//! - [`scenario`]  benchmark scenarios (TOML): seeded traffic with injected incidents, their
+//!   change records and ground truth (`guardrail simulate --scenario`).
+//! - [`score`]     `guardrail bench detect`: alerts scored against the truth, beside a CUSUM
+//!   oracle, the theoretical limit and a static-threshold baseline.
 //! - [`demo`]      `guardrail demo`: embedded broker, simulator, automation, the seed story.
 
 pub mod alertmanager;
@@ -42,8 +48,11 @@ pub mod detect;
 pub mod engine;
 pub mod event;
 pub mod guard;
+pub mod nab;
 pub mod policy;
 pub mod replay;
+pub mod scenario;
+pub mod score;
 pub mod seqtest;
 pub mod service;
 pub mod share;
@@ -51,4 +60,5 @@ pub mod sim;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod trend;
 pub mod window;

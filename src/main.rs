@@ -61,16 +61,19 @@ enum Cmd {
     Replay {
         #[arg(long, short, env = "GUARDRAIL_CONFIG")]
         config: PathBuf,
-        /// Events, JSON lines.
+        /// Events: JSON lines, or Parquet with the contract's field names (by the PAR1 magic or
+        /// a .parquet extension; `dims` a map or struct column, `ts` a string, integer epoch
+        /// milliseconds or a timestamp column).
         #[arg(long, env = "GUARDRAIL_REPLAY_EVENTS")]
         events: PathBuf,
-        /// Changes, JSON lines.
+        /// Changes: JSON lines or Parquet, as for --events.
         #[arg(long, env = "GUARDRAIL_REPLAY_CHANGES")]
         changes: Option<PathBuf>,
         /// Output directory (created if missing).
         #[arg(long, env = "GUARDRAIL_REPLAY_OUT")]
         out: PathBuf,
-        /// No progress lines on stderr.
+        /// No progress on stderr (otherwise one updating line on a terminal, a line every
+        /// million events when stderr is not a terminal).
         #[arg(long, short, env = "GUARDRAIL_QUIET")]
         quiet: bool,
     },
@@ -80,14 +83,27 @@ enum Cmd {
         #[arg(env = "GUARDRAIL_CONFIG")]
         file: PathBuf,
     },
-    /// Write simulated traffic as JSON lines (events and changes) for replay.
+    /// Write simulated traffic as JSON lines (events and changes) for replay: the built-in
+    /// traffic (--hours, --story-at-hours, ...) or a scenario file with injected incidents and
+    /// their ground truth (--scenario FILE --truth-out TRUTH).
     Simulate {
         /// Events output file.
         #[arg(long, env = "GUARDRAIL_SIM_OUT")]
         out: PathBuf,
-        /// Changes output file (the seed story's change and its rollback, if --story).
+        /// Changes output file (the seed story's change and its rollback, if --story; the
+        /// scenario's changes, with --scenario).
         #[arg(long, env = "GUARDRAIL_SIM_CHANGES_OUT")]
         changes_out: Option<PathBuf>,
+        /// Scenario file (TOML, see scenarios/): traffic, incidents and seed come from it.
+        #[arg(
+            long,
+            env = "GUARDRAIL_SIM_SCENARIO",
+            conflicts_with_all = ["hours", "peak_sessions_per_min", "seed", "story_at_hours", "start"]
+        )]
+        scenario: Option<PathBuf>,
+        /// Ground-truth output file (JSON) of the scenario's incidents; needs --scenario.
+        #[arg(long, env = "GUARDRAIL_SIM_TRUTH_OUT", requires = "scenario")]
+        truth_out: Option<PathBuf>,
         /// Simulated hours.
         #[arg(long, default_value_t = 24.0, env = "GUARDRAIL_SIM_HOURS")]
         hours: f64,
@@ -133,6 +149,11 @@ enum Cmd {
         #[arg(long, default_value_t = 42, env = "GUARDRAIL_TRAFFIC_SEED")]
         seed: u64,
     },
+    /// Benchmarks: `bench detect` scores detection quality against a scenario's ground truth.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// The whole story of one change: every audit record about it and the incidents blamed on
     /// it (detection, decision, veto or approval, escalation, rollback, confirmation), in order.
     /// Reads the audit topic of the configured cluster, or an audit.jsonl written by `replay`.
@@ -153,6 +174,52 @@ enum Cmd {
         #[arg(long, env = "GUARDRAIL_AUDIT_FILE")]
         file: Option<PathBuf>,
         /// Print the records as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Generate a scenario (or take --events, --changes, --truth), replay it in process, and
+    /// score the alerts against the truth: recall, precision, false alarms per series-week,
+    /// misreads, delays beside a CUSUM oracle and the theoretical limit, and a static-threshold
+    /// rule on the same data. Prints markdown tables; writes score.json and incident.svg.
+    Detect {
+        /// Scenario file (TOML).
+        #[arg(long, env = "GUARDRAIL_BENCH_SCENARIO", required_unless_present_all = ["events", "truth"])]
+        scenario: Option<PathBuf>,
+        /// TOML configuration file of the engine under test.
+        #[arg(
+            long,
+            short,
+            default_value = "config/guardrail.toml",
+            env = "GUARDRAIL_CONFIG"
+        )]
+        config: PathBuf,
+        /// Output directory (score.json, incident.svg, truth.json, changes.jsonl, replay/).
+        #[arg(long, default_value = "target/bench", env = "GUARDRAIL_BENCH_OUT")]
+        out: PathBuf,
+        /// Events (JSON lines) instead of generating them; needs --truth.
+        #[arg(long, requires = "truth", conflicts_with = "scenario")]
+        events: Option<PathBuf>,
+        /// Changes (JSON lines) for --events.
+        #[arg(long, requires = "events")]
+        changes: Option<PathBuf>,
+        /// Ground truth (JSON, as `simulate --truth-out` writes it) for --events.
+        #[arg(long, requires = "events")]
+        truth: Option<PathBuf>,
+        /// Windows after an incident's end during which an alert still matches it.
+        #[arg(long, default_value_t = 6.0)]
+        slack_windows: f64,
+        /// Truth incident id to plot (default: the first detected conversion step in a segment,
+        /// one caused by a change if there is one).
+        #[arg(long)]
+        plot: Option<String>,
+        /// Keep the generated events.jsonl in the output directory.
+        #[arg(long)]
+        keep_events: bool,
+        /// Print score.json instead of the markdown tables.
         #[arg(long)]
         json: bool,
     },
@@ -291,14 +358,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("note: {e}; signing replay output with key id \"replay-local\" and secret \"replay-local\"");
                 Ok::<_, anyhow::Error>(guardrail::sink::Signer::new("replay-local", b"replay-local"))
             })?;
-            let is_tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let progress = guardrail::replay::Progress::for_stderr(quiet);
             let opts = guardrail::replay::ReplayOptions {
                 events,
                 changes,
                 out: out.clone(),
-                progress_every: if quiet || !is_tty { 0 } else { 1_000_000 },
+                progress_every: 0,
             };
-            let s = guardrail::replay::replay(&cfg, &signer, &opts)?;
+            let s = guardrail::replay::replay_with_progress(&cfg, &signer, &opts, progress)?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             if !quiet {
                 eprintln!("wrote {}", out.display());
@@ -335,6 +402,53 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Cmd::Bench {
+            what:
+                BenchCmd::Detect {
+                    scenario,
+                    config,
+                    out,
+                    events,
+                    changes,
+                    truth,
+                    slack_windows,
+                    plot,
+                    keep_events,
+                    json,
+                },
+        } => {
+            init_logging(cli.log_format, "warn");
+            let opts = guardrail::score::BenchOptions {
+                scenario,
+                config,
+                out: out.clone(),
+                events,
+                changes,
+                truth,
+                slack_windows,
+                plot,
+                keep_events,
+            };
+            let report = guardrail::score::run(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.markdown());
+            }
+            eprintln!(
+                "wrote {}/score.json{} (generate {:.1} s, replay {:.1} s, score {:.1} s)",
+                out.display(),
+                if report.plot.is_some() {
+                    format!(" and {}/incident.svg", out.display())
+                } else {
+                    String::new()
+                },
+                report.generate_secs,
+                report.replay_secs,
+                report.score_secs
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Traffic {
             brokers,
             topic,
@@ -348,6 +462,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Simulate {
             out,
             changes_out,
+            scenario,
+            truth_out,
             hours,
             peak_sessions_per_min,
             seed,
@@ -355,6 +471,28 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             start,
         } => {
             use std::io::Write;
+            if let Some(path) = scenario {
+                let sc = guardrail::scenario::Scenario::from_file(&path)?;
+                let w = guardrail::scenario::write_all(
+                    &sc,
+                    &out,
+                    changes_out.as_deref(),
+                    truth_out.as_deref(),
+                )?;
+                eprintln!(
+                    "scenario {}: wrote {} events ({} sessions, {} late, {} beyond the lateness) to {}, {} changes, {} truth incidents ({} required)",
+                    sc.name,
+                    w.stats.events,
+                    w.stats.sessions,
+                    w.stats.delayed,
+                    w.stats.too_late,
+                    out.display(),
+                    w.changes,
+                    w.truth.incidents.len(),
+                    w.truth.incidents.iter().filter(|i| i.required).count()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let start_ms = match start {
                 Some(s) => guardrail::event::parse_time_str(&s)
                     .with_context(|| format!("--start {s:?} is not an RFC 3339 time"))?,

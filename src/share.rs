@@ -164,9 +164,10 @@ impl ShareSeries {
         if learn && self.recent.len() > LEARN_LAG {
             let (hb, c, _) = &self.recent[self.recent.len() - 1 - LEARN_LAG];
             let (hb, d) = (*hb, self.decay);
-            for k in 0..MAX_CATEGORIES {
-                self.buckets[hb][k] = self.buckets[hb][k] * d + c[k];
-                self.overall[k] = self.overall[k] * d.powf(1.0 / 24.0) + c[k];
+            let d_all = d.powf(1.0 / 24.0);
+            for (k, &x) in c.iter().enumerate() {
+                self.buckets[hb][k] = self.buckets[hb][k] * d + x;
+                self.overall[k] = self.overall[k] * d_all + x;
             }
             self.learnt += 1;
         }
@@ -175,8 +176,8 @@ impl ShareSeries {
 
     /// The G-test of the last `TEST_WINDOWS` windows against their expected mixes.
     pub fn test(&self) -> Option<MixTest> {
-        let mut obs = vec![0.0; MAX_CATEGORIES];
-        let mut exp = vec![0.0; MAX_CATEGORIES];
+        let mut obs = [0.0; MAX_CATEGORIES];
+        let mut exp = [0.0; MAX_CATEGORIES];
         let mut total = 0.0;
         for (_, c, e) in self.recent.iter().rev().take(TEST_WINDOWS) {
             let Some(e) = e else { continue };

@@ -18,7 +18,7 @@ fn check_config_accepts_the_default_and_locates_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("5 metrics"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("6 metrics"));
 
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
