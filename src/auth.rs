@@ -344,29 +344,9 @@ pub fn validate(roles: &RolesConfig, actors: &[ActorConfig]) -> Vec<(String, Str
     errs
 }
 
-/// The candidate closest to `word`, if close enough to be a likely typo.
+/// The candidate closest to `word` (not `word` itself), if close enough to be a likely typo.
 fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .map(|c| (edit_distance(word, c), c))
-        .min()
-        .filter(|(d, _)| *d > 0 && *d <= (word.chars().count().max(3) / 2).max(2))
-        .map(|(_, c)| c)
-}
-
-/// Levenshtein distance (role names are short).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + (ca != *cb) as usize)
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
+    crate::config::suggest(word, candidates.filter(|c| *c != word))
 }
 
 #[cfg(test)]
@@ -621,6 +601,5 @@ mod tests {
         assert_eq!(suggest("oprator", c.into_iter()), Some("operator"));
         assert_eq!(suggest("viewr", c.into_iter()), Some("viewer"));
         assert_eq!(suggest("auditor", c.into_iter()), None);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

@@ -256,6 +256,62 @@ pub struct Incident {
     recovery: Recovery,
 }
 
+/// What identifies an incident; [`Incident::blank`] fills the rest with "nothing known yet".
+pub struct IncidentHead {
+    pub id: String,
+    pub metric: String,
+    pub metric_idx: Option<usize>,
+    pub series_idx: Option<usize>,
+    pub label: String,
+    pub series: serde_json::Map<String, serde_json::Value>,
+    pub kind: &'static str,
+    pub severity: &'static str,
+    pub onset_ms: i64,
+    pub detected_ms: i64,
+}
+
+impl Incident {
+    /// A firing incident with no figures, candidates or decision yet.
+    pub fn blank(h: IncidentHead) -> Incident {
+        Incident {
+            id: h.id,
+            metric: h.metric,
+            metric_idx: h.metric_idx,
+            series_idx: h.series_idx,
+            label: h.label,
+            series: h.series,
+            status: IncidentStatus::Firing,
+            kind: h.kind,
+            severity: h.severity,
+            owner: None,
+            change_owner: None,
+            comparison: None,
+            evidence: None,
+            local_gain_global_loss: None,
+            onset_ms: h.onset_ms,
+            detected_ms: h.detected_ms,
+            resolved_ms: None,
+            resolution: None,
+            observed: 0.0,
+            expected: 0.0,
+            expected_low: 0.0,
+            expected_high: 0.0,
+            effect: 0.0,
+            score: 0.0,
+            delay_windows: 0,
+            delay_events: 0.0,
+            candidates: Vec::new(),
+            top_segments: Vec::new(),
+            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
+            rollback_id: None,
+            trail: Vec::new(),
+            silenced_until_ms: None,
+            explained_by_outage: false,
+            recovery: Recovery::new(0.0),
+        }
+    }
+}
+
 /// One step of an incident's decision trail (mirrors its audit record).
 #[derive(Debug, Clone, Serialize)]
 pub struct TrailEntry {
@@ -1397,42 +1453,33 @@ impl Engine {
             .sum();
         // Relative effect with a 95% interval, for "local gain, global loss".
         let rel_half = 1.96 * sd / expected.abs().max(1e-12);
-        let inc = Incident {
+        let mut inc = Incident::blank(IncidentHead {
             id: id.clone(),
             metric: m.name().to_string(),
             metric_idx: Some(s.metric),
             series_idx: Some(si),
             label: s.label.clone(),
             series: self.series_json(si),
-            status: IncidentStatus::Firing,
             kind,
             severity: m.cfg.severity.as_str(),
-            owner: m.cfg.owner.clone(),
-            change_owner: None,
-            comparison,
-            evidence: explained.clone(),
-            local_gain_global_loss: None,
             onset_ms,
             detected_ms,
-            resolved_ms: None,
-            resolution: None,
-            observed,
-            expected,
-            expected_low: expected - self.schema.z99 * sd,
-            expected_high: expected + self.schema.z99 * sd,
-            effect: round3(effect),
-            score: round3(a.statistic),
-            delay_windows: w - a.onset_window + 1,
-            delay_events,
-            candidates,
-            top_segments,
-            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
-            rollback_id: None,
-            trail: Vec::new(),
-            silenced_until_ms: None,
-            explained_by_outage: explained.is_some(),
-            recovery: Recovery::new(observed),
-        };
+        });
+        inc.owner = m.cfg.owner.clone();
+        inc.comparison = comparison;
+        inc.evidence = explained.clone();
+        inc.observed = observed;
+        inc.expected = expected;
+        inc.expected_low = expected - self.schema.z99 * sd;
+        inc.expected_high = expected + self.schema.z99 * sd;
+        inc.effect = round3(effect);
+        inc.score = round3(a.statistic);
+        inc.delay_windows = w - a.onset_window + 1;
+        inc.delay_events = delay_events;
+        inc.candidates = candidates;
+        inc.top_segments = top_segments;
+        inc.explained_by_outage = explained.is_some();
+        inc.recovery = Recovery::new(observed);
         let evidence = serde_json::json!({
             "metric": inc.metric, "series": inc.series, "kind": inc.kind,
             "observed": inc.observed, "expected": inc.expected,
@@ -1814,14 +1861,7 @@ fn make_series(
     first_window: i64,
 ) -> Series {
     let m = &sc.metrics[metric];
-    let label = if dims.is_empty() {
-        "total".to_string()
-    } else {
-        dims.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let label = series_label(&dims);
     Series {
         metric,
         dims,
@@ -1859,6 +1899,17 @@ fn make_series(
             m.det.false_alarms_per_series_week,
         ),
     }
+}
+
+/// `country=FR,device=mobile`, or `total` for the series over all segments.
+pub fn series_label(dims: &[(String, String)]) -> String {
+    if dims.is_empty() {
+        return "total".to_string();
+    }
+    dims.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn round3(x: f64) -> f64 {

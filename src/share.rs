@@ -94,14 +94,7 @@ pub struct MixTest {
 
 impl ShareSeries {
     pub fn new(metric: usize, dims: Vec<(String, String)>, half_life_windows: f64) -> ShareSeries {
-        let label = if dims.is_empty() {
-            "total".to_string()
-        } else {
-            dims.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let label = crate::engine::series_label(&dims);
         ShareSeries {
             metric,
             dims,

@@ -117,49 +117,36 @@ impl Engine {
             self.cfg.policy.candidate_lookback_secs as i64 * 1000,
         );
         let top_name = cats.get(t.top).cloned().unwrap_or_default();
-        let inc = Incident {
+        let mut inc = Incident::blank(IncidentHead {
             id,
             metric: m.name().to_string(),
             metric_idx: Some(s.metric),
             series_idx: None,
             label: format!("{} ({dim}={top_name})", s.label),
             series,
-            status: IncidentStatus::Firing,
             kind: "drift",
             severity: m.cfg.severity.as_str(),
-            owner: m.cfg.owner.clone(),
-            change_owner: None,
-            comparison: None,
-            evidence: Some(evidence.clone()),
-            local_gain_global_loss: None,
             onset_ms,
             detected_ms: (w + 1) * wm,
-            resolved_ms: None,
-            resolution: None,
-            observed: o,
-            expected: e,
-            expected_low: e - self.schema.z99 * sd,
-            expected_high: e + self.schema.z99 * sd,
-            effect: round3(t.psi),
-            score: round3(
-                t.p_value.max(1e-300).log10()
-                    / (self.schema.metrics[s.metric]
-                        .det
-                        .false_alarms_per_series_week
-                        / (7.0 * 86_400_000.0 / wm as f64))
-                        .log10(),
-            ),
-            delay_windows: crate::share::TEST_WINDOWS as i64,
-            delay_events: t.total,
-            candidates,
-            top_segments: Vec::new(),
-            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
-            rollback_id: None,
-            trail: Vec::new(),
-            silenced_until_ms: None,
-            explained_by_outage: false,
-            recovery: Recovery::new(0.0),
-        };
+        });
+        inc.owner = m.cfg.owner.clone();
+        inc.evidence = Some(evidence.clone());
+        inc.observed = o;
+        inc.expected = e;
+        inc.expected_low = e - self.schema.z99 * sd;
+        inc.expected_high = e + self.schema.z99 * sd;
+        inc.effect = round3(t.psi);
+        inc.score = round3(
+            t.p_value.max(1e-300).log10()
+                / (self.schema.metrics[s.metric]
+                    .det
+                    .false_alarms_per_series_week
+                    / (7.0 * 86_400_000.0 / wm as f64))
+                    .log10(),
+        );
+        inc.delay_windows = crate::share::TEST_WINDOWS as i64;
+        inc.delay_events = t.total;
+        inc.candidates = candidates;
         let ev = json!({"metric": inc.metric, "series": inc.series, "categories": cats,
             "observed": t.observed, "expected": t.expected, "psi": t.psi, "js_bits": t.js,
             "g": t.g, "df": t.df, "p_value": t.p_value, "events": t.total, "evidence": evidence});
@@ -212,42 +199,28 @@ impl Engine {
             wm,
             self.cfg.policy.candidate_lookback_secs as i64 * 1000,
         );
-        let inc = Incident {
+        let mut inc = Incident::blank(IncidentHead {
             id,
             metric: m.name().to_string(),
             metric_idx: Some(s.metric),
             series_idx: Some(si),
             label: s.label.clone(),
             series: self.series_json(si),
-            status: IncidentStatus::Firing,
             kind: "drift",
             severity: m.cfg.severity.as_str(),
-            owner: m.cfg.owner.clone(),
-            change_owner: None,
-            comparison: None,
-            evidence: Some(evidence.clone()),
-            local_gain_global_loss: None,
             onset_ms: a.onset_day_ms,
             detected_ms: (w + 1) * wm,
-            resolved_ms: None,
-            resolution: None,
-            observed: a.level,
-            expected: a.reference,
-            expected_low: a.reference - self.schema.z99 * a.sd,
-            expected_high: a.reference + self.schema.z99 * a.sd,
-            effect: round3(effect),
-            score: round3(a.statistic / a.threshold),
-            delay_windows: ((w + 1) * wm - a.onset_day_ms) / wm,
-            delay_events: 0.0,
-            candidates,
-            top_segments: Vec::new(),
-            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
-            rollback_id: None,
-            trail: Vec::new(),
-            silenced_until_ms: None,
-            explained_by_outage: false,
-            recovery: Recovery::new(0.0),
-        };
+        });
+        inc.owner = m.cfg.owner.clone();
+        inc.evidence = Some(evidence.clone());
+        inc.observed = a.level;
+        inc.expected = a.reference;
+        inc.expected_low = a.reference - self.schema.z99 * a.sd;
+        inc.expected_high = a.reference + self.schema.z99 * a.sd;
+        inc.effect = round3(effect);
+        inc.score = round3(a.statistic / a.threshold);
+        inc.delay_windows = ((w + 1) * wm - a.onset_day_ms) / wm;
+        inc.candidates = candidates;
         let ev =
             json!({"metric": inc.metric, "series": inc.series, "drift": a, "evidence": evidence});
         let idx = self.raise(

@@ -976,46 +976,26 @@ impl Engine {
         );
         let mut series = serde_json::Map::new();
         series.insert("change_id".into(), json!(g.change_id));
-        Incident {
+        let mut inc = Incident::blank(IncidentHead {
             id,
             metric: metric.to_string(),
             metric_idx: None,
             series_idx: None,
             label: format!("change_id={}", g.change_id),
             series,
-            status: IncidentStatus::Firing,
             kind,
             severity,
-            owner: None,
-            change_owner: None,
-            comparison: Some("treatment_vs_holdout"),
-            evidence: None,
-            local_gain_global_loss: None,
             onset_ms: g.opened_ms,
             detected_ms,
-            resolved_ms: None,
-            resolution: None,
-            observed: 0.0,
-            expected: 0.0,
-            expected_low: 0.0,
-            expected_high: 0.0,
-            effect: 0.0,
-            score: 0.0,
-            delay_windows: (detected_ms - g.opened_ms).div_euclid(self.schema.window_ms),
-            delay_events: 0.0,
-            candidates: vec![Candidate {
-                change_id: g.change_id.clone(),
-                score: 1.0,
-                evidence: String::new(),
-            }],
-            top_segments: Vec::new(),
-            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
-            rollback_id: None,
-            trail: Vec::new(),
-            silenced_until_ms: None,
-            explained_by_outage: false,
-            recovery: Recovery::new(0.0),
-        }
+        });
+        inc.comparison = Some("treatment_vs_holdout");
+        inc.delay_windows = (detected_ms - g.opened_ms).div_euclid(self.schema.window_ms);
+        inc.candidates = vec![Candidate {
+            change_id: g.change_id.clone(),
+            score: 1.0,
+            evidence: String::new(),
+        }];
+        inc
     }
 
     fn raise_srm(&mut self, gi: usize, end: i64) {
@@ -1136,54 +1116,38 @@ impl Engine {
         );
         let last = s.last;
         let mut series = self.series_json(si);
-        let inc = Incident {
+        let mut inc = Incident::blank(IncidentHead {
             id,
             metric: m.name().to_string(),
             metric_idx: Some(s.metric),
             series_idx: Some(si),
             label: s.label.clone(),
             series: std::mem::take(&mut series),
-            status: IncidentStatus::Firing,
             kind: "data_quality",
             severity: "warning",
-            owner: m.cfg.owner.clone(),
-            change_owner: None,
-            comparison: None,
-            evidence: Some(evidence.clone()),
-            local_gain_global_loss: None,
             onset_ms,
             detected_ms: (w + 1) * wm,
-            resolved_ms: None,
-            resolution: None,
-            observed: 0.0,
-            expected: if last.expected.is_finite() {
-                last.expected
-            } else {
-                0.0
-            },
-            expected_low: if last.expected_low.is_finite() {
-                last.expected_low
-            } else {
-                0.0
-            },
-            expected_high: if last.expected_high.is_finite() {
-                last.expected_high
-            } else {
-                0.0
-            },
-            effect: -1.0,
-            score: 1.0,
-            delay_windows: 1,
-            delay_events: 0.0,
-            candidates: Vec::new(),
-            top_segments: Vec::new(),
-            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
-            rollback_id: None,
-            trail: Vec::new(),
-            silenced_until_ms: None,
-            explained_by_outage: false,
-            recovery: Recovery::new(0.0),
+        });
+        inc.owner = m.cfg.owner.clone();
+        inc.evidence = Some(evidence.clone());
+        inc.expected = if last.expected.is_finite() {
+            last.expected
+        } else {
+            0.0
         };
+        inc.expected_low = if last.expected_low.is_finite() {
+            last.expected_low
+        } else {
+            0.0
+        };
+        inc.expected_high = if last.expected_high.is_finite() {
+            last.expected_high
+        } else {
+            0.0
+        };
+        inc.effect = -1.0;
+        inc.score = 1.0;
+        inc.delay_windows = 1;
         let ev = json!({"metric": inc.metric, "series": inc.series, "missing": what,
             "event_type": sel.event_type, "expected_per_window": expected, "evidence": evidence});
         let idx = self.raise(
@@ -1234,42 +1198,20 @@ impl Engine {
     ) -> Incident {
         let mut series = serde_json::Map::new();
         series.insert("surface".into(), json!(surface));
-        Incident {
+        let mut inc = Incident::blank(IncidentHead {
             id: stable_id("inc-", &[metric, kind, surface, &onset_ms.to_string()]),
             metric: metric.to_string(),
             metric_idx: None,
             series_idx: None,
             label: format!("surface={surface}"),
             series,
-            status: IncidentStatus::Firing,
             kind,
             severity,
-            owner: None,
-            change_owner: None,
-            comparison: None,
-            evidence: None,
-            local_gain_global_loss: None,
             onset_ms,
             detected_ms: end,
-            resolved_ms: None,
-            resolution: None,
-            observed: 0.0,
-            expected: 0.0,
-            expected_low: 0.0,
-            expected_high: 0.0,
-            effect: 0.0,
-            score: 0.0,
-            delay_windows: (end - onset_ms).div_euclid(self.schema.window_ms),
-            delay_events: 0.0,
-            candidates: Vec::new(),
-            top_segments: Vec::new(),
-            decision: Decision::new(DecisionAction::NoCandidate, "no-candidate", String::new()),
-            rollback_id: None,
-            trail: Vec::new(),
-            silenced_until_ms: None,
-            explained_by_outage: false,
-            recovery: Recovery::new(0.0),
-        }
+        });
+        inc.delay_windows = (end - onset_ms).div_euclid(self.schema.window_ms);
+        inc
     }
 
     pub(super) fn check_sprawl(&mut self, end: i64) {
