@@ -441,6 +441,8 @@ pub struct Engine {
     auto_rollbacks: VecDeque<(i64, Vec<String>)>,
     /// Recent audit records, for the story of one change (`/api/changes/{id}/audit`).
     audit_log: VecDeque<AuditRecord>,
+    /// Wall time of the last event read: when input stops, decision deadlines still come due.
+    last_event_wall_ms: i64,
     /// Changes whose rollback a person vetoed (until they are applied again): the reason,
     /// cited in the decisions of later incidents blamed on them.
     vetoed: HashMap<String, String>,
@@ -624,6 +626,7 @@ impl Engine {
             auto_rollbacks: VecDeque::new(),
             audit_log: VecDeque::new(),
             vetoed: HashMap::new(),
+            last_event_wall_ms: i64::MIN,
             shares: Vec::new(),
             share_index: HashMap::new(),
             share_cats: vec![Default::default(); cfg.metrics.len()],
@@ -715,6 +718,7 @@ impl Engine {
         now_ms: i64,
     ) -> Result<(), Reject> {
         self.stats.events += 1;
+        self.last_event_wall_ms = now_ms;
         let r = self.process_event_inner(source, bytes, now_ms);
         match &r {
             Ok(()) => self.stats.accepted += 1,
@@ -2091,5 +2095,49 @@ dims = ["k"]
         assert!(e.registry.get("c").is_none());
         e.process_event(&ev("x", T0 + 1000, ""), T0).unwrap();
         assert!(e.registry.get("c").is_some());
+    }
+
+    #[test]
+    fn a_veto_window_ends_on_the_wall_clock_when_input_stops() {
+        let mut e = engine(COUNT_X);
+        let c = format!(
+            r#"{{"change_id":"c","ts":{},"action":"applied","actor":{{"kind":"agent","name":"a"}},"tier":"supervised"}}"#,
+            T0
+        );
+        e.process_change(c.as_bytes()).unwrap();
+        let wm = 300_000;
+        // 30 calm windows of 100 events, then a window of 400: a spike, blamed on `c`.
+        let mut wall = 0;
+        for w in 0..32i64 {
+            let n = if w == 30 { 400 } else { 100 };
+            for k in 0..n {
+                let ts = T0 + w * wm + k * (wm / n);
+                wall = ts;
+                e.process_event(&ev("x", ts, ""), ts).unwrap();
+            }
+        }
+        let inc = e
+            .incidents
+            .iter()
+            .find(|i| i.kind == "spike")
+            .expect("the spike is an incident");
+        assert_eq!(inc.decision.action, DecisionAction::AwaitingVetoWindow);
+        let deadline = inc.decision.deadline_ms.unwrap();
+        let rollbacks = |e: &mut Engine| {
+            e.take_outputs()
+                .filter(|o| matches!(o, Output::Rollback(_)))
+                .count()
+        };
+        assert_eq!(rollbacks(&mut e), 0);
+        // Input stops. A short silence changes nothing; one past the deadline acts.
+        e.advance_idle(wall + 30_000);
+        assert_eq!(rollbacks(&mut e), 0);
+        let latest = e.max_event_time_ms().unwrap();
+        e.advance_idle(wall + (deadline - latest) + 1000);
+        assert_eq!(
+            rollbacks(&mut e),
+            1,
+            "the veto window ended while input was silent"
+        );
     }
 }

@@ -107,15 +107,6 @@ impl ChangeGuard {
         }
     }
 
-    /// Any event carried this change's arms.
-    pub fn has_arms(&self) -> bool {
-        self.exposure.iter().sum::<f64>() > 0.0
-            || self
-                .metrics
-                .iter()
-                .any(|m| m.arms.iter().any(|a| a.den > 0.0 || a.num > 0.0))
-    }
-
     /// Recomputes which series of each metric are in the change's scope, when series were
     /// added. The most specific series win: those the scope covers exactly; else the totals.
     pub fn rescope(&mut self, change: &ChangeState, series: &[SeriesScope<'_>]) {

@@ -127,19 +127,31 @@ pub async fn run(
         alertmanager: alertmanager.as_ref(),
     };
     let mut batch = Batch::default();
+    let mut idle_tick = tokio::time::interval(Duration::from_secs(5));
+    idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = stop_rx.clone();
     let mut last_flush = Instant::now();
     loop {
-        let msg = tokio::select! {
+        let step = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
-            Some(cmd) = ctl_rx.recv() => Err(cmd),
-            m = consumer.recv() => Ok(Some(m)),
-            _ = tokio::time::sleep(FLUSH_EVERY), if !batch.is_empty() => Ok(None),
+            Some(cmd) = ctl_rx.recv() => Step::Control(cmd),
+            m = consumer.recv() => Step::Message(Some(m)),
+            _ = tokio::time::sleep(FLUSH_EVERY), if !batch.is_empty() => Step::Message(None),
+            _ = idle_tick.tick() => Step::Idle,
         };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(Command::Decide { call, reply }) => {
+        let msg = match step {
+            Step::Message(m) => m,
+            Step::Idle => {
+                // Input silent: deadlines still come due (see Engine::advance_idle).
+                engine.advance_idle(now_ms());
+                if engine.has_outputs() {
+                    flusher.flush(&mut engine, &mut batch, &mut stop).await;
+                    last_flush = Instant::now();
+                }
+                continue;
+            }
+            Step::Control(Command::Decide { call, reply }) => {
                 let r = engine.control(&call);
                 // Deliver the audit record (and any rollback) before answering, so a caller
                 // that sees 200 finds them on the topics.
@@ -150,7 +162,7 @@ pub async fn run(
                 let _ = reply.send(r);
                 continue;
             }
-            Err(Command::ChangeAudit { change_id, reply }) => {
+            Step::Control(Command::ChangeAudit { change_id, reply }) => {
                 let _ = reply.send(engine.change_audit(&change_id));
                 continue;
             }
@@ -228,6 +240,13 @@ pub async fn run(
         incidents: engine.incidents.len(),
         rollbacks_requested: engine.stats.rollbacks_requested,
     })
+}
+
+/// What woke the loop.
+enum Step<M> {
+    Message(Option<M>),
+    Control(Command),
+    Idle,
 }
 
 #[derive(Default)]

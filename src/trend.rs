@@ -107,10 +107,6 @@ impl Trend {
         }
     }
 
-    pub fn threshold(&self) -> f64 {
-        self.h
-    }
-
     /// Adds a closed window starting at `start_ms`; when it is the last of its UTC day, judges
     /// the day. `learn` is false while the series is in another incident.
     pub fn window(

@@ -16,6 +16,8 @@ use crate::seqtest::{self, ArmStats, MsprtConfig};
 /// the variance estimates of tiny samples are not worth a page).
 pub const MIN_ARM_VOLUME: f64 = 200.0;
 const HOUR_MS: i64 = 3_600_000;
+/// Wall time without any input after which decision deadlines follow the wall clock.
+pub const IDLE_GRACE_MS: i64 = 60_000;
 
 fn human(name: &str, role: &str) -> Actor {
     Actor {
@@ -425,6 +427,20 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// While input is silent (no event for [`IDLE_GRACE_MS`] of wall time), event time is taken
+    /// to move on with the wall clock for decisions only, so that a veto window or an
+    /// escalation does not wait for traffic to resume. Windows are not closed by this: their
+    /// data may still arrive. Called by the service on a timer.
+    pub fn advance_idle(&mut self, now_wall_ms: i64) {
+        let (Some(t), true) = (self.max_ts, self.last_event_wall_ms > i64::MIN) else {
+            return;
+        };
+        let idle = now_wall_ms - self.last_event_wall_ms;
+        if idle > IDLE_GRACE_MS {
+            self.run_deadlines(t + idle);
+        }
     }
 
     /// Veto windows that ended and escalations that are due, at event time `now`.
@@ -1160,34 +1176,9 @@ impl Engine {
         self.series[si].detector.reset();
     }
 
-    /// Changes in force on a surface, as candidates for a sprawl or pressure incident.
-    fn surface_candidates(&self, surface: &str, at: i64) -> Vec<Candidate> {
-        let dims = [("surface".to_string(), surface.to_string())];
-        self.registry.candidates(
-            &dims,
-            None,
-            at,
-            self.schema.window_ms,
-            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
+    /// A sprawl or pressure incident on a surface, with the changes in force there as
+    /// candidates.
     fn surface_incident(
-        &self,
-        metric: &str,
-        kind: &'static str,
-        surface: &str,
-        onset_ms: i64,
-        end: i64,
-        severity: &'static str,
-    ) -> Incident {
-        let mut inc = self.guard_incident_base(metric, kind, surface, onset_ms, end, severity);
-        inc.candidates = self.surface_candidates(surface, end);
-        inc
-    }
-
-    fn guard_incident_base(
         &self,
         metric: &str,
         kind: &'static str,
@@ -1211,6 +1202,14 @@ impl Engine {
             detected_ms: end,
         });
         inc.delay_windows = (end - onset_ms).div_euclid(self.schema.window_ms);
+        let dims = [("surface".to_string(), surface.to_string())];
+        inc.candidates = self.registry.candidates(
+            &dims,
+            None,
+            end,
+            self.schema.window_ms,
+            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+        );
         inc
     }
 
