@@ -529,20 +529,12 @@ impl RowWriter {
 
     /// Writes row `i` as a JSON object; null columns are left out.
     fn write_row(&self, i: usize, buf: &mut Vec<u8>, reject: &mut Option<Reject>) {
-        buf.push(b'{');
-        let mut first = true;
-        for (key, name, c) in &self.cols {
-            if c.is_null(i) {
-                continue;
-            }
-            if !first {
-                buf.push(b',');
-            }
-            first = false;
-            buf.extend_from_slice(key);
-            c.write(i, buf, name, reject);
-        }
-        buf.push(b'}');
+        write_object(
+            self.cols.iter().map(|(k, n, c)| (k.as_slice(), &**n, c)),
+            i,
+            buf,
+            reject,
+        );
     }
 }
 
@@ -605,6 +597,30 @@ impl Kind {
             .any(|&b| b < 0x20 || b == b'"' || b == b'\\');
         Kind::Str(a, clean)
     }
+}
+
+/// Row `i` of named columns as a JSON object (`key` is the quoted name and colon); null columns
+/// are left out. `name` is what errors call the column.
+fn write_object<'a>(
+    cols: impl Iterator<Item = (&'a [u8], &'a str, &'a Col)>,
+    i: usize,
+    buf: &mut Vec<u8>,
+    reject: &mut Option<Reject>,
+) {
+    buf.push(b'{');
+    let mut first = true;
+    for (key, name, c) in cols {
+        if c.is_null(i) {
+            continue;
+        }
+        if !first {
+            buf.push(b',');
+        }
+        first = false;
+        buf.extend_from_slice(key);
+        c.write(i, buf, name, reject);
+    }
+    buf.push(b'}');
 }
 
 struct Col {
@@ -793,22 +809,12 @@ impl Col {
                     }
                 }
             }
-            Kind::Struct(fields) => {
-                buf.push(b'{');
-                let mut first = true;
-                for (key, c) in fields {
-                    if c.is_null(i) {
-                        continue;
-                    }
-                    if !first {
-                        buf.push(b',');
-                    }
-                    first = false;
-                    buf.extend_from_slice(key);
-                    c.write(i, buf, field, reject);
-                }
-                buf.push(b'}');
-            }
+            Kind::Struct(fields) => write_object(
+                fields.iter().map(|(k, c)| (k.as_slice(), field, c)),
+                i,
+                buf,
+                reject,
+            ),
             Kind::Map {
                 offsets,
                 keys,
