@@ -1377,6 +1377,34 @@ impl Engine {
             .collect()
     }
 
+    /// A blank incident on series `si`, owned by its metric's owner.
+    fn series_incident(
+        &self,
+        si: usize,
+        id: String,
+        kind: &'static str,
+        severity: &'static str,
+        onset_ms: i64,
+        detected_ms: i64,
+    ) -> Incident {
+        let s = &self.series[si];
+        let m = &self.schema.metrics[s.metric];
+        let mut inc = Incident::blank(IncidentHead {
+            id,
+            metric: m.name().to_string(),
+            metric_idx: Some(s.metric),
+            series_idx: Some(si),
+            label: s.label.clone(),
+            series: self.series_json(si),
+            kind,
+            severity,
+            onset_ms,
+            detected_ms,
+        });
+        inc.owner = m.cfg.owner.clone();
+        inc
+    }
+
     fn series_json(&self, si: usize) -> serde_json::Map<String, serde_json::Value> {
         self.series[si]
             .dims
@@ -1457,19 +1485,14 @@ impl Engine {
             .sum();
         // Relative effect with a 95% interval, for "local gain, global loss".
         let rel_half = 1.96 * sd / expected.abs().max(1e-12);
-        let mut inc = Incident::blank(IncidentHead {
-            id: id.clone(),
-            metric: m.name().to_string(),
-            metric_idx: Some(s.metric),
-            series_idx: Some(si),
-            label: s.label.clone(),
-            series: self.series_json(si),
+        let mut inc = self.series_incident(
+            si,
+            id.clone(),
             kind,
-            severity: m.cfg.severity.as_str(),
+            m.cfg.severity.as_str(),
             onset_ms,
             detected_ms,
-        });
-        inc.owner = m.cfg.owner.clone();
+        );
         inc.comparison = comparison;
         inc.evidence = explained.clone();
         inc.observed = observed;

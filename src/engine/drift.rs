@@ -199,19 +199,14 @@ impl Engine {
             wm,
             self.cfg.policy.candidate_lookback_secs as i64 * 1000,
         );
-        let mut inc = Incident::blank(IncidentHead {
+        let mut inc = self.series_incident(
+            si,
             id,
-            metric: m.name().to_string(),
-            metric_idx: Some(s.metric),
-            series_idx: Some(si),
-            label: s.label.clone(),
-            series: self.series_json(si),
-            kind: "drift",
-            severity: m.cfg.severity.as_str(),
-            onset_ms: a.onset_day_ms,
-            detected_ms: (w + 1) * wm,
-        });
-        inc.owner = m.cfg.owner.clone();
+            "drift",
+            m.cfg.severity.as_str(),
+            a.onset_day_ms,
+            (w + 1) * wm,
+        );
         inc.evidence = Some(evidence.clone());
         inc.observed = a.level;
         inc.expected = a.reference;

@@ -1131,20 +1131,8 @@ impl Engine {
             }
         );
         let last = s.last;
-        let mut series = self.series_json(si);
-        let mut inc = Incident::blank(IncidentHead {
-            id,
-            metric: m.name().to_string(),
-            metric_idx: Some(s.metric),
-            series_idx: Some(si),
-            label: s.label.clone(),
-            series: std::mem::take(&mut series),
-            kind: "data_quality",
-            severity: "warning",
-            onset_ms,
-            detected_ms: (w + 1) * wm,
-        });
-        inc.owner = m.cfg.owner.clone();
+        let mut inc =
+            self.series_incident(si, id, "data_quality", "warning", onset_ms, (w + 1) * wm);
         inc.evidence = Some(evidence.clone());
         inc.expected = if last.expected.is_finite() {
             last.expected
