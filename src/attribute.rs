@@ -10,7 +10,7 @@ use crate::config::{PolicyConfig, Tier};
 use crate::event::{fmt_time, Actor, Change, ChangeAction, Scope};
 
 /// What the registry knows of one change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ChangeState {
     pub change_id: String,
     pub applied_ms: Option<i64>,
@@ -54,7 +54,7 @@ impl ChangeState {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Registry {
     changes: BTreeMap<String, ChangeState>,
 }
@@ -83,7 +83,7 @@ impl Coverage {
 }
 
 /// One candidate change for an incident.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, serde::Deserialize)]
 pub struct Candidate {
     pub change_id: String,
     pub score: f64,

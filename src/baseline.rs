@@ -11,7 +11,7 @@
 use crate::config::Seasonality;
 
 /// The statistical family a metric's windows follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Family {
     /// Successes out of trials (ratios).
     Binomial,
@@ -57,7 +57,7 @@ impl Expect {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Bucket {
     num: f32,
     den: f32,
@@ -81,7 +81,7 @@ impl Bucket {
 }
 
 /// Per-series baseline. About 10 bytes per season bucket plus a fixed ~40 bytes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Baseline {
     family: Family,
     seasonality: Seasonality,

@@ -62,6 +62,8 @@ pub struct Config {
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
     pub engine: EngineConfig,
     #[serde(default)]
     pub detection: DetectionDefaults,
@@ -115,6 +117,61 @@ pub struct KafkaConfig {
     pub options: BTreeMap<String, String>,
     /// How long a produce may take before it is reported as failed.
     pub produce_timeout_secs: u64,
+    /// `exactly_once` (default; Kafka >= 2.5): outputs and consumed offsets are committed in
+    /// one transaction, zombies are fenced, read_committed readers see each decision once.
+    /// `at_least_once`: for brokers without transactions; idempotent producer, offsets stored
+    /// after delivery, outputs carry stable ids for downstream deduplication.
+    pub delivery: Delivery,
+    /// The producer's `transactional.id` (exactly_once). Must be stable across restarts of
+    /// one instance and unique per instance; default `guardrail-{group_id}-{service.instance}`.
+    pub transactional_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    #[default]
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::ExactlyOnce => "exactly_once",
+            Delivery::AtLeastOnce => "at_least_once",
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The producer's transactional.id: stable across restarts of one instance, unique per
+    /// instance.
+    pub fn transactional_id_for(&self, instance: &str) -> String {
+        self.transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("guardrail-{}-{}", self.group_id, instance))
+    }
+}
+
+/// Local state: where checkpoints are written and how often.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Directory for checkpoints. Unset: no checkpoints (a restart relearns from scratch).
+    pub dir: Option<String>,
+    /// A checkpoint is also written after every batch that produced a decision, and on
+    /// shutdown and partition revocation.
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            checkpoint_interval_secs: 30,
+        }
+    }
 }
 
 impl Default for KafkaConfig {
@@ -125,6 +182,8 @@ impl Default for KafkaConfig {
             topics: TopicsConfig::default(),
             options: BTreeMap::new(),
             produce_timeout_secs: 30,
+            delivery: Delivery::default(),
+            transactional_id: None,
         }
     }
 }
@@ -722,6 +781,36 @@ impl Config {
                     "must divide a day evenly so windows align with seasonal buckets, got {}",
                     e.window_secs
                 ),
+            ));
+        }
+        let st = &self.state;
+        if st.checkpoint_interval_secs == 0 || st.checkpoint_interval_secs > 3600 {
+            errs.push(at(
+                find_key(text, "checkpoint_interval_secs").unwrap_or(top),
+                "state.checkpoint_interval_secs".into(),
+                format!(
+                    "must be between 1 and 3600, got {}",
+                    st.checkpoint_interval_secs
+                ),
+            ));
+        }
+        if st.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            errs.push(at(
+                find_key(text, "dir").unwrap_or(top),
+                "state.dir".into(),
+                "must not be empty (leave it out to run without checkpoints)".into(),
+            ));
+        }
+        if self
+            .kafka
+            .transactional_id
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            errs.push(at(
+                find_key(text, "transactional_id").unwrap_or(top),
+                "kafka.transactional_id".into(),
+                "must not be empty (leave it out for guardrail-{group_id}-{instance})".into(),
             ));
         }
         if e.max_event_bytes < 64 {

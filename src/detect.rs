@@ -20,7 +20,7 @@ use crate::config::{DetectionDefaults, Direction, SECS_PER_WEEK};
 pub const GRID: usize = 5;
 
 /// Which way a change hurts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Side {
     Down,
     Up,
@@ -77,7 +77,7 @@ pub fn threshold(false_alarms_per_series_week: f64, window_secs: u64, k: usize) 
     (k as f64 * arl0).max(2.0).ln()
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct Arm {
     s: f32,
     /// Window index where the current excursion began.
@@ -104,7 +104,7 @@ pub struct Alarm {
 }
 
 /// The CUSUM bank of one series.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Detector {
     family: Family,
     arms: [[Arm; GRID]; 2],
@@ -267,7 +267,7 @@ impl Detector {
 /// Sequential test for recovery during an incident: evidence for the baseline against the
 /// shifted level measured at detection. Resolves when the log-likelihood ratio reaches
 /// `ln(RECOVERY_ODDS)`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Recovery {
     pub shifted_rate: f64,
     r: f64,

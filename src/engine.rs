@@ -34,6 +34,8 @@ use crate::window::Ring;
 
 mod drift;
 mod govern;
+mod persist;
+pub use persist::{offsets_of, Offsets, Restored};
 
 /// Dimensions read from the `dims` object, across all metrics.
 const MAX_OBJ_DIMS: usize = 16;
@@ -107,7 +109,7 @@ impl MetricDef {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 struct HistEntry {
     num: f32,
     den: f32,
@@ -119,7 +121,7 @@ struct HistEntry {
 }
 
 /// Latest closed window of a series, as exported to gauges and the API.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct LastWindow {
     pub window_start_ms: i64,
     pub observed: f64,
@@ -131,7 +133,7 @@ pub struct LastWindow {
 }
 
 /// One tracked series: a metric over one combination of segment values (or the total).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Series {
     pub metric: usize,
     pub dims: Vec<(String, String)>,
@@ -143,6 +145,7 @@ pub struct Series {
     pub incident: Option<usize>,
     /// Windows before this are never learnt (they belong to a past incident).
     learn_from: i64,
+    #[serde(with = "crate::checkpoint::array")]
     hist: [HistEntry; HISTORY],
     pub last: LastWindow,
     /// Smoothed volume, to pick which series get gauges.
@@ -193,14 +196,14 @@ pub struct HistoryPoint {
     pub expected_high: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IncidentStatus {
     Firing,
     Resolved,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Incident {
     pub id: String,
     pub metric: String,
@@ -214,15 +217,18 @@ pub struct Incident {
     pub label: String,
     pub series: serde_json::Map<String, serde_json::Value>,
     pub status: IncidentStatus,
-    pub kind: &'static str,
+    #[serde(deserialize_with = "crate::checkpoint::de_static")]
+    pub kind: crate::checkpoint::Label,
     /// Raised by one step when nobody decided in time.
-    pub severity: &'static str,
+    #[serde(deserialize_with = "crate::checkpoint::de_static")]
+    pub severity: crate::checkpoint::Label,
     /// Owner of the metric and of the top candidate change, for routing.
     pub owner: Option<String>,
     pub change_owner: Option<String>,
     /// How the effect was established: `treatment_vs_holdout` or `observational` (against
     /// the seasonal forecast), when a change is blamed.
-    pub comparison: Option<&'static str>,
+    #[serde(deserialize_with = "crate::checkpoint::de_static_opt")]
+    pub comparison: Option<crate::checkpoint::Label>,
     /// The main evidence in one line (test statistic, intervals, split).
     pub evidence: Option<String>,
     /// The change's target metric improved while this one worsened.
@@ -313,11 +319,12 @@ impl Incident {
 }
 
 /// One step of an incident's decision trail (mirrors its audit record).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TrailEntry {
     pub audit_id: String,
     pub at: String,
-    pub action: &'static str,
+    #[serde(deserialize_with = "crate::checkpoint::de_static")]
+    pub action: crate::checkpoint::Label,
     pub actor: Actor,
     pub change_id: Option<String>,
 }
@@ -359,13 +366,14 @@ pub struct EngineStats {
 /// A partition stops holding the watermark back after this long without messages (wall time).
 pub const SOURCE_IDLE_MS: i64 = 10_000;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct SourceClock {
     source: i32,
     max_ts: i64,
     seen_ms: i64,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Dedup {
     cur: HashSet<u64>,
     prev: HashSet<u64>,
@@ -600,12 +608,7 @@ impl Engine {
             emitted_rollbacks: HashSet::new(),
             outputs: Vec::new(),
             stats: EngineStats::default(),
-            dedup: Dedup {
-                cur: HashSet::new(),
-                prev: HashSet::new(),
-                gen_start: i64::MIN / 2,
-                span_ms: lateness_ms + window_ms,
-            },
+            dedup: Dedup::empty(lateness_ms + window_ms),
             audit_seq: 0,
             dirty: false,
             windows_since_view: 0,

@@ -36,7 +36,7 @@ pub fn arm_index(arm: &str) -> Option<usize> {
 }
 
 /// Observed against forecast, summed over in-scope windows since the change.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct Observational {
     pub observed: f64,
     pub expected: f64,
@@ -59,7 +59,7 @@ impl Observational {
 }
 
 /// Per-metric state of a change's watch.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct MetricWatch {
     pub arms: [ArmStats; 2],
     pub observational: Observational,
@@ -70,10 +70,11 @@ pub struct MetricWatch {
     /// The series (indices into the engine's series) in the change's scope, and how they
     /// cover it; recomputed as series appear.
     pub in_scope: Vec<usize>,
-    pub coverage: Option<&'static str>,
+    #[serde(deserialize_with = "crate::checkpoint::de_static_opt")]
+    pub coverage: Option<crate::checkpoint::Label>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChangeGuard {
     pub change_id: String,
     pub opened_ms: i64,
@@ -147,7 +148,7 @@ impl ChangeGuard {
 }
 
 /// Open and closed guards, looked up by change id on the hot path.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Guards {
     pub all: Vec<ChangeGuard>,
     /// change id -> index in `all`, for open guards only.
@@ -184,7 +185,7 @@ impl Guards {
 }
 
 /// Variants seen on one surface in the current and the previous sprawl window.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct SurfaceVariants {
     name: String,
     bucket: i64,
@@ -196,7 +197,7 @@ struct SurfaceVariants {
 }
 
 /// Distinct variants per surface per window.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Sprawl {
     window_ms: i64,
     limit: usize,
@@ -306,7 +307,7 @@ impl Sprawl {
 }
 
 /// One surface's messaging in one UTC day.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct DayPressure {
     name: String,
     day: i64,
@@ -318,7 +319,7 @@ struct DayPressure {
 }
 
 /// A finished (or running) day of messaging on a surface.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 pub struct PressureDay {
     pub messages: f64,
     pub recipients: f64,
@@ -352,7 +353,7 @@ pub const DAY_MS: i64 = 86_400_000;
 pub const HLL_MARGIN: f64 = 0.065;
 
 /// Messages per recipient per day, per surface.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Pressure {
     cap: f64,
     min_users: f64,

@@ -41,6 +41,7 @@ pub mod attribute;
 pub mod audit;
 pub mod auth;
 pub mod baseline;
+pub mod checkpoint;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -19,7 +19,7 @@ use crate::attribute::{Candidate, ChangeState};
 use crate::config::{PolicyConfig, Severity, Tier};
 use crate::event::{fmt_time, Actor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DecisionAction {
     /// A rollback request is produced.
@@ -85,7 +85,7 @@ impl DecisionAction {
 }
 
 /// A decision and the rule that produced it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, serde::Deserialize)]
 pub struct Decision {
     pub action: DecisionAction,
     pub change_id: Option<String>,

@@ -60,7 +60,7 @@ pub const MIN_SRM_TOTAL: f64 = 100.0;
 ///
 /// Binomial: `num` successes out of `den` trials. Poisson: `num` events over `den` exposure
 /// units. Gaussian: `num` sum of values over `den` observations, `sumsq` sum of their squares.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ArmStats {
     pub num: f64,
     pub den: f64,
@@ -130,7 +130,7 @@ pub struct MsprtConfig {
 }
 
 /// The result of one treatment-vs-holdout comparison.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Comparison {
     pub family: Family,
     pub treatment: ArmStats,
@@ -360,7 +360,7 @@ impl Comparison {
 }
 
 /// Sample-ratio mismatch verdict.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Srm {
     pub treatment: f64,
     pub holdout: f64,

@@ -4,15 +4,38 @@
 //! outputs, after `BATCH_MAX` messages, or when the input goes idle for `FLUSH_EVERY`. At the
 //! end of a batch its outputs and dead letters are produced and acknowledged, then the offsets of
 //! the batch are stored (committed in the background): at-least-once, nothing acted on is lost.
+//!
+//! Delivery (`[kafka] delivery`):
+//! - `exactly_once` (default): each batch is one Kafka transaction holding its outputs, dead
+//!   letters and consumed offsets (`send_offsets_to_transaction`). The producer's stable
+//!   `transactional.id` fences a zombie instance when a new one starts; readers with
+//!   `read_committed` see each decision once.
+//! - `at_least_once`: idempotent producer, offsets stored after delivery; outputs carry stable
+//!   ids (incident id, rollback request id) for downstream deduplication.
+//!
+//! Checkpoints (`[state] dir`): the engine's state with the input offsets it corresponds to.
+//! One is written with every batch that carries a decision (and every
+//! `checkpoint_interval_secs`, and on shutdown), so every committed output has its state in
+//! a checkpoint: a restart restores it, seeks back to its offsets and replays at most one
+//! interval of input that produced no output. Under exactly_once the checkpoint is written as
+//! *pending* before the commit and promoted after it; at startup a pending checkpoint is kept
+//! only if the group's committed offsets prove its transaction committed.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::net::TcpListener;
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::config::Delivery;
 
 use crate::api::{self, ApiState, Snapshot};
 use crate::config::Config;
@@ -38,6 +61,10 @@ pub enum ServiceError {
     Alertmanager(#[from] crate::alertmanager::Error),
     #[error("API actors: {0}")]
     Auth(#[from] crate::auth::AuthError),
+    #[error("exactly-once delivery: {0}. [kafka] delivery = \"exactly_once\" needs Kafka >= 2.5 with transactions; on a broker without them (e.g. Tansu 0.6) set delivery = \"at_least_once\"")]
+    Transactions(String),
+    #[error("fenced: another instance took over transactional.id {id:?} ({reason}); this one stops so that no decision is made twice")]
+    Fenced { id: String, reason: String },
 }
 
 /// What a run did, for callers that stop it (tests, the demo).
@@ -92,13 +119,38 @@ pub async fn run(
 
     let (mv_tx, mv_rx) = std::sync::mpsc::channel();
     let consumer = source::consumer(&cfg.kafka, state.clone(), mv_tx)?;
-    let producer = source::producer(&cfg.kafka)?;
+    let delivery = cfg.kafka.delivery;
+    let txn_id = (delivery == Delivery::ExactlyOnce).then(|| cfg.kafka.transactional_id_for(&cfg.service.instance));
+    let producer = source::producer(&cfg.kafka, txn_id.as_deref())?;
     let k = cfg.kafka.clone();
     let consumer = tokio::task::spawn_blocking(move || {
         source::check_topics(&consumer, &k, Duration::from_secs(15)).map(|_| consumer)
     })
     .await
     .expect("metadata task")?;
+    telemetry
+        .state
+        .delivery
+        .with_label_values(&[delivery.as_str()])
+        .set(1);
+    if let Some(id) = &txn_id {
+        // Fences any older instance with this id and aborts its open transaction, so that the
+        // committed offsets read next are final.
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))
+            .await
+            .expect("init_transactions task")
+            .map_err(|e| ServiceError::Transactions(e.to_string()))?;
+        tracing::info!(transactional_id = %id, "delivery exactly_once: outputs and offsets commit in one transaction");
+    } else {
+        tracing::warn!("delivery at_least_once: a crash may re-send outputs; alerts (incident_id) and rollback requests (id) carry stable ids for consumers to deduplicate");
+    }
+    let mut keeper = StateKeeper::new(&cfg);
+    if let Some(dir) = keeper.dir.clone() {
+        keeper.restore(&mut engine, &dir, &consumer, &telemetry);
+    } else {
+        tracing::warn!("no [state] dir: no checkpoints; a restart relearns every baseline from scratch");
+    }
     source::subscribe(&consumer, &cfg.kafka)?;
     tracing::info!(
         brokers = %cfg.kafka.bootstrap_servers,
@@ -117,6 +169,8 @@ pub async fn run(
     let max_gauges = cfg.http.max_series_gauges;
 
     let flusher = Flusher {
+        delivery,
+        txn_id: txn_id.as_deref().unwrap_or(""),
         sink: &sink,
         signer: &signer,
         consumer: &consumer,
@@ -145,8 +199,8 @@ pub async fn run(
             Step::Idle => {
                 // Input silent: deadlines still come due (see Engine::advance_idle).
                 engine.advance_idle(now_ms());
-                if engine.has_outputs() {
-                    flusher.flush(&mut engine, &mut batch, &mut stop).await;
+                if engine.has_outputs() || (batch.is_empty() && keeper.due(false)) {
+                    flusher.flush(&mut engine, &mut batch, &mut stop, &mut keeper, false).await?;
                     last_flush = Instant::now();
                 }
                 continue;
@@ -156,7 +210,7 @@ pub async fn run(
                 // Deliver the audit record (and any rollback) before answering, so a caller
                 // that sees 200 finds them on the topics.
                 if engine.has_outputs() {
-                    flusher.flush(&mut engine, &mut batch, &mut stop).await;
+                    flusher.flush(&mut engine, &mut batch, &mut stop, &mut keeper, false).await?;
                     last_flush = Instant::now();
                 }
                 let _ = reply.send(r);
@@ -167,13 +221,32 @@ pub async fn run(
                 continue;
             }
         };
+        let mut sought = Vec::new();
         while let Ok(mv) = mv_rx.try_recv() {
             match mv {
-                source::Movement::Assigned(p) => engine.assign_sources(&p, now_ms()),
-                source::Movement::Revoked(p) => p.iter().for_each(|x| engine.forget_source(*x)),
+                source::Movement::Assigned(parts) => {
+                    let events: Vec<i32> = parts
+                        .iter()
+                        .filter(|(t, _)| *t == events_topic)
+                        .map(|(_, p)| *p)
+                        .collect();
+                    engine.assign_sources(&events, now_ms());
+                    sought.extend(keeper.seek_restored(&consumer, &parts));
+                }
+                source::Movement::Revoked(parts) => {
+                    for (t, p) in &parts {
+                        if *t == events_topic {
+                            engine.forget_source(*p);
+                        }
+                        keeper.positions.remove(&(t.clone(), *p));
+                        batch.forget(*t == events_topic, *p);
+                    }
+                }
             }
         }
         match msg {
+            // Fetched before the seek back to the checkpoint: it will be read again in order.
+            Some(Ok(m)) if sought.iter().any(|(t, p)| t == m.topic() && *p == m.partition()) => {}
             Some(Ok(m)) => {
                 if batch.is_empty() {
                     batch.started = Some(Instant::now());
@@ -216,15 +289,14 @@ pub async fn run(
         let due =
             engine.has_outputs() || batch.count >= BATCH_MAX || last_flush.elapsed() >= FLUSH_EVERY;
         if due && !batch.is_empty() {
-            flusher.flush(&mut engine, &mut batch, &mut stop).await;
+            flusher.flush(&mut engine, &mut batch, &mut stop, &mut keeper, false).await?;
             last_flush = Instant::now();
         }
     }
-    if !batch.is_empty() {
-        flusher
-            .flush(&mut engine, &mut batch, &mut stop_rx.clone())
-            .await;
-    }
+    // Last batch, and a checkpoint so that the next start resumes exactly here.
+    flusher
+        .flush(&mut engine, &mut batch, &mut stop_rx.clone(), &mut keeper, true)
+        .await?;
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
     }
@@ -263,6 +335,12 @@ impl Batch {
         self.count == 0
     }
 
+    /// Drops a revoked partition's offsets: its new owner reads them again.
+    fn forget(&mut self, events: bool, partition: i32) {
+        self.offsets
+            .retain(|(e, p, _)| !(*e == events && *p == partition));
+    }
+
     fn track(&mut self, events: bool, partition: i32, offset: i64) {
         self.count += 1;
         match self
@@ -278,6 +356,8 @@ impl Batch {
 
 /// Ends a batch: delivers its outputs, then stores its offsets and publishes metrics.
 struct Flusher<'a> {
+    delivery: Delivery,
+    txn_id: &'a str,
     sink: &'a KafkaSink,
     signer: &'a Signer,
     consumer: &'a rdkafka::consumer::StreamConsumer<source::SourceContext>,
@@ -294,16 +374,17 @@ impl Flusher<'_> {
         engine: &mut Engine,
         batch: &mut Batch,
         stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) {
+        keeper: &mut StateKeeper,
+        final_flush: bool,
+    ) -> Result<(), ServiceError> {
         let Flusher {
-            sink,
             signer,
-            consumer,
             state,
             events_topic,
             changes_topic,
             max_gauges,
             alertmanager,
+            ..
         } = *self;
         let mut out: Vec<Encoded> = engine
             .take_outputs()
@@ -314,27 +395,43 @@ impl Flusher<'_> {
             })
             .map(|o| o.encode(signer))
             .collect();
+        let decided = !out.is_empty();
         let dead_codes: Vec<String> = batch.dead.iter().map(|d| d.headers[0].1.clone()).collect();
         out.append(&mut batch.dead);
-        // Deliver everything before storing offsets; retry while the broker is unavailable.
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match sink.send_all(&out).await {
-                Ok(()) => break,
-                Err(e) => {
-                    state
-                        .telemetry
-                        .output_errors
-                        .with_label_values(&["all"])
-                        .inc();
-                    state.set_ready(false, &format!("cannot produce outputs: {e}"));
-                    tracing::error!(error = %e, "producing outputs failed; retrying (offsets are not stored until delivered)");
-                    if *stop.borrow() {
-                        tracing::error!("shutting down with undelivered outputs; their input will be re-read on restart");
-                        return;
+        let mut tpl = TopicPartitionList::with_capacity(batch.offsets.len());
+        for (events, p, o) in &batch.offsets {
+            let topic = if *events { events_topic } else { changes_topic };
+            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(o + 1));
+            keeper.positions.insert((topic.to_string(), *p), o + 1);
+            keeper.moved = true;
+        }
+        // The state after this batch, if it must be saved with it: every batch that decided
+        // something, and periodically.
+        let ckpt = (keeper.due(decided) || (final_flush && keeper.moved))
+            .then(|| engine.checkpoint(keeper.offsets(), now_ms()));
+        if out.is_empty() && tpl.count() == 0 {
+            // Nothing to commit: the checkpoint is consistent with what is committed already.
+            if let Some(bytes) = &ckpt {
+                keeper.write(bytes, false, &state.telemetry);
+            }
+        } else {
+            match self.delivery {
+                Delivery::ExactlyOnce => {
+                    self.commit_transaction(&out, &tpl, ckpt.as_deref(), keeper, stop)
+                        .await?
+                }
+                Delivery::AtLeastOnce => {
+                    if !self.deliver(&out, stop).await {
+                        return Ok(());
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    if let Some(bytes) = &ckpt {
+                        keeper.write(bytes, false, &state.telemetry);
+                    }
+                    if let Err(e) = self.consumer.store_offsets(&tpl) {
+                        // A revoked partition cannot be stored to; its new owner re-reads
+                        // (at-least-once).
+                        tracing::debug!(error = %e, "storing offsets");
+                    }
                 }
             }
         }
@@ -352,15 +449,6 @@ impl Flusher<'_> {
                 .with_label_values(&[&code])
                 .inc();
         }
-        let mut tpl = TopicPartitionList::with_capacity(batch.offsets.len());
-        for (events, p, o) in &batch.offsets {
-            let topic = if *events { events_topic } else { changes_topic };
-            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(o + 1));
-        }
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            // A revoked partition cannot be stored to; its new owner re-reads (at-least-once).
-            tracing::debug!(error = %e, "storing offsets");
-        }
         state.telemetry.absorb(engine, max_gauges);
         if engine.take_dirty() {
             state.publish(Snapshot::of(engine));
@@ -373,7 +461,356 @@ impl Flusher<'_> {
         }
         batch.offsets.clear();
         batch.count = 0;
+        Ok(())
     }
+
+    /// at_least_once: delivers everything before offsets are stored, retrying while the broker
+    /// is unavailable. False when stopping with outputs undelivered.
+    async fn deliver(&self, out: &[Encoded], stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.sink.send_all(out).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    self.not_delivered(&e.to_string());
+                    if *stop.borrow() {
+                        tracing::error!("shutting down with undelivered outputs; their input will be re-read on restart");
+                        return false;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn not_delivered(&self, e: &str) {
+        let t = &self.state.telemetry;
+        t.output_errors.with_label_values(&["all"]).inc();
+        self.state
+            .set_ready(false, &format!("cannot produce outputs: {e}"));
+        t.log_rate_limited("output_delivery", Duration::from_secs(10), || {
+            tracing::error!(error = %e, "producing outputs failed; retrying (offsets are not committed until delivered)")
+        });
+    }
+
+    /// exactly_once: outputs, offsets and (pending) checkpoint in one transaction, retried
+    /// until it commits. A fenced producer is fatal: another instance owns this id now.
+    async fn commit_transaction(
+        &self,
+        out: &[Encoded],
+        tpl: &TopicPartitionList,
+        ckpt: Option<&[u8]>,
+        keeper: &mut StateKeeper,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), ServiceError> {
+        let producer: &FutureProducer = &self.sink.producer;
+        let timeout = self.sink.timeout;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.try_transaction(producer, out, tpl, ckpt, keeper, timeout).await {
+                Ok(()) => {
+                    self.state
+                        .telemetry
+                        .state
+                        .transactions
+                        .with_label_values(&["committed"])
+                        .inc();
+                    if ckpt.is_some() {
+                        keeper.committed(&self.state.telemetry);
+                    }
+                    return Ok(());
+                }
+                Err(TxnFailure::Fatal(reason)) => {
+                    return Err(ServiceError::Fenced {
+                        id: self.txn_id.to_string(),
+                        reason,
+                    })
+                }
+                Err(TxnFailure::Retry(reason)) => {
+                    self.state
+                        .telemetry
+                        .state
+                        .transactions
+                        .with_label_values(&["aborted"])
+                        .inc();
+                    self.not_delivered(&reason);
+                    if *stop.borrow() {
+                        tracing::error!("shutting down with an uncommitted transaction; its input will be re-read on restart");
+                        return Ok(());
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn try_transaction(
+        &self,
+        producer: &FutureProducer,
+        out: &[Encoded],
+        tpl: &TopicPartitionList,
+        ckpt: Option<&[u8]>,
+        keeper: &mut StateKeeper,
+        timeout: Duration,
+    ) -> Result<(), TxnFailure> {
+        producer.begin_transaction().map_err(TxnFailure::of)?;
+        let body = async {
+            self.sink
+                .send_all(out)
+                .await
+                .map_err(|e| TxnFailure::Retry(e.to_string()))?;
+            if tpl.count() > 0 {
+                let gm = self
+                    .consumer
+                    .group_metadata()
+                    .ok_or_else(|| TxnFailure::Retry("no consumer group metadata yet".into()))?;
+                producer
+                    .send_offsets_to_transaction(tpl, &gm, timeout)
+                    .map_err(TxnFailure::of)?;
+            }
+            if let Some(bytes) = ckpt {
+                // Written before the commit: a crash between the two leaves a pending
+                // checkpoint that startup checks against the committed offsets.
+                if !keeper.write(bytes, true, &self.state.telemetry) {
+                    return Err(TxnFailure::Retry(
+                        "cannot write the checkpoint that goes with this transaction".into(),
+                    ));
+                }
+            }
+            // A commit that times out may be retried; anything else aborts.
+            let mut attempts = 0;
+            loop {
+                match producer.commit_transaction(timeout) {
+                    Ok(()) => return Ok(()),
+                    Err(KafkaError::Transaction(e)) if e.is_retriable() && attempts < 3 => {
+                        attempts += 1;
+                    }
+                    Err(e) => return Err(TxnFailure::of(e)),
+                }
+            }
+        }
+        .await;
+        if let Err(TxnFailure::Retry(_)) = &body {
+            if let Err(e) = producer.abort_transaction(timeout) {
+                if let TxnFailure::Fatal(r) = TxnFailure::of(e) {
+                    return Err(TxnFailure::Fatal(r));
+                }
+            }
+        }
+        body
+    }
+}
+
+enum TxnFailure {
+    Fatal(String),
+    Retry(String),
+}
+
+impl TxnFailure {
+    fn of(e: KafkaError) -> TxnFailure {
+        match &e {
+            KafkaError::Transaction(r) if r.is_fatal() => TxnFailure::Fatal(e.to_string()),
+            _ => TxnFailure::Retry(e.to_string()),
+        }
+    }
+}
+
+/// Checkpoints, and the input positions the engine's state corresponds to.
+struct StateKeeper {
+    dir: Option<PathBuf>,
+    interval: Duration,
+    last: Instant,
+    /// Next offset to read per (topic, partition), for every partition whose input the
+    /// engine's state holds.
+    positions: BTreeMap<(String, i32), i64>,
+    /// Positions moved since the last checkpoint.
+    moved: bool,
+    /// Restored positions to seek to when their partition is assigned.
+    seek_to: HashMap<(String, i32), i64>,
+}
+
+impl StateKeeper {
+    fn new(cfg: &Config) -> StateKeeper {
+        StateKeeper {
+            dir: cfg.state.dir.as_ref().map(PathBuf::from),
+            interval: Duration::from_secs(cfg.state.checkpoint_interval_secs),
+            last: Instant::now(),
+            positions: BTreeMap::new(),
+            moved: false,
+            seek_to: HashMap::new(),
+        }
+    }
+
+    fn due(&self, decided: bool) -> bool {
+        self.dir.is_some() && (decided || (self.moved && self.last.elapsed() >= self.interval))
+    }
+
+    fn offsets(&self) -> crate::engine::Offsets {
+        self.positions
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect()
+    }
+
+    /// Writes a checkpoint (pending: one whose transaction has yet to commit). False if it
+    /// could not be written.
+    fn write(&mut self, bytes: &[u8], pending: bool, t: &Telemetry) -> bool {
+        let Some(dir) = &self.dir else { return true };
+        let started = Instant::now();
+        let name = if pending {
+            checkpoint::PENDING_NAME
+        } else {
+            checkpoint::FILE_NAME
+        };
+        match checkpoint::write_atomic(dir, name, bytes) {
+            Ok(()) => {
+                t.state.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+                t.state.checkpoint_bytes.set(bytes.len() as i64);
+                if !pending {
+                    self.written(t);
+                }
+                true
+            }
+            Err(e) => {
+                t.state
+                    .checkpoint_errors
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                t.log_rate_limited("checkpoint_write", Duration::from_secs(10), || {
+                    tracing::error!(error = %e, "cannot write a checkpoint")
+                });
+                false
+            }
+        }
+    }
+
+    fn written(&mut self, t: &Telemetry) {
+        self.last = Instant::now();
+        self.moved = false;
+        t.state.checkpoint_writes.inc();
+        t.state.checkpoint_age.set(now_ms() as f64 / 1000.0);
+    }
+
+    /// The pending checkpoint's transaction committed: it becomes the current one.
+    fn committed(&mut self, t: &Telemetry) {
+        let Some(dir) = &self.dir else { return };
+        match checkpoint::promote(dir) {
+            Ok(()) => self.written(t),
+            // Startup promotes it (the committed offsets prove the commit).
+            Err(e) => tracing::warn!(error = %e, "cannot promote the pending checkpoint"),
+        }
+    }
+
+    /// Startup: resolves a pending checkpoint, restores the current one into `engine` and
+    /// remembers where to seek. Anything wrong is reported, moved aside and not trusted.
+    fn restore(
+        &mut self,
+        engine: &mut Engine,
+        dir: &Path,
+        consumer: &StreamConsumer<source::SourceContext>,
+        t: &Telemetry,
+    ) {
+        let fp = engine.state_fingerprint();
+        let reject = |e: &CheckpointError, name: &str| {
+            t.state
+                .checkpoint_errors
+                .with_label_values(&[e.reason()])
+                .inc();
+            let moved = checkpoint::quarantine(dir, name, now_ms());
+            tracing::error!(error = %e, moved_to = ?moved, "checkpoint not trusted; starting without it");
+        };
+        match checkpoint::read(dir, checkpoint::PENDING_NAME, fp) {
+            Ok(Some(l)) => {
+                let path = dir.join(checkpoint::PENDING_NAME);
+                match crate::engine::offsets_of(&path, &l.payload) {
+                    Ok(offs) if committed_at(consumer, &offs) => {
+                        tracing::info!("the pending checkpoint's transaction committed; promoting it");
+                        if let Err(e) = checkpoint::promote(dir) {
+                            reject(&e, checkpoint::PENDING_NAME);
+                        }
+                    }
+                    Ok(_) => {
+                        tracing::info!("discarding a pending checkpoint whose transaction did not commit");
+                        checkpoint::discard_pending(dir);
+                    }
+                    Err(e) => reject(&e, checkpoint::PENDING_NAME),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => reject(&e, checkpoint::PENDING_NAME),
+        }
+        let path = dir.join(checkpoint::FILE_NAME);
+        let loaded = match checkpoint::read(dir, checkpoint::FILE_NAME, fp) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                tracing::info!(dir = %dir.display(), "no checkpoint yet: starting cold");
+                return;
+            }
+            Err(e) => return reject(&e, checkpoint::FILE_NAME),
+        };
+        match engine.restore(&path, &loaded) {
+            Ok(r) => {
+                tracing::info!(
+                    series = r.series,
+                    incidents = r.incidents,
+                    bytes = r.bytes,
+                    age_secs = (now_ms() - r.written_ms) / 1000,
+                    "state restored from checkpoint"
+                );
+                t.state.restored.set(1);
+                for (topic, p, o) in r.offsets {
+                    self.positions.insert((topic.clone(), p), o);
+                    self.seek_to.insert((topic, p), o);
+                }
+            }
+            Err(e) => reject(&e, checkpoint::FILE_NAME),
+        }
+    }
+
+    /// Seeks newly assigned partitions back to the restored checkpoint's offsets, so that the
+    /// input after the checkpoint is read again into the restored state. Returns the
+    /// partitions sought.
+    fn seek_restored(
+        &mut self,
+        consumer: &StreamConsumer<source::SourceContext>,
+        parts: &[(String, i32)],
+    ) -> Vec<(String, i32)> {
+        let mut sought = Vec::new();
+        for (topic, p) in parts {
+            let Some(o) = self.seek_to.remove(&(topic.clone(), *p)) else {
+                continue;
+            };
+            match consumer.seek(topic, *p, Offset::Offset(o), Duration::from_secs(10)) {
+                Ok(()) => {
+                    tracing::info!(topic = %topic, partition = p, offset = o, "resuming from the checkpoint's offset");
+                    sought.push((topic.clone(), *p));
+                }
+                Err(e) => tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "cannot seek to the checkpoint's offset; reading from the committed offset"),
+            }
+        }
+        sought
+    }
+}
+
+/// True if the group's committed offsets are exactly `offs` (so the transaction that went with
+/// a pending checkpoint committed).
+fn committed_at(consumer: &StreamConsumer<source::SourceContext>, offs: &crate::engine::Offsets) -> bool {
+    if offs.is_empty() {
+        return false;
+    }
+    let mut tpl = TopicPartitionList::with_capacity(offs.len());
+    for (t, p, _) in offs {
+        tpl.add_partition(t, *p);
+    }
+    let Ok(got) = consumer.committed_offsets(tpl, Duration::from_secs(15)) else {
+        return false;
+    };
+    offs.iter().all(|(t, p, o)| {
+        got.find_partition(t, *p)
+            .is_some_and(|e| e.offset() == Offset::Offset(*o))
+    })
 }
 
 /// A fresh API state with its own metrics registry.

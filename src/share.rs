@@ -30,7 +30,7 @@ const MIN_EXPECTED_PER_CELL: f64 = 5.0;
 const SHRINK_EVENTS: f64 = 500.0;
 
 /// One segment's mix.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ShareSeries {
     pub metric: usize,
     pub dims: Vec<(String, String)>,
@@ -50,7 +50,7 @@ pub struct ShareSeries {
 }
 
 /// The registry of category names of one share metric (shared by its series).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Categories {
     pub names: Vec<String>,
 }

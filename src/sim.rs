@@ -111,6 +111,7 @@ pub struct Tally {
     pub tickets: u64,
 }
 
+#[derive(Clone)]
 pub struct Sim {
     sc: Scenario,
     rng: SmallRng,

@@ -21,7 +21,7 @@ use crate::event::{Actor, ErrorCode};
 use crate::policy::Decision;
 
 /// A segment and its share of the incident's delta.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, serde::Deserialize)]
 pub struct TopSegment {
     pub dims: serde_json::Map<String, serde_json::Value>,
     pub contribution: f64,
@@ -108,7 +108,7 @@ pub struct RollbackRequest {
 }
 
 /// Audit record (contract section 5).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AuditRecord {
     pub audit_id: String,
     pub at: String,
@@ -121,7 +121,8 @@ pub struct AuditRecord {
     pub incident_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub change_id: Option<String>,
-    pub action: &'static str,
+    #[serde(deserialize_with = "crate::checkpoint::de_static")]
+    pub action: crate::checkpoint::Label,
     pub actor: Actor,
     pub evidence: serde_json::Value,
     pub policy: serde_json::Value,

@@ -48,9 +48,92 @@ pub struct Telemetry {
     series_high: GaugeVec,
     series_score: GaugeVec,
     gov: Governance,
+    /// Checkpoints and transactions.
+    pub state: StateMetrics,
     exported: Mutex<HashSet<(String, String)>>,
     prev: Mutex<EngineStats>,
     errors_logged: Mutex<HashMap<&'static str, Instant>>,
+}
+
+/// Checkpoints (state saved and restored) and output transactions.
+pub struct StateMetrics {
+    pub checkpoint_writes: IntCounter,
+    pub checkpoint_errors: IntCounterVec,
+    pub checkpoint_bytes: IntGauge,
+    pub checkpoint_seconds: Histogram,
+    pub checkpoint_age: Gauge,
+    pub restored: IntGauge,
+    pub transactions: IntCounterVec,
+    pub delivery: IntGaugeVec,
+}
+
+impl StateMetrics {
+    fn new(r: &Registry) -> StateMetrics {
+        let checkpoint_errors = counter_vec(
+            r,
+            "guardrail_checkpoint_errors_total",
+            "Checkpoints that could not be written, or were read back and not trusted, by reason.",
+            &["reason"],
+        );
+        for reason in crate::checkpoint::CheckpointError::REASONS {
+            checkpoint_errors.with_label_values(&[reason]);
+        }
+        let checkpoint_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "guardrail_checkpoint_seconds",
+                "Time to encode and durably write one checkpoint.",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+        )
+        .unwrap();
+        r.register(Box::new(checkpoint_seconds.clone())).unwrap();
+        let checkpoint_bytes = IntGauge::new(
+            "guardrail_checkpoint_bytes",
+            "Size of the last checkpoint written.",
+        )
+        .unwrap();
+        r.register(Box::new(checkpoint_bytes.clone())).unwrap();
+        let checkpoint_age = Gauge::new(
+            "guardrail_checkpoint_last_write_seconds",
+            "Unix time of the last checkpoint written (0: none yet).",
+        )
+        .unwrap();
+        r.register(Box::new(checkpoint_age.clone())).unwrap();
+        let restored = IntGauge::new(
+            "guardrail_checkpoint_restored",
+            "1 when this process started from a checkpoint, 0 when it started cold.",
+        )
+        .unwrap();
+        r.register(Box::new(restored.clone())).unwrap();
+        let transactions = counter_vec(
+            r,
+            "guardrail_transactions_total",
+            "Output transactions (exactly_once delivery), by result.",
+            &["result"],
+        );
+        for x in ["committed", "aborted"] {
+            transactions.with_label_values(&[x]);
+        }
+        let delivery = IntGaugeVec::new(
+            Opts::new(
+                "guardrail_delivery_mode",
+                "1 for the delivery guarantee in force: exactly_once or at_least_once.",
+            ),
+            &["mode"],
+        )
+        .unwrap();
+        r.register(Box::new(delivery.clone())).unwrap();
+        StateMetrics {
+            checkpoint_writes: counter(r, "guardrail_checkpoint_writes_total", "Checkpoints written."),
+            checkpoint_errors,
+            checkpoint_bytes,
+            checkpoint_seconds,
+            checkpoint_age,
+            restored,
+            transactions,
+            delivery,
+        }
+    }
 }
 
 /// Governance: incidents by kind, people's calls, escalations, the circuit breaker, guards.
@@ -402,6 +485,7 @@ impl Telemetry {
                 &sl,
             ),
             gov: Governance::new(&r),
+            state: StateMetrics::new(&r),
             exported: Mutex::new(HashSet::new()),
             prev: Mutex::new(EngineStats::default()),
             errors_logged: Mutex::new(HashMap::new()),

@@ -39,7 +39,7 @@ pub fn cusum_threshold(arl0: f64) -> f64 {
     hi
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Harm {
     Down,
     Up,
@@ -62,7 +62,7 @@ pub struct DriftAlarm {
     pub down: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Trend {
     day: i64,
     num: f64,

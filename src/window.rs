@@ -8,7 +8,7 @@
 use crate::baseline::Obs;
 
 /// Aggregate of one open window.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Agg {
     /// Window index (start / width); `i64::MIN` when the slot is free.
     pub w: i64,
@@ -35,7 +35,7 @@ impl Agg {
 }
 
 /// Ring of open windows of one series.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Ring {
     slots: Box<[Agg]>,
     sketches: Option<Box<[Hll]>>,
@@ -149,8 +149,9 @@ const HLL_M: usize = 1 << HLL_P;
 
 /// HyperLogLog with 1024 registers (standard error ~3.3%), with linear counting for small
 /// cardinalities.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Hll {
+    #[serde(with = "crate::checkpoint::boxed_array")]
     regs: Box<[u8; HLL_M]>,
     empty: bool,
 }

@@ -1,0 +1,435 @@
+//! State checkpoints: the engine's learnt state (baselines, open windows, detectors, incidents,
+//! pending decisions, guards) saved with the input offsets it corresponds to, so that a restart
+//! neither relearns from scratch nor raises cold-start false alarms.
+//!
+//! File layout (all integers little-endian):
+//!
+//! ```text
+//! magic "GRDCKPT\0" (8) | format version u16 | config fingerprint u64 | written at (ms) i64
+//! | payload length u64 | CRC-32 of the payload u32 | payload (postcard)
+//! ```
+//!
+//! A file is written to a temporary name, fsynced, renamed over the old one and the directory
+//! fsynced: a crash leaves either the old checkpoint or the new one, never a torn file. On load,
+//! every way a file can be wrong (another format, a version this build does not read, a
+//! different metric configuration, truncation, a checksum mismatch, a payload that does not
+//! decode) is an error with a bounded reason code; a bad file is moved aside, reported and
+//! never trusted.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub const MAGIC: [u8; 8] = *b"GRDCKPT\0";
+/// Bumped whenever the payload's shape changes: an older file is reported, not misread.
+pub const FORMAT_VERSION: u16 = 1;
+const HEADER_LEN: usize = 8 + 2 + 8 + 8 + 8 + 4;
+/// The file name inside the state directory.
+pub const FILE_NAME: &str = "engine.ckpt";
+/// A checkpoint written just before the output transaction that it belongs to commits. It
+/// becomes [`FILE_NAME`] once the commit succeeded; found at startup, it is promoted only if
+/// the consumer group's committed offsets show that its transaction did commit.
+pub const PENDING_NAME: &str = "engine.ckpt.pending";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path} is not a guardrail checkpoint (bad magic bytes)")]
+    BadMagic { path: PathBuf },
+    #[error("checkpoint {path} has format version {found}; this build reads version {expected}")]
+    Version {
+        path: PathBuf,
+        found: u16,
+        expected: u16,
+    },
+    #[error("checkpoint {path} was written for another metric configuration (fingerprint {found:016x}, now {expected:016x}); its state does not fit the metrics now configured")]
+    ConfigChanged {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("checkpoint {path} is truncated ({len} bytes, header says {expected})")]
+    Truncated {
+        path: PathBuf,
+        len: usize,
+        expected: usize,
+    },
+    #[error("checkpoint {path} is corrupt: CRC-32 {found:08x}, expected {expected:08x}")]
+    Checksum {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("checkpoint {path} does not decode: {message}")]
+    Decode { path: PathBuf, message: String },
+}
+
+impl CheckpointError {
+    /// Bounded label for `guardrail_checkpoint_errors_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CheckpointError::Io { .. } => "io",
+            CheckpointError::BadMagic { .. } => "bad_magic",
+            CheckpointError::Version { .. } => "version",
+            CheckpointError::ConfigChanged { .. } => "config_changed",
+            CheckpointError::Truncated { .. } => "truncated",
+            CheckpointError::Checksum { .. } => "checksum",
+            CheckpointError::Decode { .. } => "decode",
+        }
+    }
+
+    pub const REASONS: [&'static str; 7] = [
+        "io",
+        "bad_magic",
+        "version",
+        "config_changed",
+        "truncated",
+        "checksum",
+        "decode",
+    ];
+}
+
+/// A checkpoint read back and verified.
+#[derive(Debug)]
+pub struct Loaded {
+    pub written_ms: i64,
+    pub payload: Vec<u8>,
+}
+
+/// Frames a payload: header with version, fingerprint and checksum.
+pub fn frame(payload: &[u8], fingerprint: u64, written_ms: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&fingerprint.to_le_bytes());
+    out.extend_from_slice(&written_ms.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks a framed checkpoint and returns its payload.
+pub fn unframe(path: &Path, bytes: &[u8], fingerprint: u64) -> Result<Loaded, CheckpointError> {
+    let p = || path.to_path_buf();
+    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+        return Err(CheckpointError::BadMagic { path: p() });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(CheckpointError::Truncated {
+            path: p(),
+            len: bytes.len(),
+            expected: HEADER_LEN,
+        });
+    }
+    let u16_at = |o: usize| u16::from_le_bytes(bytes[o..o + 2].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let version = u16_at(8);
+    if version != FORMAT_VERSION {
+        return Err(CheckpointError::Version {
+            path: p(),
+            found: version,
+            expected: FORMAT_VERSION,
+        });
+    }
+    let found_fp = u64_at(10);
+    if found_fp != fingerprint {
+        return Err(CheckpointError::ConfigChanged {
+            path: p(),
+            found: found_fp,
+            expected: fingerprint,
+        });
+    }
+    let written_ms = u64_at(18) as i64;
+    let len = u64_at(26) as usize;
+    let crc = u32::from_le_bytes(bytes[34..38].try_into().unwrap());
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() != len {
+        return Err(CheckpointError::Truncated {
+            path: p(),
+            len: bytes.len(),
+            expected: HEADER_LEN.saturating_add(len),
+        });
+    }
+    let found_crc = crc32fast::hash(payload);
+    if found_crc != crc {
+        return Err(CheckpointError::Checksum {
+            path: p(),
+            found: found_crc,
+            expected: crc,
+        });
+    }
+    Ok(Loaded {
+        written_ms,
+        payload: payload.to_vec(),
+    })
+}
+
+/// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename, fsync of the
+/// directory.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let path = dir.join(name);
+    let io = |source| CheckpointError::Io {
+        path: path.clone(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    fs::rename(&tmp, &path).map_err(io)?;
+    // The rename is durable only once the directory entry is.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads and verifies `dir/name`. `Ok(None)` when there is no checkpoint yet.
+pub fn read(dir: &Path, name: &str, fingerprint: u64) -> Result<Option<Loaded>, CheckpointError> {
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(bytes) => unframe(&path, &bytes, fingerprint).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CheckpointError::Io { path, source }),
+    }
+}
+
+/// Makes the pending checkpoint the current one (its transaction committed).
+pub fn promote(dir: &Path) -> Result<(), CheckpointError> {
+    let path = dir.join(FILE_NAME);
+    fs::rename(dir.join(PENDING_NAME), &path).map_err(|source| CheckpointError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Drops a pending checkpoint whose transaction never committed.
+pub fn discard_pending(dir: &Path) {
+    let _ = fs::remove_file(dir.join(PENDING_NAME));
+}
+
+/// Moves a checkpoint that failed verification aside (`<name>.rejected-<ms>`), so it is kept
+/// for inspection and never read again.
+pub fn quarantine(dir: &Path, name: &str, now_ms: i64) -> Option<PathBuf> {
+    let from = dir.join(name);
+    let to = dir.join(format!("{name}.rejected-{now_ms}"));
+    fs::rename(&from, &to).ok().map(|_| to)
+}
+
+/// Encodes a payload (postcard: varints, no field names).
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail; the state holds no maps with non-string
+    // keys that a self-describing format would refuse.
+    postcard::to_allocvec(v).expect("checkpoint state serialises")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(path: &Path, bytes: &'a [u8]) -> Result<T, CheckpointError> {
+    postcard::from_bytes(bytes).map_err(|e| CheckpointError::Decode {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// A value carried as JSON inside the binary payload: for records whose serde shape is the
+/// API's (optional fields skipped when empty), which a positional format cannot read back.
+/// They are few (incidents, changes, audit records), so the cost is small.
+#[derive(Debug, Clone, Default)]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> Serialize for Json<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(&self.0).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Json<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text)
+            .map(Json)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Fixed-size arrays longer than serde's built-in 32.
+pub mod array {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, T: Serialize, const N: usize>(
+        a: &[T; N],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        a.as_slice().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[T; N], D::Error> {
+        let v = Vec::<T>::deserialize(d)?;
+        let n = v.len();
+        v.try_into()
+            .map_err(|_| serde::de::Error::invalid_length(n, &"the array's fixed length"))
+    }
+}
+
+/// Boxed fixed-size arrays (HyperLogLog registers).
+pub mod boxed_array {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, T: Serialize, const N: usize>(
+        a: &[T; N],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        a.as_slice().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
+        d: D,
+    ) -> Result<Box<[T; N]>, D::Error> {
+        let v = Vec::<T>::deserialize(d)?;
+        let n = v.len();
+        v.into_boxed_slice()
+            .try_into()
+            .map_err(|_| serde::de::Error::invalid_length(n, &"the array's fixed length"))
+    }
+}
+
+/// A fixed label (kind, severity, action) in a persisted record. An alias, so that serde's
+/// derive does not try to borrow it from the input; fields of this type are read back with
+/// [`de_static`] / [`de_static_opt`].
+pub type Label = &'static str;
+
+/// The engine labels things with `&'static str` (kinds, severities, actions): read back, each
+/// distinct label is leaked once and then shared, so restores do not grow memory.
+pub fn intern(s: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static POOL: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut pool = POOL
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(&x) = pool.get(s) {
+        return x;
+    }
+    let x: &'static str = Box::leak(s.to_string().into_boxed_str());
+    pool.insert(x);
+    x
+}
+
+pub fn de_static<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+    Ok(intern(&s))
+}
+
+pub fn de_static_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'static str>, D::Error> {
+    let s = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
+    Ok(s.map(|s| intern(&s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "guardrail-ckpt-{tag}-{}-{}",
+            std::process::id(),
+            crate::event::now_ms()
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip_and_every_kind_of_damage_is_reported() {
+        let dir = tmpdir("frame");
+        let payload = encode(&(1u32, "hello".to_string(), vec![1.5f64, 2.5]));
+        write_atomic(&dir, FILE_NAME, &frame(&payload, 42, 7)).unwrap();
+        let got = read(&dir, FILE_NAME, 42).unwrap().unwrap();
+        assert_eq!(got.written_ms, 7);
+        let v: (u32, String, Vec<f64>) = decode(&dir, &got.payload).unwrap();
+        assert_eq!(v, (1, "hello".to_string(), vec![1.5, 2.5]));
+        // Nothing there yet: not an error.
+        assert!(read(&dir, "absent.ckpt", 42).unwrap().is_none());
+
+        let good = frame(&payload, 42, 7);
+        let p = dir.join("x");
+        let reason = |b: &[u8], fp: u64| unframe(&p, b, fp).unwrap_err().reason();
+        assert_eq!(reason(b"PAR1garbage", 42), "bad_magic");
+        assert_eq!(reason(&good, 43), "config_changed");
+        assert_eq!(reason(&good[..good.len() - 1], 42), "truncated");
+        assert_eq!(reason(&good[..20], 42), "truncated");
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 0x40;
+        assert_eq!(reason(&flipped, 42), "checksum");
+        let mut old = good.clone();
+        old[8] = 0;
+        old[9] = 0;
+        assert_eq!(reason(&old, 42), "version");
+        // A payload of the wrong shape with a valid frame.
+        let wrong = frame(&[0xff, 0xff, 0xff], 42, 7);
+        let l = unframe(&p, &wrong, 42).unwrap();
+        let e = decode::<(u32, String, Vec<f64>)>(&p, &l.payload).unwrap_err();
+        assert_eq!(e.reason(), "decode");
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn quarantine_moves_the_file_aside() {
+        let dir = tmpdir("quarantine");
+        write_atomic(&dir, FILE_NAME, b"junk").unwrap();
+        let to = quarantine(&dir, FILE_NAME, 5).unwrap();
+        assert!(to.exists());
+        assert!(read(&dir, FILE_NAME, 1).unwrap().is_none());
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn interned_labels_are_shared() {
+        let a = intern("step_down");
+        let b = intern(&String::from("step_down"));
+        assert!(std::ptr::eq(a, b));
+    }
+
+    #[test]
+    fn json_and_arrays_round_trip_inside_postcard() {
+        #[derive(Serialize, Deserialize, Debug)]
+        struct T {
+            #[serde(with = "array")]
+            a: [u16; 40],
+            #[serde(with = "boxed_array")]
+            b: Box<[u8; 64]>,
+            j: Json<serde_json::Value>,
+        }
+        let t = T {
+            a: std::array::from_fn(|i| i as u16 * 3),
+            b: Box::new([9u8; 64]),
+            j: Json(serde_json::json!({"x": 1, "y": [true, null]})),
+        };
+        let back: T = decode(Path::new("t"), &encode(&t)).unwrap();
+        assert_eq!(back.a, t.a);
+        assert_eq!(back.b, t.b);
+        assert_eq!(back.j.0, t.j.0);
+    }
+}

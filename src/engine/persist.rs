@@ -1,0 +1,348 @@
+//! The engine's side of checkpoints: which state is saved, and how it is put back.
+//!
+//! Saved: series (open windows, baselines, detectors, history, trends), share series, the
+//! watermark and per-partition clocks, incidents with their decisions and deadlines, the change
+//! registry, guards, sprawl and pressure, the circuit breaker's recent rollbacks, vetoes,
+//! pending rollbacks, the dedup horizon and the newest audit records. Not saved: counters
+//! (Prometheus counters restart with the process) and anything derived from config (schema,
+//! thresholds), which a restore takes from the running config; the config fingerprint makes
+//! sure the two match.
+
+use std::path::Path;
+
+use super::*;
+use crate::checkpoint::{self, CheckpointError, Json};
+use crate::sink::AuditRecord;
+
+/// Audit records carried in a checkpoint for the API's change stories; the audit topic keeps
+/// every record.
+const AUDIT_RECORDS_KEPT: usize = 2_000;
+
+/// Input position a checkpoint corresponds to: (topic, partition, next offset to read).
+pub type Offsets = Vec<(String, i32, i64)>;
+
+/// An incident with the fields its API shape leaves out.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PersistedIncident {
+    inc: Json<Incident>,
+    metric_idx: Option<usize>,
+    series_idx: Option<usize>,
+    explained_by_outage: bool,
+    recovery: Recovery,
+    deadline_ms: Option<i64>,
+}
+
+/// Everything a checkpoint holds. Large parts are moved out of the engine for encoding and
+/// moved back afterwards, so a checkpoint copies no series.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    offsets: Offsets,
+    series: Vec<Series>,
+    index: HashMap<u64, usize>,
+    max_ts: Option<i64>,
+    sources: Vec<SourceClock>,
+    closed_upto: Option<i64>,
+    incidents: Vec<PersistedIncident>,
+    registry: Json<Registry>,
+    pending_rollbacks: HashMap<String, String>,
+    emitted_rollbacks: HashSet<String>,
+    dedup: Dedup,
+    audit_seq: u64,
+    guards: Guards,
+    sprawl: Option<Sprawl>,
+    pressure: Option<Pressure>,
+    auto_rollbacks: VecDeque<(i64, Vec<String>)>,
+    audit_log: Json<Vec<AuditRecord>>,
+    last_event_wall_ms: i64,
+    vetoed: HashMap<String, String>,
+    shares: Vec<crate::share::ShareSeries>,
+    share_index: HashMap<u64, usize>,
+    share_cats: Vec<crate::share::Categories>,
+}
+
+/// What a restore brought back.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub offsets: Offsets,
+    pub written_ms: i64,
+    pub series: usize,
+    pub incidents: usize,
+    pub bytes: usize,
+}
+
+/// The input offsets a checkpoint payload corresponds to, read without decoding the rest.
+pub fn offsets_of(path: &Path, payload: &[u8]) -> Result<Offsets, CheckpointError> {
+    postcard::take_from_bytes::<Offsets>(payload)
+        .map(|(o, _)| o)
+        .map_err(|e| CheckpointError::Decode {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+impl Engine {
+    /// Identifies the configuration a checkpoint's state fits: the metrics, windowing and
+    /// detection settings. Any change there makes an old checkpoint untrusted.
+    pub fn state_fingerprint(&self) -> u64 {
+        use sha2::{Digest, Sha256};
+        let c = &self.cfg;
+        let text = format!(
+            "{:?}|{}|{}|{:?}|{:?}",
+            c.metrics().collect::<Vec<_>>(),
+            c.engine.window_secs,
+            c.engine.allowed_lateness_secs,
+            c.detection,
+            c.guards,
+        );
+        let d = Sha256::digest(text.as_bytes());
+        u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"))
+    }
+
+    /// A framed checkpoint of the current state, tagged with the input `offsets` it
+    /// corresponds to. Call between batches (no outputs pending).
+    pub fn checkpoint(&mut self, offsets: Offsets, now_ms: i64) -> Vec<u8> {
+        let incidents = self
+            .incidents
+            .iter()
+            .map(|i| PersistedIncident {
+                inc: Json(i.clone()),
+                metric_idx: i.metric_idx,
+                series_idx: i.series_idx,
+                explained_by_outage: i.explained_by_outage,
+                recovery: i.recovery,
+                deadline_ms: i.decision.deadline_ms,
+            })
+            .collect();
+        let skip = self.audit_log.len().saturating_sub(AUDIT_RECORDS_KEPT);
+        let p = Persisted {
+            offsets,
+            series: std::mem::take(&mut self.series),
+            index: std::mem::take(&mut self.index),
+            max_ts: self.max_ts,
+            sources: std::mem::take(&mut self.sources),
+            closed_upto: self.closed_upto,
+            incidents,
+            registry: Json(std::mem::take(&mut self.registry)),
+            pending_rollbacks: std::mem::take(&mut self.pending_rollbacks),
+            emitted_rollbacks: std::mem::take(&mut self.emitted_rollbacks),
+            dedup: std::mem::replace(&mut self.dedup, Dedup::empty(0)),
+            audit_seq: self.audit_seq,
+            guards: std::mem::take(&mut self.guards),
+            sprawl: self.sprawl.take(),
+            pressure: self.pressure.take(),
+            auto_rollbacks: std::mem::take(&mut self.auto_rollbacks),
+            audit_log: Json(self.audit_log.iter().skip(skip).cloned().collect()),
+            last_event_wall_ms: self.last_event_wall_ms,
+            vetoed: std::mem::take(&mut self.vetoed),
+            shares: std::mem::take(&mut self.shares),
+            share_index: std::mem::take(&mut self.share_index),
+            share_cats: std::mem::take(&mut self.share_cats),
+        };
+        let payload = checkpoint::encode(&p);
+        self.put_back(p, false);
+        checkpoint::frame(&payload, self.state_fingerprint(), now_ms)
+    }
+
+    /// Moves persisted state into the engine. `restoring`: also take the scalar fields and
+    /// rebuild what is derived (incident index, audit log).
+    fn put_back(&mut self, p: Persisted, restoring: bool) {
+        self.series = p.series;
+        self.index = p.index;
+        self.sources = p.sources;
+        self.registry = p.registry.0;
+        self.pending_rollbacks = p.pending_rollbacks;
+        self.emitted_rollbacks = p.emitted_rollbacks;
+        self.dedup = p.dedup;
+        self.guards = p.guards;
+        self.sprawl = p.sprawl;
+        self.pressure = p.pressure;
+        self.auto_rollbacks = p.auto_rollbacks;
+        self.vetoed = p.vetoed;
+        self.shares = p.shares;
+        self.share_index = p.share_index;
+        self.share_cats = p.share_cats;
+        if !restoring {
+            return;
+        }
+        self.max_ts = p.max_ts;
+        self.closed_upto = p.closed_upto;
+        self.audit_seq = p.audit_seq;
+        self.last_event_wall_ms = p.last_event_wall_ms;
+        self.incidents = p
+            .incidents
+            .into_iter()
+            .map(|pi| {
+                let mut i = pi.inc.0;
+                i.metric_idx = pi.metric_idx;
+                i.series_idx = pi.series_idx;
+                i.explained_by_outage = pi.explained_by_outage;
+                i.recovery = pi.recovery;
+                i.decision.deadline_ms = pi.deadline_ms;
+                i
+            })
+            .collect();
+        self.incident_ids = self
+            .incidents
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (i.id.clone(), k))
+            .collect();
+        self.audit_log = p.audit_log.0.into();
+        self.dirty = true;
+    }
+
+    /// Replaces this (fresh) engine's state with a checkpoint's. Checks that the state fits
+    /// the configured metrics before taking any of it: on error the engine is unchanged.
+    pub fn restore(
+        &mut self,
+        path: &Path,
+        loaded: &checkpoint::Loaded,
+    ) -> Result<Restored, CheckpointError> {
+        let p: Persisted = checkpoint::decode(path, &loaded.payload)?;
+        let inconsistent = |what: &str| CheckpointError::Decode {
+            path: path.to_path_buf(),
+            message: format!("inconsistent state: {what}"),
+        };
+        let metrics = self.schema.metrics.len();
+        if p.series.iter().any(|s| s.metric >= metrics) || p.shares.iter().any(|s| s.metric >= metrics) {
+            return Err(inconsistent("a series of a metric that is not configured"));
+        }
+        if p.index.values().any(|&i| i >= p.series.len())
+            || p.share_index.values().any(|&i| i >= p.shares.len())
+        {
+            return Err(inconsistent("series index out of range"));
+        }
+        let n_inc = p.incidents.len();
+        if p.series.iter().any(|s| s.incident.is_some_and(|i| i >= n_inc))
+            || p.incidents.iter().any(|i| {
+                i.series_idx.is_some_and(|s| s >= p.series.len())
+                    || i.metric_idx.is_some_and(|m| m >= metrics)
+            })
+        {
+            return Err(inconsistent("incident reference out of range"));
+        }
+        let r = Restored {
+            offsets: p.offsets.clone(),
+            written_ms: loaded.written_ms,
+            series: p.series.len() + p.shares.len(),
+            incidents: n_inc,
+            bytes: loaded.payload.len(),
+        };
+        self.put_back(p, true);
+        Ok(r)
+    }
+}
+
+impl Dedup {
+    pub(super) fn empty(span_ms: i64) -> Dedup {
+        Dedup {
+            cur: HashSet::new(),
+            prev: HashSet::new(),
+            gen_start: i64::MIN / 2,
+            span_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{story_change, story_effect, Scenario, Sim};
+    use crate::sink::Signer;
+
+    const T0: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
+    const H: i64 = 3_600_000;
+
+    fn engine() -> Engine {
+        let cfg = Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml")
+            .unwrap();
+        Engine::new(&cfg).unwrap()
+    }
+
+    /// Feeds the simulator from its current time to `to`, with `now` one minute after each
+    /// event, and returns the encoded outputs.
+    fn feed(e: &mut Engine, sim: &mut Sim, to: i64) -> Vec<String> {
+        let signer = Signer::new("k", b"secret");
+        let mut evs = Vec::new();
+        sim.advance(to, &mut |_, v| evs.push(v.to_vec()));
+        let mut out = Vec::new();
+        for v in &evs {
+            let ts = crate::event::decode_event(v, 65536).unwrap().ts_ms;
+            let _ = e.process_event(v, ts + 60_000);
+            // Wall-clock stamps (`at`, `emitted_at`, `time`) aside, outputs must match.
+            out.extend(e.take_outputs().map(|o| {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&o.encode(&signer).value).unwrap();
+                for k in ["at", "emitted_at", "time"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v.to_string()
+            }));
+        }
+        out
+    }
+
+    #[test]
+    fn a_restored_engine_continues_exactly_like_the_original() {
+        let scenario = Scenario {
+            peak_sessions_per_min: 300.0,
+            ..Scenario::default()
+        };
+        let mut a = engine();
+        let mut sim = Sim::new(scenario, T0);
+        feed(&mut a, &mut sim, T0 + 26 * H);
+        let applied = T0 + 26 * H;
+        a.process_change(story_change("chg-1", applied).as_bytes())
+            .unwrap();
+        sim.scenario_mut().effects.push(story_effect("chg-1", applied));
+        feed(&mut a, &mut sim, applied + 10 * 60_000);
+        let _ = a.take_outputs().count();
+
+        let offsets = vec![("events".to_string(), 0, 12345)];
+        let bytes = a.checkpoint(offsets.clone(), applied);
+        let dir = Path::new("mem");
+        let loaded = checkpoint::unframe(dir, &bytes, a.state_fingerprint()).unwrap();
+        let mut b = engine();
+        let r = b.restore(dir, &loaded).unwrap();
+        assert_eq!(r.offsets, offsets);
+        assert_eq!(offsets_of(dir, &loaded.payload).unwrap(), offsets);
+        assert!(r.series > 10, "{r:?}");
+
+        // Both see the same rest of the afternoon.
+        let mut sim_b = sim.clone();
+        let out_a = feed(&mut a, &mut sim, applied + 4 * H);
+        let out_b = feed(&mut b, &mut sim_b, applied + 4 * H);
+        assert!(
+            out_a.iter().any(|o| o.contains("\"rollback\"") || o.contains("rollback")),
+            "the injected drop is detected and acted on after the checkpoint: {out_a:?}"
+        );
+        assert_eq!(out_a, out_b, "same outputs, byte for byte");
+        let ids = |e: &Engine| e.incidents.iter().map(|i| (i.id.clone(), i.kind, i.detected_ms)).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b));
+        assert!(!a.incidents.is_empty());
+    }
+
+    #[test]
+    fn a_checkpoint_for_other_metrics_is_refused_and_the_engine_kept_fresh() {
+        let mut a = engine();
+        let mut sim = Sim::new(Scenario::default(), T0);
+        feed(&mut a, &mut sim, T0 + H);
+        let bytes = a.checkpoint(Vec::new(), T0);
+        let other = Config::from_str_named(
+            "[[metrics]]\nname = \"n\"\nkind = \"count\"\nnumerator = { type = \"x\" }\n",
+            "t.toml",
+        )
+        .unwrap();
+        let b = Engine::new(&other).unwrap();
+        let e = checkpoint::unframe(Path::new("p"), &bytes, b.state_fingerprint()).unwrap_err();
+        assert_eq!(e.reason(), "config_changed");
+        // A payload that decodes as something else entirely is refused before anything is
+        // taken.
+        let mut c = engine();
+        let fresh = c.series.len();
+        let junk = checkpoint::frame(&[1, 2, 3, 4], c.state_fingerprint(), 0);
+        let l = checkpoint::unframe(Path::new("p"), &junk, c.state_fingerprint()).unwrap();
+        assert_eq!(c.restore(Path::new("p"), &l).unwrap_err().reason(), "decode");
+        assert_eq!(c.series.len(), fresh);
+    }
+}
