@@ -1057,7 +1057,12 @@ impl Engine {
     /// not find its events declared late.
     pub fn assign_sources(&mut self, sources: &[i32], now_ms: i64) {
         for &source in sources {
-            if !self.sources.iter().any(|c| c.source == source) {
+            // Known (restored from a checkpoint, or assigned again): it was heard from before
+            // this process or this assignment, so it counts as heard from now, or it would
+            // look idle and let the other partitions run the watermark past it.
+            if let Some(c) = self.sources.iter_mut().find(|c| c.source == source) {
+                c.seen_ms = now_ms;
+            } else {
                 self.sources.push(SourceClock {
                     source,
                     max_ts: i64::MIN,

@@ -86,11 +86,22 @@ impl Reject {
     }
 }
 
+/// The earliest event time guardrail accepts: 0000-01-01T00:00:00Z, the first instant RFC 3339
+/// can write. Times outside [`MIN_TIME_MS`, `MAX_TIME_MS`] are `bad_timestamp`: within it every
+/// time prints as RFC 3339, and event-time arithmetic (windows, lateness, deadlines) has
+/// headroom of more than 35,000 years of milliseconds before it could overflow an `i64`.
+pub const MIN_TIME_MS: i64 = -62_167_219_200_000;
+/// The latest event time guardrail accepts: 9999-12-31T23:59:59.999Z.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
 /// Parses a contract time: RFC 3339 (any offset) or integer milliseconds since the epoch.
+/// Instants outside [`MIN_TIME_MS`, `MAX_TIME_MS`] (a year-0000 time with a positive offset,
+/// say) are not accepted.
 pub fn parse_time_str(s: &str) -> Option<i64> {
     chrono::DateTime::parse_from_rfc3339(s)
         .ok()
         .map(|d| d.timestamp_millis())
+        .filter(|t| (MIN_TIME_MS..=MAX_TIME_MS).contains(t))
 }
 
 /// Parses a raw JSON time value (string or integer number).
@@ -104,15 +115,122 @@ pub fn parse_time_raw(raw: &str) -> Option<i64> {
         return parse_time_str(inner);
     }
     if let Ok(v) = raw.parse::<i64>() {
-        return Some(v);
+        return (MIN_TIME_MS..=MAX_TIME_MS).contains(&v).then_some(v);
     }
     // Integer-valued floats (`1.7e12`) are accepted; fractional milliseconds are not a time.
     let f: f64 = raw.parse().ok()?;
-    if f.is_finite() && f.fract() == 0.0 && f.abs() < 9.0e15 {
+    if f.fract() == 0.0 && (MIN_TIME_MS as f64..=MAX_TIME_MS as f64).contains(&f) {
         Some(f as i64)
     } else {
         None
     }
+}
+
+/// Why `text` could not be read as `what` (an event or a change), as a reason code. serde stops
+/// at the first field it cannot type, and reports some type errors as syntax errors (a number
+/// where an enum belongs), so the text's syntax is checked on its own: what is not JSON at all
+/// is `invalid_json` (or `non_finite_value` for the `NaN` / `Infinity` that some encoders
+/// write), however far typed decoding got; JSON that is not an object is `invalid_json`; in an
+/// object, a number that overflows to infinity is `non_finite_value`, nesting too deep to read
+/// is `invalid_json`, and anything else is a field problem, as `data` names it.
+fn json_reject(
+    text: &str,
+    e: serde_json::Error,
+    what: &str,
+    data: fn(&str) -> ErrorCode,
+) -> Reject {
+    if let Err(syntax) = serde_json::from_str::<de::IgnoredAny>(text) {
+        return syntax_reject(text, &syntax);
+    }
+    if !is_object(text) {
+        return not_an_object(text, what);
+    }
+    let msg = e.to_string();
+    if msg.starts_with("number out of range") {
+        return Reject::new(
+            ErrorCode::NonFiniteValue,
+            format!("a number overflows to infinity: {msg}"),
+        );
+    }
+    if msg.starts_with("recursion limit exceeded") {
+        return Reject::new(ErrorCode::InvalidJson, msg);
+    }
+    if e.is_syntax() {
+        // A well-formed value of the wrong kind (serde_json's enums say "expected value").
+        return Reject::new(data(&msg), format!("a field has the wrong type: {msg}"));
+    }
+    Reject::new(data(&msg), msg)
+}
+
+/// A syntax error: `non_finite_value` if it stopped on a `NaN` or `Infinity` literal, else
+/// `invalid_json`.
+fn syntax_reject(text: &str, e: &serde_json::Error) -> Reject {
+    if e.is_syntax() {
+        if let Some(lit) = non_finite_literal_at(text, e.line(), e.column()) {
+            return Reject::new(
+                ErrorCode::NonFiniteValue,
+                format!(
+                    "`{lit}` at line {} column {} is not a JSON number: non-finite values are not accepted",
+                    e.line(),
+                    e.column()
+                ),
+            );
+        }
+    }
+    Reject::new(ErrorCode::InvalidJson, e.to_string())
+}
+
+/// For a text that does not open an object (serde would read an array as the fields in
+/// declaration order): `invalid_json`, with what it is if it is JSON at all.
+fn not_an_object(text: &str, what: &str) -> Reject {
+    match serde_json::from_str::<de::IgnoredAny>(text) {
+        Err(syntax) => syntax_reject(text, &syntax),
+        Ok(_) => Reject::new(
+            ErrorCode::InvalidJson,
+            format!("{what} must be a JSON object, got {}", json_kind(text)),
+        ),
+    }
+}
+
+/// True if the first non-whitespace byte opens an object.
+fn is_object(text: &str) -> bool {
+    text.trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+}
+
+fn json_kind(text: &str) -> &'static str {
+    match text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .as_bytes()
+        .first()
+    {
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        _ => "a number",
+    }
+}
+
+/// `NaN`, `Infinity` or `-Infinity` where serde_json stopped (line and column 1-based; the
+/// column is where it stopped, on or just after the literal's first byte).
+fn non_finite_literal_at(text: &str, line: usize, column: usize) -> Option<&'static str> {
+    let start = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum::<usize>();
+    let at = (start + column).saturating_sub(1);
+    let b = text.as_bytes();
+    for from in [at.saturating_sub(2), at.saturating_sub(1), at] {
+        let rest = b.get(from..).unwrap_or(&[]);
+        for lit in ["-Infinity", "Infinity", "NaN"] {
+            if rest.starts_with(lit.as_bytes()) {
+                return Some(lit);
+            }
+        }
+    }
+    None
 }
 
 /// Formats epoch milliseconds as RFC 3339 UTC.
@@ -210,13 +328,11 @@ pub fn decode_event<'a>(bytes: &'a [u8], max_bytes: usize) -> Result<Event<'a>, 
             format!("not UTF-8 at byte {}", e.valid_up_to()),
         )
     })?;
-    let raw: RawEvent<'_> = serde_json::from_str(text).map_err(|e| {
-        let code = match e.classify() {
-            serde_json::error::Category::Data => ErrorCode::InvalidField,
-            _ => ErrorCode::InvalidJson,
-        };
-        Reject::new(code, e.to_string())
-    })?;
+    if !is_object(text) {
+        return Err(not_an_object(text, "an event"));
+    }
+    let raw: RawEvent<'_> = serde_json::from_str(text)
+        .map_err(|e| json_reject(text, e, "an event", |_| ErrorCode::InvalidField))?;
     let ty = raw
         .ty
         .map(|b| b.0)
@@ -231,7 +347,7 @@ pub fn decode_event<'a>(bytes: &'a [u8], max_bytes: usize) -> Result<Event<'a>, 
         Reject::new(
             ErrorCode::BadTimestamp,
             format!(
-                "`ts` {} is neither RFC 3339 nor integer epoch milliseconds",
+                "`ts` {} is neither RFC 3339 nor integer epoch milliseconds (years 0000 to 9999)",
                 truncate(ts.get(), 64)
             ),
         )
@@ -445,8 +561,11 @@ pub struct Change {
 
 fn de_time<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     let raw: &RawValue = Deserialize::deserialize(d)?;
-    parse_time_raw(raw.get())
-        .ok_or_else(|| de::Error::custom("`ts` is neither RFC 3339 nor integer epoch milliseconds"))
+    parse_time_raw(raw.get()).ok_or_else(|| {
+        de::Error::custom(
+            "`ts` is neither RFC 3339 nor integer epoch milliseconds (years 0000 to 9999)",
+        )
+    })
 }
 
 fn ser_time<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
@@ -463,18 +582,20 @@ pub fn decode_change(bytes: &[u8], max_bytes: usize) -> Result<Change, Reject> {
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|e| Reject::new(ErrorCode::InvalidUtf8, format!("not UTF-8: {e}")))?;
-    let c: Change = serde_json::from_str(text).map_err(|e| {
-        let msg = e.to_string();
-        let code = match e.classify() {
-            serde_json::error::Category::Data if msg.starts_with("missing field") => {
-                ErrorCode::MissingField
-            }
-            serde_json::error::Category::Data if msg.contains("`ts`") => ErrorCode::BadTimestamp,
-            serde_json::error::Category::Data => ErrorCode::InvalidField,
-            _ => ErrorCode::InvalidJson,
-        };
-        Reject::new(code, msg)
-    })?;
+    let data = |msg: &str| {
+        if msg.starts_with("missing field") {
+            ErrorCode::MissingField
+        } else if msg.contains("`ts`") {
+            ErrorCode::BadTimestamp
+        } else {
+            ErrorCode::InvalidField
+        }
+    };
+    if !is_object(text) {
+        return Err(not_an_object(text, "a change"));
+    }
+    let c: Change =
+        serde_json::from_str(text).map_err(|e| json_reject(text, e, "a change", data))?;
     if c.change_id.is_empty() {
         return Err(Reject::new(ErrorCode::InvalidField, "`change_id` is empty"));
     }
@@ -597,5 +718,203 @@ mod tests {
             .code,
             ErrorCode::BadTimestamp
         );
+    }
+
+    fn code_of(b: &[u8]) -> Option<ErrorCode> {
+        decode_event(b, 65536).err().map(|e| e.code)
+    }
+
+    // Fuzzing (fuzz/fuzz_targets/decode_event.rs, decode_change.rs) found that a JSON array was
+    // read as an event or a change, its elements taken as the fields in declaration order.
+    #[test]
+    fn regression_non_objects_are_not_events_or_changes() {
+        let arr = br#"["session",1795341600000,"e1",null,"checkout",null,null,null,3.5,null,{"country":"FR"}]"#;
+        let e = decode_event(arr, 65536).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidJson);
+        assert!(
+            e.message.contains("JSON object, got an array"),
+            "{}",
+            e.message
+        );
+        for b in [&b"1"[..], b"\"s\"", b"null", b"true", b" \n[]", b""] {
+            assert_eq!(code_of(b), Some(ErrorCode::InvalidJson), "{:?}", b);
+        }
+        let c = decode_change(br#"["c1",1795341600000,"applied",["agent","x"]]"#, 4096);
+        assert_eq!(c.unwrap_err().code, ErrorCode::InvalidJson);
+        assert_eq!(
+            decode_change(b"42", 4096).unwrap_err().code,
+            ErrorCode::InvalidJson
+        );
+        // Leading JSON whitespace before the object is still an object.
+        assert!(decode_event(b" \t\r\n{\"type\":\"x\",\"ts\":1}", 4096).is_ok());
+    }
+
+    // Fuzzing found times no RFC 3339 string can carry (year 3,170,843 from `ts: 1e17`, or
+    // i64::MIN, the engine's "partition not heard from yet" marker) accepted as event times.
+    #[test]
+    fn regression_times_outside_rfc3339_are_bad_timestamps() {
+        for ts in [
+            "100000000000000000",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "-62167219200001",
+            "253402300800000",
+            "1e17",
+            "\"0000-01-01T00:00:00+01:00\"",
+        ] {
+            let b = format!(r#"{{"type":"x","ts":{ts}}}"#);
+            assert_eq!(code_of(b.as_bytes()), Some(ErrorCode::BadTimestamp), "{ts}");
+        }
+        for (ts, want) in [
+            ("-62167219200000", MIN_TIME_MS),
+            ("253402300799999", MAX_TIME_MS),
+            ("\"0000-01-01T00:00:00Z\"", MIN_TIME_MS),
+            ("\"9999-12-31T23:59:59.999Z\"", MAX_TIME_MS),
+            ("\"0000-01-01T00:00:00-01:00\"", MIN_TIME_MS + 3_600_000),
+        ] {
+            let b = format!(r#"{{"type":"x","ts":{ts}}}"#);
+            assert_eq!(
+                decode_event(b.as_bytes(), 4096).unwrap().ts_ms,
+                want,
+                "{ts}"
+            );
+        }
+        for t in [MIN_TIME_MS, MAX_TIME_MS] {
+            assert_eq!(parse_time_str(&fmt_time(t)), Some(t));
+        }
+        let c = decode_change(
+            br#"{"change_id":"a","ts":100000000000000000,"action":"applied","actor":{"kind":"human","name":"n"}}"#,
+            4096,
+        );
+        assert_eq!(c.unwrap_err().code, ErrorCode::BadTimestamp);
+    }
+
+    // Fuzzing found malformed JSON reported as a field problem (`invalid_field`,
+    // `missing_field`, `bad_timestamp`) when typed decoding failed before the syntax error.
+    #[test]
+    fn regression_malformed_json_is_invalid_json_whatever_came_first() {
+        let events: &[&[u8]] = &[
+            b"0(",
+            b"[[",
+            b"{\"type\":\"sdssion\",\"ts\":12000.799,\"ts\":12000.79999\x0e\x08}",
+            b"{\"type\":\"a\",\"type\":\"b\",",
+            b"{\"type\":7,",
+            b"{\"type\":\"x\",\"ts\":1,\"dims\":{\"a\":1},",
+            // A number converted (and overflowing) before the end of a truncated text.
+            b"{\"type\":   5e341604",
+        ];
+        for b in events {
+            assert_eq!(
+                code_of(b),
+                Some(ErrorCode::InvalidJson),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        let changes: &[&[u8]] = &[
+            br#"{"change_id": "chg-0042", "ts": "2026-11-22T10:00:0{"c0"#,
+            b"{\t\t\n\t\t\n\t\t}\t\t\x00\x04ct!og\ts;",
+            br#"{"change_id":"a","ts":1,"action":"appled","actor":{"kind":"h","name":"n"}"#,
+            br#"{"actor":{"name":"x"},"#,
+        ];
+        for b in changes {
+            assert_eq!(
+                decode_change(b, 4096).unwrap_err().code,
+                ErrorCode::InvalidJson,
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        // A lone surrogate escape is JSON, but no string: where a string is read (a key, a
+        // field) that is a field problem; in a field nobody reads it is ignored with the rest.
+        assert_eq!(
+            code_of(br#"{"\uddddvts":7.7}"#),
+            Some(ErrorCode::InvalidField)
+        );
+        assert_eq!(
+            code_of(br#"{"type":"\udddd","ts":1}"#),
+            Some(ErrorCode::InvalidField)
+        );
+        assert!(decode_event(br#"{"type":"x","ts":1,"extra":"\udddd"}"#, 4096).is_ok());
+        // Well-formed JSON keeps its precise code; an overflowing number where a string belongs
+        // is still an overflow.
+        assert_eq!(
+            code_of(br#"{"type":5e341604,"ts":1}"#),
+            Some(ErrorCode::NonFiniteValue)
+        );
+        assert_eq!(
+            code_of(br#"{"type":"a","type":"b","ts":1}"#),
+            Some(ErrorCode::InvalidField)
+        );
+        // Fuzzing found this one reported as invalid_json: serde_json calls a number where an
+        // enum belongs a syntax error ("expected value").
+        let e = decode_change(
+            b"\n{\"change_s\":1,\"action\":1,\"action\":\"applied\"}",
+            4096,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidField, "{}", e.message);
+        let deep = format!(
+            r#"{{"change_id":"a","ts":1,"action":"applied","actor":{{"kind":"h","name":"n"}},"rollback":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(
+            decode_change(deep.as_bytes(), 4096).unwrap_err().code,
+            ErrorCode::InvalidJson
+        );
+        assert_eq!(
+            decode_change(
+                br#"{"change_id":"a","ts":"x","action":"applied","actor":{"kind":"h","name":"n"}}"#,
+                4096
+            )
+            .unwrap_err()
+            .code,
+            ErrorCode::BadTimestamp
+        );
+    }
+
+    #[test]
+    fn non_finite_values_in_every_spelling() {
+        for v in [
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "1e999",
+            "-1e999",
+            " NaN ",
+            "\n NaN",
+        ] {
+            for b in [
+                format!(r#"{{"type":"x","ts":1,"value":{v}}}"#),
+                format!("{{\n  \"type\": \"x\",\n  \"value\": {v},\n  \"ts\": 1\n}}"),
+            ] {
+                let e = decode_event(b.as_bytes(), 4096).unwrap_err();
+                assert_eq!(e.code, ErrorCode::NonFiniteValue, "{b}: {}", e.message);
+            }
+        }
+        // Strings are not numbers, whatever they say; other bare words are not JSON.
+        for (v, code) in [
+            ("\"NaN\"", ErrorCode::InvalidField),
+            ("\"12.5\"", ErrorCode::InvalidField),
+            ("nan", ErrorCode::InvalidJson),
+            ("Nope", ErrorCode::InvalidJson),
+            ("inf", ErrorCode::InvalidJson),
+        ] {
+            let b = format!(r#"{{"type":"x","ts":1,"value":{v}}}"#);
+            assert_eq!(code_of(b.as_bytes()), Some(code), "{v}");
+        }
+        // The string "NaN" elsewhere is just a string.
+        assert!(decode_event(br#"{"type":"NaN","ts":1,"surface":"Infinity"}"#, 4096).is_ok());
+        let actor = r#""actor":{"kind":"agent","name":"a"}"#;
+        for v in ["NaN", "-Infinity", "1e999"] {
+            let b =
+                format!(r#"{{"change_id":"c","ts":1,"action":"applied",{actor},"holdout":{v}}}"#);
+            assert_eq!(
+                decode_change(b.as_bytes(), 4096).unwrap_err().code,
+                ErrorCode::NonFiniteValue,
+                "{v}"
+            );
+        }
     }
 }

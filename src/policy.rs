@@ -94,7 +94,7 @@ pub struct Decision {
     pub policy: String,
     pub reason: String,
     /// Shadow mode applied: guardrail decides and audits, never acts.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
     /// Event time the veto window ends (`awaiting_veto_window`) or escalation is due
     /// (`needs_human_decision`, `breaker_open`).
@@ -108,7 +108,7 @@ pub struct Decision {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acknowledged_by: Option<Actor>,
     /// Nobody decided in time and the alert was re-sent with a higher severity.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub escalated: bool,
 }
 

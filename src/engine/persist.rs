@@ -320,6 +320,15 @@ mod tests {
         let ids = |e: &Engine| e.incidents.iter().map(|i| (i.id.clone(), i.kind, i.detected_ms)).collect::<Vec<_>>();
         assert_eq!(ids(&a), ids(&b));
         assert!(!a.incidents.is_empty());
+        // A checkpoint holding incidents, decisions and audit records reads back whole.
+        let bytes = a.checkpoint(offsets.clone(), applied);
+        let loaded = checkpoint::unframe(dir, &bytes, a.state_fingerprint()).unwrap();
+        let mut c = engine();
+        c.restore(dir, &loaded).unwrap();
+        assert_eq!(ids(&a), ids(&c));
+        let decisions = |e: &Engine| e.incidents.iter().map(|i| i.decision.clone()).collect::<Vec<_>>();
+        assert_eq!(decisions(&a), decisions(&c));
+        assert_eq!(a.audit_log.len(), c.audit_log.len());
     }
 
     #[test]
