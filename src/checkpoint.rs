@@ -209,6 +209,13 @@ pub fn read(dir: &Path, name: &str, fingerprint: u64) -> Result<Option<Loaded>, 
     }
 }
 
+/// Checks at startup that checkpoints can be written into `dir` (creating it if needed).
+pub fn probe_writable(dir: &Path) -> Result<(), CheckpointError> {
+    write_atomic(dir, ".probe", b"guardrail")?;
+    let _ = fs::remove_file(dir.join(".probe"));
+    Ok(())
+}
+
 /// Makes the pending checkpoint the current one (its transaction committed).
 pub fn promote(dir: &Path) -> Result<(), CheckpointError> {
     let path = dir.join(FILE_NAME);
@@ -392,6 +399,18 @@ mod tests {
         let l = unframe(&p, &wrong, 42).unwrap();
         let e = decode::<(u32, String, Vec<f64>)>(&p, &l.payload).unwrap_err();
         assert_eq!(e.reason(), "decode");
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_unwritable_directory_is_reported() {
+        let dir = tmpdir("probe");
+        probe_writable(&dir.join("nested")).unwrap();
+        let file = dir.join("a-file");
+        fs::write(&file, b"x").unwrap();
+        let e = probe_writable(&file.join("sub")).unwrap_err();
+        assert_eq!(e.reason(), "io");
+        assert!(e.to_string().contains("a-file"), "{e}");
         fs::remove_dir_all(&dir).ok();
     }
 

@@ -63,6 +63,8 @@ pub enum ServiceError {
     Auth(#[from] crate::auth::AuthError),
     #[error("exactly-once delivery: {0}. [kafka] delivery = \"exactly_once\" needs Kafka >= 2.5 with transactions; on a broker without them (e.g. Tansu 0.6) set delivery = \"at_least_once\"")]
     Transactions(String),
+    #[error("[state] dir: {0}")]
+    State(String),
     #[error("fenced: another instance took over transactional.id {id:?} ({reason}); this one stops so that no decision is made twice")]
     Fenced { id: String, reason: String },
 }
@@ -146,6 +148,11 @@ pub async fn run(
         tracing::warn!("delivery at_least_once: a crash may re-send outputs; alerts (incident_id) and rollback requests (id) carry stable ids for consumers to deduplicate");
     }
     let mut keeper = StateKeeper::new(&cfg);
+    if let Some(dir) = &keeper.dir {
+        // A state directory that cannot be written would stall every transaction that must
+        // carry a checkpoint: refuse to start instead.
+        checkpoint::probe_writable(dir).map_err(|e| ServiceError::State(e.to_string()))?;
+    }
     if let Some(dir) = keeper.dir.clone() {
         keeper.restore(&mut engine, &dir, &consumer, &telemetry);
     } else {
