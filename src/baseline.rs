@@ -57,7 +57,10 @@ impl Expect {
     }
 }
 
+/// Packed (14 bytes, not 16): an hour-of-week baseline holds 168 of them per series. Fields
+/// are only ever read and written by value; the serialized form is unchanged.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+#[repr(C, packed(2))]
 struct Bucket {
     num: f32,
     den: f32,

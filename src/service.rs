@@ -255,8 +255,19 @@ pub async fn run(
             // Fetched before the seek back to the checkpoint: it will be read again in order.
             Some(Ok(m)) if sought.iter().any(|(t, p)| t == m.topic() && *p == m.partition()) => {}
             Some(Ok(m)) => {
+                let received = Instant::now();
+                // The brokers went away or came back: every events partition holds the
+                // watermark again until it delivers (or stays silent for SOURCE_IDLE_MS), so
+                // the first partition to hand over its backlog cannot declare the others late.
+                // (Here, not on the error: the "all brokers down" error is itself a message.)
+                if let Some(parts) = consumer.context().take_rearm() {
+                    for p in &parts {
+                        engine.forget_source(*p);
+                    }
+                    engine.assign_sources(&parts, now_ms());
+                }
                 if batch.is_empty() {
-                    batch.started = Some(Instant::now());
+                    batch.started = Some(received);
                 }
                 let payload = m.payload().unwrap_or(&[]);
                 let is_events = m.topic() == events_topic;
@@ -279,6 +290,9 @@ pub async fn run(
                         .push(dead_letter(payload, rej.code, &rej.message, &src));
                 }
                 batch.track(is_events, m.partition(), m.offset());
+                if engine.has_outputs() && batch.decided_at.is_none() {
+                    batch.decided_at = Some(received);
+                }
                 if !state.ready.load(std::sync::atomic::Ordering::Relaxed) {
                     state.set_ready(true, "");
                 }
@@ -335,6 +349,8 @@ struct Batch {
     dead: Vec<Encoded>,
     count: usize,
     started: Option<Instant>,
+    /// When the message that made the engine decide something was read (alert latency).
+    decided_at: Option<Instant>,
 }
 
 impl Batch {
@@ -459,6 +475,15 @@ impl Flusher<'_> {
         state.telemetry.absorb(engine, max_gauges);
         if engine.take_dirty() {
             state.publish(Snapshot::of(engine));
+        }
+        if let Some(t) = batch.decided_at.take() {
+            if out.iter().any(|e| e.stream == crate::sink::Stream::Alerts) {
+                state
+                    .telemetry
+                    .state
+                    .alert_latency
+                    .observe(t.elapsed().as_secs_f64());
+            }
         }
         if let Some(t) = batch.started.take() {
             state

@@ -65,6 +65,7 @@ pub struct StateMetrics {
     pub restored: IntGauge,
     pub transactions: IntCounterVec,
     pub delivery: IntGaugeVec,
+    pub alert_latency: Histogram,
 }
 
 impl StateMetrics {
@@ -123,7 +124,19 @@ impl StateMetrics {
         )
         .unwrap();
         r.register(Box::new(delivery.clone())).unwrap();
+        let alert_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "guardrail_alert_latency_seconds",
+                "From reading the message that completed a detection to its alert delivered (committed, under exactly_once).",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+            ]),
+        )
+        .unwrap();
+        r.register(Box::new(alert_latency.clone())).unwrap();
         StateMetrics {
+            alert_latency,
             checkpoint_writes: counter(r, "guardrail_checkpoint_writes_total", "Checkpoints written."),
             checkpoint_errors,
             checkpoint_bytes,

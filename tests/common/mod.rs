@@ -386,3 +386,4 @@ pub async fn play_story(
         produced,
     }
 }
+pub mod tansu;
