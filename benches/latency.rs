@@ -95,10 +95,12 @@ fn main() {
             while reading.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
                     let at = Instant::now();
-                    let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                    let v: serde_json::Value =
+                        serde_json::from_slice(m.payload().unwrap()).unwrap();
                     if v["status"] == "firing" {
-                        let d = guardrail::event::parse_time_str(v["detected_at"].as_str().unwrap())
-                            .unwrap();
+                        let d =
+                            guardrail::event::parse_time_str(v["detected_at"].as_str().unwrap())
+                                .unwrap();
                         received.lock().unwrap().push((d, at));
                     }
                 }
@@ -189,7 +191,10 @@ fn main() {
             }
         } else {
             // Warm-up as fast as the service keeps up.
-            while state.latest_event_ms().is_none_or(|l| l < tick - 10 * MIN) {
+            while !state
+                .latest_event_ms()
+                .is_some_and(|l| l >= tick - 10 * MIN)
+            {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }

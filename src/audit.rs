@@ -114,7 +114,8 @@ pub fn from_kafka(
         message: m,
     };
     let mut cc = ClientConfig::new();
-    for (k, v) in &kafka.options {
+    // The same pass-through as the service, `${ENV}` expansion included.
+    for (k, v) in crate::source::client_options(kafka).map_err(|e| err(e.to_string()))? {
         cc.set(k, v);
     }
     let c: BaseConsumer = cc

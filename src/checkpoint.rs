@@ -299,25 +299,22 @@ pub mod array {
     }
 }
 
-/// Boxed fixed-size arrays (HyperLogLog registers).
+/// Boxed fixed-size arrays (HyperLogLog registers), through [`array`].
 pub mod boxed_array {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+    #[allow(clippy::borrowed_box)] // `#[serde(with)]` hands over the field as it is
     pub fn serialize<S: Serializer, T: Serialize, const N: usize>(
-        a: &[T; N],
+        a: &Box<[T; N]>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        a.as_slice().serialize(s)
+        super::array::serialize(a, s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
         d: D,
     ) -> Result<Box<[T; N]>, D::Error> {
-        let v = Vec::<T>::deserialize(d)?;
-        let n = v.len();
-        v.into_boxed_slice()
-            .try_into()
-            .map_err(|_| serde::de::Error::invalid_length(n, &"the array's fixed length"))
+        super::array::deserialize(d).map(Box::new)
     }
 }
 

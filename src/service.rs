@@ -122,7 +122,8 @@ pub async fn run(
     let (mv_tx, mv_rx) = std::sync::mpsc::channel();
     let consumer = source::consumer(&cfg.kafka, state.clone(), mv_tx)?;
     let delivery = cfg.kafka.delivery;
-    let txn_id = (delivery == Delivery::ExactlyOnce).then(|| cfg.kafka.transactional_id_for(&cfg.service.instance));
+    let txn_id = (delivery == Delivery::ExactlyOnce)
+        .then(|| cfg.kafka.transactional_id_for(&cfg.service.instance));
     let producer = source::producer(&cfg.kafka, txn_id.as_deref())?;
     let k = cfg.kafka.clone();
     let consumer = tokio::task::spawn_blocking(move || {
@@ -156,7 +157,9 @@ pub async fn run(
     if let Some(dir) = keeper.dir.clone() {
         keeper.restore(&mut engine, &dir, &consumer, &telemetry);
     } else {
-        tracing::warn!("no [state] dir: no checkpoints; a restart relearns every baseline from scratch");
+        tracing::warn!(
+            "no [state] dir: no checkpoints; a restart relearns every baseline from scratch"
+        );
     }
     source::subscribe(&consumer, &cfg.kafka)?;
     tracing::info!(
@@ -207,7 +210,9 @@ pub async fn run(
                 // Input silent: deadlines still come due (see Engine::advance_idle).
                 engine.advance_idle(now_ms());
                 if engine.has_outputs() || (batch.is_empty() && keeper.due(false)) {
-                    flusher.flush(&mut engine, &mut batch, &mut stop, &mut keeper, false).await?;
+                    flusher
+                        .flush(&mut engine, &mut batch, &mut stop, &mut keeper, false)
+                        .await?;
                     last_flush = Instant::now();
                 }
                 continue;
@@ -217,7 +222,9 @@ pub async fn run(
                 // Deliver the audit record (and any rollback) before answering, so a caller
                 // that sees 200 finds them on the topics.
                 if engine.has_outputs() {
-                    flusher.flush(&mut engine, &mut batch, &mut stop, &mut keeper, false).await?;
+                    flusher
+                        .flush(&mut engine, &mut batch, &mut stop, &mut keeper, false)
+                        .await?;
                     last_flush = Instant::now();
                 }
                 let _ = reply.send(r);
@@ -253,7 +260,10 @@ pub async fn run(
         }
         match msg {
             // Fetched before the seek back to the checkpoint: it will be read again in order.
-            Some(Ok(m)) if sought.iter().any(|(t, p)| t == m.topic() && *p == m.partition()) => {}
+            Some(Ok(m))
+                if sought
+                    .iter()
+                    .any(|(t, p)| t == m.topic() && *p == m.partition()) => {}
             Some(Ok(m)) => {
                 let received = Instant::now();
                 // The brokers went away or came back: every events partition holds the
@@ -310,13 +320,21 @@ pub async fn run(
         let due =
             engine.has_outputs() || batch.count >= BATCH_MAX || last_flush.elapsed() >= FLUSH_EVERY;
         if due && !batch.is_empty() {
-            flusher.flush(&mut engine, &mut batch, &mut stop, &mut keeper, false).await?;
+            flusher
+                .flush(&mut engine, &mut batch, &mut stop, &mut keeper, false)
+                .await?;
             last_flush = Instant::now();
         }
     }
     // Last batch, and a checkpoint so that the next start resumes exactly here.
     flusher
-        .flush(&mut engine, &mut batch, &mut stop_rx.clone(), &mut keeper, true)
+        .flush(
+            &mut engine,
+            &mut batch,
+            &mut stop_rx.clone(),
+            &mut keeper,
+            true,
+        )
         .await?;
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
@@ -498,7 +516,11 @@ impl Flusher<'_> {
 
     /// at_least_once: delivers everything before offsets are stored, retrying while the broker
     /// is unavailable. False when stopping with outputs undelivered.
-    async fn deliver(&self, out: &[Encoded], stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    async fn deliver(
+        &self,
+        out: &[Encoded],
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.sink.send_all(out).await {
@@ -540,7 +562,10 @@ impl Flusher<'_> {
         let timeout = self.sink.timeout;
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.try_transaction(producer, out, tpl, ckpt, keeper, timeout).await {
+            match self
+                .try_transaction(producer, out, tpl, ckpt, keeper, timeout)
+                .await
+            {
                 Ok(()) => {
                     self.state
                         .telemetry
@@ -698,7 +723,9 @@ impl StateKeeper {
         };
         match checkpoint::write_atomic(dir, name, bytes) {
             Ok(()) => {
-                t.state.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+                t.state
+                    .checkpoint_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 t.state.checkpoint_bytes.set(bytes.len() as i64);
                 if !pending {
                     self.written(t);
@@ -710,9 +737,11 @@ impl StateKeeper {
                     .checkpoint_errors
                     .with_label_values(&[e.reason()])
                     .inc();
-                t.log_rate_limited("checkpoint_write", Duration::from_secs(10), || {
-                    tracing::error!(error = %e, "cannot write a checkpoint")
-                });
+                t.log_rate_limited(
+                    "checkpoint_write",
+                    Duration::from_secs(10),
+                    || tracing::error!(error = %e, "cannot write a checkpoint"),
+                );
                 false
             }
         }
@@ -758,13 +787,17 @@ impl StateKeeper {
                 let path = dir.join(checkpoint::PENDING_NAME);
                 match crate::engine::offsets_of(&path, &l.payload) {
                     Ok(offs) if committed_at(consumer, &offs) => {
-                        tracing::info!("the pending checkpoint's transaction committed; promoting it");
+                        tracing::info!(
+                            "the pending checkpoint's transaction committed; promoting it"
+                        );
                         if let Err(e) = checkpoint::promote(dir) {
                             reject(&e, checkpoint::PENDING_NAME);
                         }
                     }
                     Ok(_) => {
-                        tracing::info!("discarding a pending checkpoint whose transaction did not commit");
+                        tracing::info!(
+                            "discarding a pending checkpoint whose transaction did not commit"
+                        );
                         checkpoint::discard_pending(dir);
                     }
                     Err(e) => reject(&e, checkpoint::PENDING_NAME),
@@ -819,7 +852,9 @@ impl StateKeeper {
                     tracing::info!(topic = %topic, partition = p, offset = o, "resuming from the checkpoint's offset");
                     sought.push((topic.clone(), *p));
                 }
-                Err(e) => tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "cannot seek to the checkpoint's offset; reading from the committed offset"),
+                Err(e) => {
+                    tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "cannot seek to the checkpoint's offset; reading from the committed offset")
+                }
             }
         }
         sought
@@ -828,7 +863,10 @@ impl StateKeeper {
 
 /// True if the group's committed offsets are exactly `offs` (so the transaction that went with
 /// a pending checkpoint committed).
-fn committed_at(consumer: &StreamConsumer<source::SourceContext>, offs: &crate::engine::Offsets) -> bool {
+fn committed_at(
+    consumer: &StreamConsumer<source::SourceContext>,
+    offs: &crate::engine::Offsets,
+) -> bool {
     if offs.is_empty() {
         return false;
     }

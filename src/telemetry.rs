@@ -137,7 +137,11 @@ impl StateMetrics {
         r.register(Box::new(alert_latency.clone())).unwrap();
         StateMetrics {
             alert_latency,
-            checkpoint_writes: counter(r, "guardrail_checkpoint_writes_total", "Checkpoints written."),
+            checkpoint_writes: counter(
+                r,
+                "guardrail_checkpoint_writes_total",
+                "Checkpoints written.",
+            ),
             checkpoint_errors,
             checkpoint_bytes,
             checkpoint_seconds,

@@ -34,7 +34,11 @@ async fn damaged_checkpoints_are_reported_and_moved_aside_then_a_clean_stop_writ
         c.state.checkpoint_interval_secs = 1;
         std::fs::create_dir_all(&d).unwrap();
         // Not a checkpoint at all.
-        std::fs::write(d.join(checkpoint::FILE_NAME), b"PAR1 this is a parquet file").unwrap();
+        std::fs::write(
+            d.join(checkpoint::FILE_NAME),
+            b"PAR1 this is a parquet file",
+        )
+        .unwrap();
         // A pending checkpoint for offsets the group never committed: its transaction did
         // not commit, so it must be dropped (not promoted, not reported as damage).
         let mut e = Engine::new(c).unwrap();
@@ -44,11 +48,15 @@ async fn damaged_checkpoints_are_reported_and_moved_aside_then_a_clean_stop_writ
     .await;
     let change_ms = story_afternoon();
     let mut sim = common::story_sim(change_ms - 2 * HOUR);
-    h.drive(&mut sim, change_ms - HOUR, 5 * 60_000, |_| {}).await;
+    h.drive(&mut sim, change_ms - HOUR, 5 * 60_000, |_| {})
+        .await;
 
     let (_, m) = h.get("/metrics").await;
     assert_eq!(
-        metric_value(&m, "guardrail_checkpoint_errors_total{reason=\"bad_magic\"}"),
+        metric_value(
+            &m,
+            "guardrail_checkpoint_errors_total{reason=\"bad_magic\"}"
+        ),
         Some(1.0),
         "{m}"
     );
@@ -69,11 +77,17 @@ async fn damaged_checkpoints_are_reported_and_moved_aside_then_a_clean_stop_writ
     );
     // Periodic checkpoints while running (interval 1 s).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while metric_value(&h.get("/metrics").await.1, "guardrail_checkpoint_writes_total")
-        .unwrap_or(0.0)
+    while metric_value(
+        &h.get("/metrics").await.1,
+        "guardrail_checkpoint_writes_total",
+    )
+    .unwrap_or(0.0)
         < 1.0
     {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint written");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint written"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let cfg = h.cfg.clone();
@@ -85,7 +99,9 @@ async fn damaged_checkpoints_are_reported_and_moved_aside_then_a_clean_stop_writ
     let loaded = checkpoint::read(&dir, checkpoint::FILE_NAME, e.state_fingerprint())
         .unwrap()
         .expect("a checkpoint after a clean stop");
-    let r = e.restore(&dir.join(checkpoint::FILE_NAME), &loaded).unwrap();
+    let r = e
+        .restore(&dir.join(checkpoint::FILE_NAME), &loaded)
+        .unwrap();
     assert!(r.series > 10, "{r:?}");
     let events_read: i64 = r
         .offsets

@@ -46,8 +46,8 @@ struct Service {
 impl Service {
     fn start(&mut self) {
         self.starts += 1;
-        let log = std::fs::File::create(self.log_dir.join(format!("run-{}.log", self.starts)))
-            .unwrap();
+        let log =
+            std::fs::File::create(self.log_dir.join(format!("run-{}.log", self.starts))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_guardrail"))
             .args(["run", "--config"])
             .arg(&self.cfg_path)
@@ -289,7 +289,9 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
     // Kill -9 at random moments while the load runs.
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut kills = 0;
-    let max_kills = std::env::var("CRASH_KILLS").map(|k| k.parse().unwrap()).unwrap_or(usize::MAX);
+    let max_kills = std::env::var("CRASH_KILLS")
+        .map(|k| k.parse().unwrap())
+        .unwrap_or(usize::MAX);
     while !done.load(Ordering::Relaxed) {
         if kills >= max_kills {
             std::thread::sleep(Duration::from_millis(200));
@@ -351,14 +353,21 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
             .entry(r["data"]["change_id"].as_str().unwrap().to_string())
             .or_default() += 1;
     }
-    let expected: BTreeMap<String, usize> =
-        changes.iter().map(|(id, _, _)| (id.to_string(), 1)).collect();
+    let expected: BTreeMap<String, usize> = changes
+        .iter()
+        .map(|(id, _, _)| (id.to_string(), 1))
+        .collect();
     let summary: Vec<String> = alerts
         .iter()
         .map(|a| {
             format!(
                 "{} {} {} {} {} onset={} blamed={}",
-                a["incident_id"], a["status"], a["kind"], a["metric"], a["series"], a["onset"],
+                a["incident_id"],
+                a["status"],
+                a["kind"],
+                a["metric"],
+                a["series"],
+                a["onset"],
                 a["candidate_changes"][0]["change_id"]
             )
         })

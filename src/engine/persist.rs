@@ -204,7 +204,9 @@ impl Engine {
             message: format!("inconsistent state: {what}"),
         };
         let metrics = self.schema.metrics.len();
-        if p.series.iter().any(|s| s.metric >= metrics) || p.shares.iter().any(|s| s.metric >= metrics) {
+        if p.series.iter().any(|s| s.metric >= metrics)
+            || p.shares.iter().any(|s| s.metric >= metrics)
+        {
             return Err(inconsistent("a series of a metric that is not configured"));
         }
         if p.index.values().any(|&i| i >= p.series.len())
@@ -213,7 +215,9 @@ impl Engine {
             return Err(inconsistent("series index out of range"));
         }
         let n_inc = p.incidents.len();
-        if p.series.iter().any(|s| s.incident.is_some_and(|i| i >= n_inc))
+        if p.series
+            .iter()
+            .any(|s| s.incident.is_some_and(|i| i >= n_inc))
             || p.incidents.iter().any(|i| {
                 i.series_idx.is_some_and(|s| s >= p.series.len())
                     || i.metric_idx.is_some_and(|m| m >= metrics)
@@ -254,8 +258,8 @@ mod tests {
     const H: i64 = 3_600_000;
 
     fn engine() -> Engine {
-        let cfg = Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml")
-            .unwrap();
+        let cfg =
+            Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
         Engine::new(&cfg).unwrap()
     }
 
@@ -294,7 +298,9 @@ mod tests {
         let applied = T0 + 26 * H;
         a.process_change(story_change("chg-1", applied).as_bytes())
             .unwrap();
-        sim.scenario_mut().effects.push(story_effect("chg-1", applied));
+        sim.scenario_mut()
+            .effects
+            .push(story_effect("chg-1", applied));
         feed(&mut a, &mut sim, applied + 10 * 60_000);
         let _ = a.take_outputs().count();
 
@@ -313,11 +319,18 @@ mod tests {
         let out_a = feed(&mut a, &mut sim, applied + 4 * H);
         let out_b = feed(&mut b, &mut sim_b, applied + 4 * H);
         assert!(
-            out_a.iter().any(|o| o.contains("\"rollback\"") || o.contains("rollback")),
+            out_a
+                .iter()
+                .any(|o| o.contains("\"rollback\"") || o.contains("rollback")),
             "the injected drop is detected and acted on after the checkpoint: {out_a:?}"
         );
         assert_eq!(out_a, out_b, "same outputs, byte for byte");
-        let ids = |e: &Engine| e.incidents.iter().map(|i| (i.id.clone(), i.kind, i.detected_ms)).collect::<Vec<_>>();
+        let ids = |e: &Engine| {
+            e.incidents
+                .iter()
+                .map(|i| (i.id.clone(), i.kind, i.detected_ms))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ids(&a), ids(&b));
         assert!(!a.incidents.is_empty());
         // A checkpoint holding incidents, decisions and audit records reads back whole.
@@ -326,7 +339,12 @@ mod tests {
         let mut c = engine();
         c.restore(dir, &loaded).unwrap();
         assert_eq!(ids(&a), ids(&c));
-        let decisions = |e: &Engine| e.incidents.iter().map(|i| i.decision.clone()).collect::<Vec<_>>();
+        let decisions = |e: &Engine| {
+            e.incidents
+                .iter()
+                .map(|i| i.decision.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(decisions(&a), decisions(&c));
         assert_eq!(a.audit_log.len(), c.audit_log.len());
     }
@@ -351,7 +369,10 @@ mod tests {
         let fresh = c.series.len();
         let junk = checkpoint::frame(&[1, 2, 3, 4], c.state_fingerprint(), 0);
         let l = checkpoint::unframe(Path::new("p"), &junk, c.state_fingerprint()).unwrap();
-        assert_eq!(c.restore(Path::new("p"), &l).unwrap_err().reason(), "decode");
+        assert_eq!(
+            c.restore(Path::new("p"), &l).unwrap_err().reason(),
+            "decode"
+        );
         assert_eq!(c.series.len(), fresh);
     }
 }

@@ -187,55 +187,9 @@ impl Harness {
 
     /// Reads everything currently on `topics` (from the beginning), waiting `settle` for stragglers.
     pub fn read_all(&self, topics: &[&str], settle: Duration) -> Vec<Out> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.cluster.bootstrap_servers())
-            .set("group.id", format!("reader-{}", rand_suffix()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        // Assign every partition from the beginning: no group coordination to wait for.
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for t in topics {
-            let md = c.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
-            for p in md.topics()[0].partitions() {
-                tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Beginning)
-                    .unwrap();
-            }
-        }
-        c.assign(&tpl).unwrap();
-        let mut out = Vec::new();
-        let mut last = Instant::now();
-        let start = Instant::now();
-        while last.elapsed() < settle && start.elapsed() < Duration::from_secs(60) {
-            match c.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    last = Instant::now();
-                    let headers = m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|x| {
-                                    (
-                                        x.key.to_string(),
-                                        String::from_utf8_lossy(x.value.unwrap_or(&[])).to_string(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    out.push(Out {
-                        topic: m.topic().to_string(),
-                        key: m.key().map(|k| String::from_utf8_lossy(k).to_string()),
-                        value: m.payload().unwrap_or(&[]).to_vec(),
-                        headers,
-                    });
-                }
-                Some(Err(e)) => panic!("read: {e}"),
-                None => {}
-            }
-        }
-        out
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.cluster.bootstrap_servers());
+        read_topics(c, topics, settle)
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
@@ -387,3 +341,56 @@ pub async fn play_story(
     }
 }
 pub mod tansu;
+
+/// Reads everything on `topics` from the beginning (every partition assigned, no group
+/// coordination), until nothing new arrives for `settle`.
+pub fn read_topics(c: ClientConfig, topics: &[&str], settle: Duration) -> Vec<Out> {
+    let mut c = c;
+    let c: BaseConsumer = c
+        .set("group.id", format!("reader-{}", rand_suffix()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in topics {
+        let md = c.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    let start = Instant::now();
+    while last.elapsed() < settle && start.elapsed() < Duration::from_secs(60) {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                (
+                                    x.key.to_string(),
+                                    String::from_utf8_lossy(x.value.unwrap_or(&[])).to_string(),
+                                )
+                            })
+                            .collect::<HashMap<_, _>>()
+                    })
+                    .unwrap_or_default();
+                out.push(Out {
+                    topic: m.topic().to_string(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).to_string()),
+                    value: m.payload().unwrap_or(&[]).to_vec(),
+                    headers,
+                });
+            }
+            Some(Err(e)) => panic!("read: {e}"),
+            None => {}
+        }
+    }
+    out
+}

@@ -26,7 +26,6 @@ use guardrail::api::ApiState;
 use guardrail::config::{Config, TopicsConfig};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::Out;
@@ -609,54 +608,7 @@ impl Producer {
 
 /// Reads everything on `topics` from the beginning, until nothing new arrives for `settle`.
 pub fn read_all(c: ClientConfig, topics: &[&str], settle: Duration) -> Vec<Out> {
-    let mut c = c;
-    let c: BaseConsumer = c
-        .set("group.id", rand_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for t in topics {
-        let md = c.fetch_metadata(Some(t), Duration::from_secs(10)).unwrap();
-        for p in md.topics()[0].partitions() {
-            tpl.add_partition_offset(t, p.id(), rdkafka::Offset::Beginning)
-                .unwrap();
-        }
-    }
-    c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let mut last = Instant::now();
-    let start = Instant::now();
-    while last.elapsed() < settle && start.elapsed() < Duration::from_secs(60) {
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                last = Instant::now();
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| {
-                                (
-                                    x.key.to_string(),
-                                    String::from_utf8_lossy(x.value.unwrap_or(&[])).to_string(),
-                                )
-                            })
-                            .collect::<HashMap<_, _>>()
-                    })
-                    .unwrap_or_default();
-                out.push(Out {
-                    topic: m.topic().to_string(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).to_string()),
-                    value: m.payload().unwrap_or(&[]).to_vec(),
-                    headers,
-                });
-            }
-            Some(Err(e)) => panic!("read: {e}"),
-            None => {}
-        }
-    }
-    out
+    super::read_topics(c, topics, settle)
 }
 
 /// `guardrail run` as a child process (what a user runs), with JSON logs captured to a file.
