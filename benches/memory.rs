@@ -93,7 +93,9 @@ impl Kind {
                 "kind = \"count\"\nnumerator = { type = \"conversion\" }\n\
                  exposure = { type = \"session\" }\ndirection = \"spike\""
             }
-            Kind::Mean => "kind = \"mean\"\nnumerator = { type = \"conversion\" }\ndirection = \"drop\"",
+            Kind::Mean => {
+                "kind = \"mean\"\nnumerator = { type = \"conversion\" }\ndirection = \"drop\""
+            }
         }
     }
 }
@@ -154,7 +156,10 @@ fn measure(kind: Kind, seasonality: &'static str) -> Row {
     let after = live();
     let peak = PEAK.load(Relaxed) as isize;
     let series = eng.series_count();
-    let closed = eng.last_closed_window().map(|c| c - START / WINDOW_MS + 1).unwrap_or(0);
+    let closed = eng
+        .last_closed_window()
+        .map(|c| c - START / WINDOW_MS + 1)
+        .unwrap_or(0);
     let segs = series.saturating_sub(1).max(1); // the total series is built with the engine
     let row = Row {
         kind,

@@ -145,8 +145,10 @@ pub struct Series {
     pub incident: Option<usize>,
     /// Windows before this are never learnt (they belong to a past incident).
     learn_from: i64,
-    #[serde(with = "crate::checkpoint::array")]
-    hist: [HistEntry; HISTORY],
+    /// Boxed: it is half of the series, and `Vec<Series>` keeps up to the same again in
+    /// growth slack; only window closes and charts touch it.
+    #[serde(with = "crate::checkpoint::boxed_array")]
+    hist: Box<[HistEntry; HISTORY]>,
     pub last: LastWindow,
     /// Smoothed volume, to pick which series get gauges.
     pub volume: f32,
@@ -1916,13 +1918,15 @@ fn make_series(
         ),
         incident: None,
         learn_from: i64::MIN,
-        hist: [HistEntry {
-            num: 0.0,
-            den: 0.0,
-            sumsq: 0.0,
-            exp: f32::NAN,
-            sd: f32::NAN,
-        }; HISTORY],
+        hist: Box::new(
+            [HistEntry {
+                num: 0.0,
+                den: 0.0,
+                sumsq: 0.0,
+                exp: f32::NAN,
+                sd: f32::NAN,
+            }; HISTORY],
+        ),
         last: LastWindow::default(),
         volume: 0.0,
         trend: crate::trend::Trend::new(

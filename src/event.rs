@@ -466,9 +466,9 @@ fn scan_dims_into<'a>(
             f.write_str("an object of string to string")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+            while let Some(k) = map.next_key::<StrOnly<'de>>()? {
                 let v: StrOnly<'de> = map.next_value()?;
-                if let Some(i) = self.names.iter().position(|n| *n == k) {
+                if let Some(i) = self.names.iter().position(|n| *n == k.0) {
                     if i < self.out.len() {
                         self.out[i] = Some(v.0);
                     }
@@ -477,13 +477,29 @@ fn scan_dims_into<'a>(
             Ok(())
         }
     }
+    /// A string borrowed from the input when it has no escapes. (serde's own `Cow<str>`
+    /// always copies, which cost several allocations per event.)
     struct StrOnly<'a>(Cow<'a, str>);
     impl<'de> Deserialize<'de> for StrOnly<'de> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            match Cow::<'de, str>::deserialize(d) {
-                Ok(c) => Ok(StrOnly(c)),
-                Err(_) => Err(de::Error::custom("dims values must be strings")),
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = StrOnly<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                    Ok(StrOnly(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(StrOnly(Cow::Owned(v.to_owned())))
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                    Ok(StrOnly(Cow::Owned(v)))
+                }
             }
+            d.deserialize_str(V)
+                .map_err(|_: D::Error| de::Error::custom("dims values must be strings"))
         }
     }
     let mut de = serde_json::Deserializer::from_str(raw.get());
