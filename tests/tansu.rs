@@ -116,6 +116,48 @@ fn check_rollback(rb: &Out, change: &str) -> serde_json::Value {
     v
 }
 
+/// A story on `broker` up to its change: guardrail started and ready, warm-up traffic, then
+/// change `change_id` (conversions down in FR and BE from then on).
+struct Story {
+    topics: guardrail::config::TopicsConfig,
+    svc: Service,
+    p: Producer,
+    sim: Sim,
+    change_ms: i64,
+    t0: Instant,
+}
+
+async fn story_to_change(broker: &Tansu, change_id: &str) -> Story {
+    let topics = broker.guardrail_topics(2);
+    let mut cfg = tansu::config(&broker.bootstrap(), &topics);
+    cfg.detection.warmup_windows = WARMUP_WINDOWS;
+    let svc = Service::start(cfg).await;
+    let (ready, why) = svc.wait_ready(200, Duration::from_secs(30)).await;
+    assert!(ready, "not ready after joining the group: {why}");
+    let t0 = Instant::now();
+    let change_ms = story_afternoon();
+    let mut sim = sim(change_ms - WARMUP_HOURS * HOUR);
+    let mut p = Producer::new(broker.client_config());
+    drive(&mut p, &svc, &mut sim, change_ms, 5 * MIN).await;
+    send_change(
+        &mut p,
+        &topics.changes,
+        &guardrail::sim::story_change(change_id, change_ms),
+    )
+    .await;
+    sim.scenario_mut()
+        .effects
+        .push(conversion_drop(change_id, change_ms));
+    Story {
+        topics,
+        svc,
+        p,
+        sim,
+        change_ms,
+        t0,
+    }
+}
+
 /// Committed offsets of `group` per partition of `topic`.
 fn committed(broker: &Tansu, group: &str, topic: &str, partitions: i32) -> Vec<(i32, i64)> {
     let c: BaseConsumer = broker
@@ -151,28 +193,15 @@ async fn consumer_group_run_detects_a_conversion_drop_on_tansu() {
     let Some(broker) = Tansu::start(Storage::Memory) else {
         return;
     };
-    let topics = broker.guardrail_topics(2);
-    let mut cfg = tansu::config(&broker.bootstrap(), &topics);
-    cfg.detection.warmup_windows = WARMUP_WINDOWS;
-    let group = cfg.kafka.group_id.clone();
-    let svc = Service::start(cfg).await;
-    let (ready, why) = svc.wait_ready(200, Duration::from_secs(30)).await;
-    assert!(ready, "not ready after joining the group: {why}");
-
-    let t0 = Instant::now();
-    let change_ms = story_afternoon();
-    let mut sim = sim(change_ms - WARMUP_HOURS * HOUR);
-    let mut p = Producer::new(broker.client_config());
-    drive(&mut p, &svc, &mut sim, change_ms, 5 * MIN).await;
-    send_change(
-        &mut p,
-        &topics.changes,
-        &guardrail::sim::story_change("chg-tansu", change_ms),
-    )
-    .await;
-    sim.scenario_mut()
-        .effects
-        .push(conversion_drop("chg-tansu", change_ms));
+    let Story {
+        topics,
+        svc,
+        mut p,
+        mut sim,
+        change_ms,
+        t0,
+    } = story_to_change(&broker, "chg-tansu").await;
+    let group = svc.cfg.kafka.group_id.clone();
     // Until the rollback request is out (at most 2 hours of traffic), then 15 minutes more.
     let mut detected_at = None;
     while sim.now_ms() < change_ms + 2 * HOUR {
@@ -385,26 +414,14 @@ async fn broker_outage_is_survived_and_caught_up_on_tansu() {
     let Some(mut broker) = Tansu::start(Storage::Sqlite) else {
         return;
     };
-    let topics = broker.guardrail_topics(2);
-    let mut cfg = tansu::config(&broker.bootstrap(), &topics);
-    cfg.detection.warmup_windows = WARMUP_WINDOWS;
-    let svc = Service::start(cfg).await;
-    let (ready, why) = svc.wait_ready(200, Duration::from_secs(30)).await;
-    assert!(ready, "not ready: {why}");
-    let t0 = Instant::now();
-    let change_ms = story_afternoon();
-    let mut sim = sim(change_ms - WARMUP_HOURS * HOUR);
-    let mut p = Producer::new(broker.client_config());
-    drive(&mut p, &svc, &mut sim, change_ms, 5 * MIN).await;
-    send_change(
-        &mut p,
-        &topics.changes,
-        &guardrail::sim::story_change("chg-outage", change_ms),
-    )
-    .await;
-    sim.scenario_mut()
-        .effects
-        .push(conversion_drop("chg-outage", change_ms));
+    let Story {
+        topics,
+        svc,
+        mut p,
+        mut sim,
+        change_ms,
+        t0,
+    } = story_to_change(&broker, "chg-outage").await;
     drive(&mut p, &svc, &mut sim, change_ms + 5 * MIN, 5 * MIN).await;
     p.delivered().await;
     let accepted_before = (p.produced - 1) as f64; // the change record is not an event
