@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use guardrail::config::Config;
 use guardrail::engine::Engine;
 use guardrail::event::{fmt_time, ErrorCode};
-use guardrail::sim::{Scenario, Sim};
+use guardrail::sim::{events_between, Scenario};
 
 const START: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
 const HOUR: i64 = 3_600_000;
@@ -20,16 +20,11 @@ const HOUR: i64 = 3_600_000;
 const NOW: i64 = START + 24 * HOUR;
 
 fn traffic(hours: i64) -> Vec<Vec<u8>> {
-    let mut sim = Sim::new(
-        Scenario {
-            peak_sessions_per_min: 2500.0,
-            ..Scenario::default()
-        },
-        START,
-    );
-    let mut out = Vec::new();
-    sim.advance(START + hours * HOUR, &mut |_, v| out.push(v.to_vec()));
-    out
+    let sc = Scenario {
+        peak_sessions_per_min: 2500.0,
+        ..Scenario::default()
+    };
+    events_between(sc, START, START + hours * HOUR)
 }
 
 /// The `k`-th bad message, stamped near `t` (the good traffic's event time at that point);

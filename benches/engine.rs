@@ -7,21 +7,16 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use guardrail::config::Config;
 use guardrail::engine::Engine;
 use guardrail::event::decode_event;
-use guardrail::sim::{Scenario, Sim};
+use guardrail::sim::{events_between, Scenario};
 
 const START: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
 
 fn events(hours: i64) -> Vec<Vec<u8>> {
-    let mut sim = Sim::new(
-        Scenario {
-            peak_sessions_per_min: 2500.0,
-            ..Scenario::default()
-        },
-        START,
-    );
-    let mut out = Vec::new();
-    sim.advance(START + hours * 3_600_000, &mut |_, v| out.push(v.to_vec()));
-    out
+    let sc = Scenario {
+        peak_sessions_per_min: 2500.0,
+        ..Scenario::default()
+    };
+    events_between(sc, START, START + hours * 3_600_000)
 }
 
 fn bench(c: &mut Criterion) {

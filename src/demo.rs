@@ -18,7 +18,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer, ThreadedProducer,
+};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -608,6 +610,31 @@ async fn send(p: &FutureProducer, topic: &str, key: &str, value: &[u8]) -> Resul
     .await
     .map(|_| ())
     .map_err(|(e, _)| e)
+}
+
+/// The blocking twin of [`produce_nowait`], for load generators on their own threads (the
+/// crash test, the latency bench): enqueues on a threaded producer, waiting while its local
+/// queue is full; any other error is returned.
+pub fn produce_blocking(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &[u8],
+    value: &[u8],
+    partition: Option<i32>,
+) -> Result<(), KafkaError> {
+    loop {
+        let mut r = BaseRecord::to(topic).key(key).payload(value);
+        if let Some(x) = partition {
+            r = r.partition(x);
+        }
+        match p.send(r) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
 }
 
 /// Enqueues without waiting for the acknowledgement, backing off while the queue is full.

@@ -360,6 +360,15 @@ impl Sim {
     }
 }
 
+/// Everything a fresh simulator of `sc` emits from `start_ms` to `to_ms`, held in memory
+/// (benches that time the engine over the same bytes again and again).
+pub fn events_between(sc: Scenario, start_ms: i64, to_ms: i64) -> Vec<Vec<u8>> {
+    let mut sim = Sim::new(sc, start_ms);
+    let mut out = Vec::new();
+    sim.advance(to_ms, &mut |_, v| out.push(v.to_vec()));
+    out
+}
+
 /// The seed story's change record (contract section 2).
 pub fn story_change(change_id: &str, ts_ms: i64) -> String {
     serde_json::json!({

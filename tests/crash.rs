@@ -20,7 +20,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 
 const HOUR: i64 = 3_600_000;
 const MIN: i64 = 60_000;
@@ -226,15 +226,8 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
                 .set("queue.buffering.max.messages", "1000000")
                 .create()
                 .unwrap();
-            let send = |topic: &str, key: &[u8], v: &[u8], part: Option<i32>| loop {
-                let mut r = BaseRecord::to(topic).key(key).payload(v);
-                if let Some(x) = part {
-                    r = r.partition(x);
-                }
-                match p.send(r) {
-                    Ok(()) => return,
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
+            let send = |topic: &str, key: &[u8], v: &[u8], part: Option<i32>| {
+                guardrail::demo::produce_blocking(&p, topic, key, v, part).expect("enqueued")
             };
             let mut sim = Sim::new(
                 Scenario {
