@@ -33,6 +33,25 @@ pub const FILE_NAME: &str = "engine.ckpt";
 /// the consumer group's committed offsets show that its transaction did commit.
 pub const PENDING_NAME: &str = "engine.ckpt.pending";
 
+/// Stage 2: the checkpoint kept for the next owner of repartition partition `x`.
+pub fn handover_name(x: i32) -> String {
+    format!("handover-{x}.ckpt")
+}
+
+/// Stage 2: an instance's subdirectory of the shared state directory.
+pub fn instance_dir_name(instance: &str) -> String {
+    instance
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("checkpoint {path}: {source}")]

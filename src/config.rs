@@ -64,6 +64,8 @@ pub struct Config {
     #[serde(default)]
     pub state: StateConfig,
     #[serde(default)]
+    pub scale: ScaleConfig,
+    #[serde(default)]
     pub engine: EngineConfig,
     #[serde(default)]
     pub detection: DetectionDefaults,
@@ -154,6 +156,29 @@ impl KafkaConfig {
     }
 }
 
+/// `[scale]`: several instances in one consumer group.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleConfig {
+    /// Two-stage aggregation (`guardrail::repartition`): stage 1 sums each instance's input
+    /// partitions per series and window and sends the partial sums to the repartition topic
+    /// keyed by series; stage 2, on the instance that owns the series' repartition partition,
+    /// merges them and detects. Needed as soon as two instances share input keyed by user
+    /// (any series' events are then on every partition); off, each instance detects on the
+    /// partitions it reads, which is right only for one instance.
+    pub two_stage: bool,
+    /// Consumer group of stage 2 (the repartition topic); default `{kafka.group_id}-merge`.
+    pub merge_group_id: Option<String>,
+}
+
+impl ScaleConfig {
+    pub fn merge_group(&self, k: &KafkaConfig) -> String {
+        self.merge_group_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-merge", k.group_id))
+    }
+}
+
 /// Local state: where checkpoints are written and how often.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -197,6 +222,9 @@ pub struct TopicsConfig {
     pub rollbacks: String,
     pub audit: String,
     pub dlq: String,
+    /// Internal: partial sums between the two stages (`[scale] two_stage`), keyed by series.
+    /// Its partition count bounds how many instances share detection.
+    pub repartition: String,
 }
 
 impl Default for TopicsConfig {
@@ -208,6 +236,7 @@ impl Default for TopicsConfig {
             rollbacks: "guardrail.rollbacks".into(),
             audit: "guardrail.audit".into(),
             dlq: "guardrail.dlq".into(),
+            repartition: "guardrail.repartition".into(),
         }
     }
 }
@@ -793,6 +822,30 @@ impl Config {
                     st.checkpoint_interval_secs
                 ),
             ));
+        }
+        if self.scale.two_stage {
+            for (on, key) in [
+                (self.guards.sprawl.enabled, "guards.sprawl.enabled"),
+                (self.guards.pressure.enabled, "guards.pressure.enabled"),
+            ] {
+                if on {
+                    errs.push(at(
+                        find_key(text, "two_stage").unwrap_or(top),
+                        key.into(),
+                        "must be false with [scale] two_stage: variation sprawl and customer \
+                         pressure follow single events across series and are not split into \
+                         partial sums yet"
+                            .into(),
+                    ));
+                }
+            }
+            if self.kafka.topics.repartition.trim().is_empty() {
+                errs.push(at(
+                    find_key(text, "repartition").unwrap_or(top),
+                    "kafka.topics.repartition".into(),
+                    "must name the internal repartition topic with [scale] two_stage".into(),
+                ));
+            }
         }
         if st.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
             errs.push(at(

@@ -35,7 +35,9 @@ use crate::window::Ring;
 mod drift;
 mod govern;
 mod persist;
-pub use persist::{offsets_of, Offsets, Restored};
+mod stage;
+pub use persist::{offsets_of, Imported, Offsets, Restored};
+pub use stage::Stage;
 
 /// Dimensions read from the `dims` object, across all metrics.
 const MAX_OBJ_DIMS: usize = 16;
@@ -460,6 +462,16 @@ pub struct Engine {
     pub shares: Vec<crate::share::ShareSeries>,
     share_index: HashMap<u64, usize>,
     share_cats: Vec<crate::share::Categories>,
+    /// Which part of the pipeline this engine runs (from the configuration, not checkpointed).
+    stage: Stage,
+    /// Stage 2: the repartition partitions this instance owns, and (derived, cached) the
+    /// partition of each series and share series.
+    owned: Vec<i32>,
+    series_part: Vec<i32>,
+    share_part: Vec<i32>,
+    /// Stage 2: series taken over from another instance, and the first window this engine
+    /// closes for them (the other closed those before).
+    resume_at: HashMap<usize, i64>,
 }
 
 /// Events expected in a window before their complete absence is read as a tracking outage
@@ -635,6 +647,11 @@ impl Engine {
             shares: Vec::new(),
             share_index: HashMap::new(),
             share_cats: vec![Default::default(); cfg.metrics.len()],
+            stage: Stage::Single,
+            owned: Vec::new(),
+            series_part: Vec::new(),
+            share_part: Vec::new(),
+            resume_at: HashMap::new(),
         };
         for mi in 0..eng.schema.metrics.len() {
             if eng.schema.metrics[mi].cfg.kind == MetricKind::Share {
@@ -806,8 +823,10 @@ impl Engine {
             shares,
             share_index,
             share_cats,
+            stage,
             ..
         } = self;
+        let aggregate = matches!(stage, Stage::Aggregate { .. });
         let (sk, uk) = (sc.series_key, sc.user_key);
         let keyed = |s: &str| {
             let mut h = SipHasher13::new_with_keys(sk.0, sk.1);
@@ -821,6 +840,9 @@ impl Engine {
         };
         // The watch on the change this event is exposed to, and its arm.
         let arm = match (&ev.change_id, &ev.arm) {
+            (Some(c), Some(a)) if aggregate => {
+                crate::guard::arm_index(a).map(|a| (guards.tally(c, sc.metrics.len()), a))
+            }
             (Some(c), Some(a)) if !guards.open.is_empty() => {
                 guards.lookup(c).zip(crate::guard::arm_index(a))
             }
@@ -1014,24 +1036,34 @@ impl Engine {
     /// Moves event time forward and closes the windows the watermark has passed. The watermark
     /// is the minimum over active partitions of their latest event time, minus the lateness.
     fn advance(&mut self, source: i32, ts: i64, now_ms: i64) {
+        self.advance_at(source, ts, now_ms, now_ms)
+    }
+
+    /// As `advance`, for a source last heard from at `heard_ms` (stage 2: a marker relays when
+    /// stage 1 last read the input partition).
+    fn advance_at(&mut self, source: i32, ts: i64, heard_ms: i64, now_ms: i64) {
         let clock = match self.sources.iter_mut().find(|c| c.source == source) {
             Some(c) => c,
             None => {
                 self.sources.push(SourceClock {
                     source,
                     max_ts: ts,
-                    seen_ms: now_ms,
+                    seen_ms: heard_ms,
                 });
                 self.sources.last_mut().expect("just pushed")
             }
         };
-        clock.seen_ms = now_ms;
+        clock.seen_ms = clock.seen_ms.max(heard_ms);
         let raised = ts > clock.max_ts;
         if raised {
             clock.max_ts = ts;
         }
         if self.max_ts.map(|m| ts > m).unwrap_or(true) {
             self.max_ts = Some(ts);
+        }
+        if matches!(self.stage, Stage::Aggregate { .. }) {
+            // Stage 1 closes nothing: its clocks travel to stage 2 as markers.
+            return;
         }
         if !raised && self.closed_upto.is_some() {
             return;
@@ -1133,6 +1165,18 @@ impl Engine {
         // The API's view (watermark, series histories) moves with every closed window.
         self.dirty = true;
         for si in 0..self.series.len() {
+            if self.foreign(si, false) {
+                continue;
+            }
+            if !self.resume_at.is_empty() {
+                match self.resume_at.get(&si) {
+                    Some(&c) if w < c => continue,
+                    Some(_) => {
+                        self.resume_at.remove(&si);
+                    }
+                    None => {}
+                }
+            }
             let s = &mut self.series[si];
             if s.first_window == i64::MIN {
                 s.first_window = w;

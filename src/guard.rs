@@ -174,6 +174,30 @@ impl Guards {
         }
     }
 
+    /// Stage 1 of the two-stage aggregation: a watch that only sums the arms of the events
+    /// exposed to `change_id` (whether or not its watch is open: stage 2 decides), opened on
+    /// first sight and drained with every batch.
+    pub fn tally(&mut self, change_id: &str, metrics: usize) -> usize {
+        if let Some(i) = self.lookup(change_id) {
+            return i;
+        }
+        self.all.push(ChangeGuard {
+            change_id: change_id.to_string(),
+            opened_ms: 0,
+            closes_ms: i64::MAX,
+            holdout: None,
+            metrics: vec![MetricWatch::default(); metrics],
+            exposure: [0.0; 2],
+            srm: None,
+            srm_flagged: false,
+            closed: false,
+            scoped_at: usize::MAX,
+        });
+        let i = self.all.len() - 1;
+        self.open.insert(change_id.to_string(), i);
+        i
+    }
+
     #[inline]
     pub fn lookup(&self, change_id: &str) -> Option<usize> {
         self.open.get(change_id).copied()

@@ -26,6 +26,7 @@
 //! - [`telemetry`] Prometheus metrics, internal events (one `emit` = log line + metric).
 //! - [`api`]       HTTP: `/metrics`, `/healthz`, `/readyz`, incidents.
 //! - [`service`]   `guardrail run`: source + engine + sinks + api, with graceful shutdown.
+//! - [`repartition`] two-stage aggregation for scale-out: partial window sums keyed by series.
 //! - [`replay`]    `guardrail replay`: the engine over JSON-lines files, as fast as possible.
 //! - [`nab`]       the Numenta Anomaly Benchmark: its scorer, and the engine run over it.
 //! - [`sim`]       the traffic simulator (diurnal, segmented, with injected effects).
@@ -51,6 +52,7 @@ pub mod event;
 pub mod guard;
 pub mod nab;
 pub mod policy;
+pub mod repartition;
 pub mod replay;
 pub mod scenario;
 pub mod score;

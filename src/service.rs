@@ -99,7 +99,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunReport, ServiceError> {
     let signer = signer(&cfg)?;
-    let mut engine = Engine::new(&cfg)?;
+    // Fail on a bad configuration before anything starts.
+    Engine::new(&cfg)?;
     let auth = Arc::new(crate::auth::Auth::from_config(&cfg.roles, &cfg.actors)?);
     if auth.is_empty() {
         tracing::warn!("no [[actors]] configured: the HTTP API is read-only and unauthenticated; approve, veto, acknowledge and silence are refused");
@@ -114,23 +115,147 @@ pub async fn run(
     let http = tokio::spawn(api::serve(listener, state.clone(), async move {
         let _ = stop_http.wait_for(|s| *s).await;
     }));
+    let stop_tx = Arc::new(stop_tx);
+    let stop_on_signal = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = stop_on_signal.send(true);
     });
+    let report = if cfg.scale.two_stage {
+        // Stage 1 in its own task, with its own consumer group and transactional producer;
+        // stage 2 (the detecting engine, the API's) here.
+        let cfg1 = cfg.clone();
+        let (state1, stop1, signer1) = (state.clone(), stop_rx.clone(), signer.clone());
+        let stop_all = stop_tx.clone();
+        let stage1 = tokio::spawn(async move {
+            let (_never, mut no_ctl) = tokio::sync::mpsc::channel::<Command>(1);
+            let r = pipeline(
+                &cfg1,
+                Part::Aggregate,
+                &state1,
+                &mut no_ctl,
+                stop1,
+                &signer1,
+                None,
+            )
+            .await;
+            if r.is_err() {
+                let _ = stop_all.send(true);
+            }
+            r
+        });
+        let r = pipeline(
+            &cfg,
+            Part::Merge,
+            &state,
+            &mut ctl_rx,
+            stop_rx.clone(),
+            &signer,
+            alertmanager.as_ref(),
+        )
+        .await;
+        // Either stage failing stops the instance (its partitions go to the others).
+        let _ = stop_tx.send(true);
+        let r1 = stage1.await.expect("stage 1 task");
+        let mut r = r?;
+        let r1 = r1?;
+        r.events = r1.events;
+        r.rejected += r1.rejected;
+        r
+    } else {
+        pipeline(
+            &cfg,
+            Part::Single,
+            &state,
+            &mut ctl_rx,
+            stop_rx.clone(),
+            &signer,
+            alertmanager.as_ref(),
+        )
+        .await?
+    };
+    state.set_ready(false, "shutting down");
+    if let Some(am) = alertmanager {
+        am.shutdown().await;
+    }
+    let _ = http.await;
+    Ok(report)
+}
 
+/// Which pipeline a consumer/engine/producer trio runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Single,
+    Aggregate,
+    Merge,
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::Single => "single",
+            Part::Aggregate => "stage 1",
+            Part::Merge => "stage 2",
+        }
+    }
+}
+
+/// One pipeline: consumer, engine, transactional producer and checkpoints, until `stop`.
+async fn pipeline(
+    cfg: &Config,
+    part: Part,
+    state: &Arc<ApiState>,
+    ctl_rx: &mut tokio::sync::mpsc::Receiver<Command>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    signer: &Signer,
+    alertmanager: Option<&crate::alertmanager::Forwarder>,
+) -> Result<RunReport, ServiceError> {
+    let telemetry = state.telemetry.clone();
+    let mut engine = Engine::new(cfg)?;
+    // What this pipeline reads, and under which group and transactional.id.
+    let mut k = cfg.kafka.clone();
+    let base_txn = cfg.kafka.transactional_id_for(&cfg.service.instance);
+    let txn_base = match part {
+        Part::Single => base_txn,
+        Part::Aggregate => format!("{base_txn}-stage1"),
+        Part::Merge => {
+            k.group_id = cfg.scale.merge_group(&cfg.kafka);
+            k.topics.events = cfg.kafka.topics.repartition.clone();
+            k.topics.changes = String::new();
+            format!("{base_txn}-stage2")
+        }
+    };
     let (mv_tx, mv_rx) = std::sync::mpsc::channel();
-    let consumer = source::consumer(&cfg.kafka, state.clone(), mv_tx)?;
+    let consumer = source::consumer(&k, state.clone(), mv_tx)?;
     let delivery = cfg.kafka.delivery;
-    let txn_id = (delivery == Delivery::ExactlyOnce)
-        .then(|| cfg.kafka.transactional_id_for(&cfg.service.instance));
+    let txn_id = (delivery == Delivery::ExactlyOnce).then_some(txn_base);
     let producer = source::producer(&cfg.kafka, txn_id.as_deref())?;
-    let k = cfg.kafka.clone();
-    let consumer = tokio::task::spawn_blocking(move || {
-        source::check_topics(&consumer, &k, Duration::from_secs(15)).map(|_| consumer)
+    let (kc, two_stage) = (cfg.kafka.clone(), part != Part::Single);
+    let (consumer, partitions) = tokio::task::spawn_blocking(move || {
+        source::check_topics(&consumer, &kc, two_stage, Duration::from_secs(15))
+            .map(|p| (consumer, p))
     })
     .await
     .expect("metadata task")?;
+    let input_partitions = partitions
+        .get(&cfg.kafka.topics.events)
+        .copied()
+        .unwrap_or(1);
+    match part {
+        Part::Single => {}
+        Part::Aggregate => engine.set_stage(crate::engine::Stage::Aggregate {
+            partitions: partitions
+                .get(&cfg.kafka.topics.repartition)
+                .copied()
+                .unwrap_or(1),
+        }),
+        Part::Merge => engine.set_stage(crate::engine::Stage::Merge {
+            partitions: partitions
+                .get(&cfg.kafka.topics.repartition)
+                .copied()
+                .unwrap_or(1),
+        }),
+    }
     telemetry
         .state
         .delivery
@@ -148,7 +273,24 @@ pub async fn run(
     } else {
         tracing::warn!("delivery at_least_once: a crash may re-send outputs; alerts (incident_id) and rollback requests (id) carry stable ids for consumers to deduplicate");
     }
-    let mut keeper = StateKeeper::new(&cfg);
+    let mut keeper = StateKeeper::new(cfg);
+    match part {
+        Part::Single => {}
+        // Stage 1 holds nothing past a batch: its committed offsets are its whole state.
+        Part::Aggregate => keeper.dir = None,
+        // Stage 2: `[state] dir` is shared by the instances (a shared volume); each writes
+        // its checkpoints in its own subdirectory and reads the others' on a rebalance.
+        Part::Merge => {
+            if let Some(root) = keeper.dir.take() {
+                let own = root.join(checkpoint::instance_dir_name(&cfg.service.instance));
+                std::fs::create_dir_all(&own).map_err(|e| {
+                    ServiceError::State(format!("cannot create {}: {e}", own.display()))
+                })?;
+                keeper.shared = Some(root);
+                keeper.dir = Some(own);
+            }
+        }
+    }
     if let Some(dir) = &keeper.dir {
         // A state directory that cannot be written would stall every transaction that must
         // carry a checkpoint: refuse to start instead.
@@ -156,18 +298,19 @@ pub async fn run(
     }
     if let Some(dir) = keeper.dir.clone() {
         keeper.restore(&mut engine, &dir, &consumer, &telemetry);
-    } else {
+    } else if part != Part::Aggregate {
         tracing::warn!(
             "no [state] dir: no checkpoints; a restart relearns every baseline from scratch"
         );
     }
-    source::subscribe(&consumer, &cfg.kafka)?;
+    source::subscribe(&consumer, &k)?;
     tracing::info!(
-        brokers = %cfg.kafka.bootstrap_servers,
-        events = %cfg.kafka.topics.events,
-        changes = %cfg.kafka.topics.changes,
-        group = %cfg.kafka.group_id,
+        brokers = %k.bootstrap_servers,
+        events = %k.topics.events,
+        changes = %k.topics.changes,
+        group = %k.group_id,
         metrics = engine.metrics().len(),
+        pipeline = part.name(),
         "guardrail running"
     );
     let sink = KafkaSink {
@@ -175,20 +318,20 @@ pub async fn run(
         topics: cfg.kafka.topics.clone(),
         timeout: Duration::from_secs(cfg.kafka.produce_timeout_secs),
     };
-    let events_topic = cfg.kafka.topics.events.clone();
+    let events_topic = k.topics.events.clone();
     let max_gauges = cfg.http.max_series_gauges;
 
     let flusher = Flusher {
         delivery,
         txn_id: txn_id.as_deref().unwrap_or(""),
         sink: &sink,
-        signer: &signer,
+        signer,
         consumer: &consumer,
-        state: &state,
+        state,
         events_topic: &events_topic,
-        changes_topic: &cfg.kafka.topics.changes,
+        changes_topic: &k.topics.changes,
         max_gauges,
-        alertmanager: alertmanager.as_ref(),
+        alertmanager,
     };
     let mut batch = Batch::default();
     let mut idle_tick = tokio::time::interval(Duration::from_secs(5));
@@ -244,12 +387,26 @@ pub async fn run(
                         .filter(|(t, _)| *t == events_topic)
                         .map(|(_, p)| *p)
                         .collect();
-                    engine.assign_sources(&events, now_ms());
+                    if part == Part::Merge {
+                        engine.assign_repartitions(&events, input_partitions, now_ms());
+                        keeper.take_over(
+                            &mut engine,
+                            &consumer,
+                            &events_topic,
+                            &events,
+                            &telemetry,
+                        );
+                    } else {
+                        engine.assign_sources(&events, now_ms());
+                    }
                     sought.extend(keeper.seek_restored(&consumer, &parts));
                 }
                 source::Movement::Revoked(parts) => {
                     for (t, p) in &parts {
-                        if *t == events_topic {
+                        if *t == events_topic && part == Part::Merge {
+                            engine.forget_repartition(*p);
+                            keeper.hand_over(*p);
+                        } else if *t == events_topic {
                             engine.forget_source(*p);
                         }
                         keeper.positions.remove(&(t.clone(), *p));
@@ -272,17 +429,33 @@ pub async fn run(
                 // (Here, not on the error: the "all brokers down" error is itself a message.)
                 if let Some(parts) = consumer.context().take_rearm() {
                     for p in &parts {
-                        engine.forget_source(*p);
+                        if part == Part::Merge {
+                            engine.forget_repartition(*p);
+                        } else {
+                            engine.forget_source(*p);
+                        }
                     }
-                    engine.assign_sources(&parts, now_ms());
+                    if part == Part::Merge {
+                        engine.assign_repartitions(&parts, input_partitions, now_ms());
+                    } else {
+                        engine.assign_sources(&parts, now_ms());
+                    }
                 }
                 if batch.is_empty() {
                     batch.started = Some(received);
                 }
                 let payload = m.payload().unwrap_or(&[]);
                 let is_events = m.topic() == events_topic;
-                let res = if is_events {
+                let res = if is_events && part == Part::Merge {
+                    engine.process_partial(m.partition(), payload, now_ms())
+                } else if is_events {
                     engine.process_event_from(m.partition(), payload, now_ms())
+                } else if part == Part::Aggregate {
+                    let r = engine.forward_change(payload);
+                    if let Err(e) = &r {
+                        engine.stats.rejected[e.code.index()] += 1;
+                    }
+                    r
                 } else {
                     let r = engine.process_change(payload);
                     if let Err(e) = &r {
@@ -339,12 +512,11 @@ pub async fn run(
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
     }
-    state.set_ready(false, "shutting down");
-    if let Some(am) = alertmanager {
-        am.shutdown().await;
-    }
-    let _ = http.await;
-    tracing::info!(events = engine.stats.events, "guardrail stopped");
+    tracing::info!(
+        events = engine.stats.events,
+        pipeline = part.name(),
+        "guardrail stopped"
+    );
     Ok(RunReport {
         events: engine.stats.events,
         rejected: engine.stats.rejected.iter().sum(),
@@ -427,6 +599,8 @@ impl Flusher<'_> {
             alertmanager,
             ..
         } = *self;
+        // Stage 1: the batch's partial sums, then the markers that let stage 2 close windows.
+        engine.drain_partials(now_ms());
         let mut out: Vec<Encoded> = engine
             .take_outputs()
             .inspect(|o| {
@@ -491,7 +665,9 @@ impl Flusher<'_> {
                 .inc();
         }
         state.telemetry.absorb(engine, max_gauges);
-        if engine.take_dirty() {
+        // The API shows the detecting engine; stage 1 has nothing to show.
+        let stage1 = matches!(engine.stage(), crate::engine::Stage::Aggregate { .. });
+        if engine.take_dirty() && !stage1 {
             state.publish(Snapshot::of(engine));
         }
         if let Some(t) = batch.decided_at.take() {
@@ -686,6 +862,9 @@ struct StateKeeper {
     moved: bool,
     /// Restored positions to seek to when their partition is assigned.
     seek_to: HashMap<(String, i32), i64>,
+    /// Stage 2: the directory shared by the instances, `dir`'s parent.
+    shared: Option<PathBuf>,
+    exactly_once: bool,
 }
 
 impl StateKeeper {
@@ -697,6 +876,137 @@ impl StateKeeper {
             positions: BTreeMap::new(),
             moved: false,
             seek_to: HashMap::new(),
+            shared: None,
+            exactly_once: cfg.kafka.delivery == Delivery::ExactlyOnce,
+        }
+    }
+
+    /// Stage 2, repartition partition `x` revoked: keeps the last committed checkpoint (which
+    /// still holds `x`'s series and offset) for the next owner, since this instance's next
+    /// checkpoint will no longer carry `x`.
+    fn hand_over(&mut self, x: i32) {
+        let (Some(dir), Some(_)) = (&self.dir, &self.shared) else {
+            return;
+        };
+        let name = checkpoint::handover_name(x);
+        match std::fs::read(dir.join(checkpoint::FILE_NAME)) {
+            Ok(bytes) => match checkpoint::write_atomic(dir, &name, &bytes) {
+                Ok(()) => tracing::info!(partition = x, "state kept for the next owner"),
+                Err(e) => tracing::warn!(error = %e, "cannot keep state for the next owner"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the checkpoint to hand over"),
+        }
+    }
+
+    /// Stage 2, repartition partitions assigned: for each one this engine's state does not
+    /// hold, takes its series over from the newest checkpoint in the shared directory that
+    /// holds it at an offset the group has committed (any instance's current checkpoint, or
+    /// one kept at a revocation), and seeks there: the input after it is read again.
+    fn take_over(
+        &mut self,
+        engine: &mut Engine,
+        consumer: &StreamConsumer<source::SourceContext>,
+        topic: &str,
+        parts: &[i32],
+        t: &Telemetry,
+    ) {
+        let Some(root) = self.shared.clone() else {
+            return;
+        };
+        let wanted: Vec<i32> = parts
+            .iter()
+            .copied()
+            .filter(|x| !self.seek_to.contains_key(&(topic.to_string(), *x)))
+            .filter(|x| !self.positions.contains_key(&(topic.to_string(), *x)))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for x in &wanted {
+            tpl.add_partition(topic, *x);
+        }
+        let committed = match consumer.committed_offsets(tpl, Duration::from_secs(15)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read committed offsets; taking over without state");
+                return;
+            }
+        };
+        let fp = engine.state_fingerprint();
+        let dirs: Vec<PathBuf> = match std::fs::read_dir(&root) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %root.display(), "cannot list the shared state directory");
+                return;
+            }
+        };
+        for x in wanted {
+            // exactly_once: only state whose transaction committed (a checkpoint at or before
+            // the committed offset; the input after it is read again). at_least_once: the
+            // newest (its input was delivered; re-reading is what at-least-once allows).
+            let limit = match committed.find_partition(topic, x).map(|e| e.offset()) {
+                _ if !self.exactly_once => i64::MAX,
+                Some(Offset::Offset(o)) => o,
+                _ => {
+                    tracing::info!(
+                        partition = x,
+                        "nothing committed yet: no state to take over"
+                    );
+                    continue;
+                }
+            };
+            let mut best: Option<(i64, PathBuf, checkpoint::Loaded)> = None;
+            for d in &dirs {
+                for name in [
+                    checkpoint::FILE_NAME.to_string(),
+                    checkpoint::handover_name(x),
+                ] {
+                    let Ok(Some(l)) = checkpoint::read(d, &name, fp) else {
+                        continue;
+                    };
+                    let path = d.join(&name);
+                    let Ok(offs) = crate::engine::offsets_of(&path, &l.payload) else {
+                        continue;
+                    };
+                    let Some(o) = offs
+                        .iter()
+                        .find(|(tp, p, _)| tp == topic && *p == x)
+                        .map(|(_, _, o)| *o)
+                    else {
+                        continue;
+                    };
+                    // Newer than what is committed: its transaction may not have committed.
+                    if o <= limit && best.as_ref().map(|b| o > b.0).unwrap_or(true) {
+                        best = Some((o, path, l));
+                    }
+                }
+            }
+            let Some((o, path, loaded)) = best else {
+                tracing::info!(
+                    partition = x,
+                    "no state to take over: its series start fresh here"
+                );
+                continue;
+            };
+            match engine.import_partitions(&path, &loaded, &[x]) {
+                Ok(r) => {
+                    tracing::info!(partition = x, from = %path.display(), offset = o,
+                        series = r.series, incidents = r.incidents, "state taken over");
+                    t.state.handovers.with_label_values(&["imported"]).inc();
+                    self.positions.insert((topic.to_string(), x), o);
+                    self.seek_to.insert((topic.to_string(), x), o);
+                }
+                Err(e) => {
+                    t.state.handovers.with_label_values(&["failed"]).inc();
+                    tracing::warn!(error = %e, partition = x, "cannot take the state over");
+                }
+            }
         }
     }
 

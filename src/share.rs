@@ -112,6 +112,16 @@ impl ShareSeries {
 
     #[inline]
     pub fn add(&mut self, w: i64, cat: usize) {
+        self.add_n(w, cat, 1.0)
+    }
+
+    /// Takes the open windows out (stage 1 of the two-stage aggregation hands them on).
+    pub fn take_open(&mut self) -> VecDeque<(i64, Vec<f64>)> {
+        std::mem::take(&mut self.open)
+    }
+
+    #[inline]
+    pub fn add_n(&mut self, w: i64, cat: usize, n: f64) {
         let slot = match self.open.iter_mut().find(|(x, _)| *x == w) {
             Some(s) => s,
             None => {
@@ -119,7 +129,7 @@ impl ShareSeries {
                 self.open.back_mut().expect("just pushed")
             }
         };
-        slot.1[cat] += 1.0;
+        slot.1[cat] += n;
     }
 
     fn expected_mix(&self, hour: usize) -> Option<Vec<f64>> {

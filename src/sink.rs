@@ -134,6 +134,8 @@ pub enum Output {
     Alert(Box<Alert>),
     Rollback(RollbackRequest),
     Audit(AuditRecord),
+    /// Stage 1 of the two-stage aggregation: partial sums for the repartition topic.
+    Partial(Box<crate::repartition::Routed>),
 }
 
 /// A serialised output, ready for a topic or a file.
@@ -143,6 +145,8 @@ pub struct Encoded {
     pub key: String,
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, String)>,
+    /// An explicit partition (repartition records); otherwise the partitioner picks by key.
+    pub partition: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +155,7 @@ pub enum Stream {
     Rollbacks,
     Audit,
     DeadLetters,
+    Repartition,
 }
 
 impl Stream {
@@ -160,6 +165,7 @@ impl Stream {
             Stream::Rollbacks => &t.rollbacks,
             Stream::Audit => &t.audit,
             Stream::DeadLetters => &t.dlq,
+            Stream::Repartition => &t.repartition,
         }
     }
     pub fn label(self) -> &'static str {
@@ -168,6 +174,7 @@ impl Stream {
             Stream::Rollbacks => "rollbacks",
             Stream::Audit => "audit",
             Stream::DeadLetters => "dlq",
+            Stream::Repartition => "repartition",
         }
     }
 }
@@ -241,6 +248,7 @@ impl Output {
                 key: a.incident_id.clone(),
                 value: serde_json::to_vec(a).expect("alert serialises"),
                 headers: vec![],
+                partition: None,
             },
             Output::Rollback(r) => {
                 let value = serde_json::to_vec(r).expect("rollback serialises");
@@ -254,6 +262,7 @@ impl Output {
                         (KEY_ID_HEADER, signer.key_id().to_string()),
                         ("content-type", "application/cloudevents+json".into()),
                     ],
+                    partition: None,
                 }
             }
             Output::Audit(a) => Encoded {
@@ -265,8 +274,22 @@ impl Output {
                     .unwrap_or_default(),
                 value: serde_json::to_vec(a).expect("audit serialises"),
                 headers: vec![],
+                partition: None,
+            },
+            Output::Partial(r) => Encoded {
+                stream: Stream::Repartition,
+                key: r.key.clone(),
+                value: r.partial.encode(),
+                headers: vec![],
+                partition: Some(r.partition),
             },
         }
+    }
+}
+
+impl Encoded {
+    pub fn is_marker(&self) -> bool {
+        self.stream == Stream::Repartition && self.key == crate::repartition::MARKER_KEY
     }
 }
 
@@ -281,6 +304,7 @@ pub fn dead_letter(bytes: &[u8], code: ErrorCode, message: &str, source: &str) -
             ("guardrail-error", message.chars().take(512).collect()),
             ("guardrail-source", source.to_string()),
         ],
+        partition: None,
     }
 }
 
@@ -342,6 +366,13 @@ impl FileSink {
             Stream::Rollbacks => (&mut self.rollbacks, 1),
             Stream::Audit => (&mut self.audit, 2),
             Stream::DeadLetters => (&mut self.dlq, 3),
+            Stream::Repartition => {
+                // Files are written by single-stage runs (replay), which make no partials.
+                return Err(SinkError::Io {
+                    path: "repartition".into(),
+                    source: std::io::Error::other("repartition records have no file output"),
+                });
+            }
         };
         self.counts[i] += 1;
         let res = if e.stream == Stream::DeadLetters {
@@ -422,6 +453,9 @@ impl KafkaSink {
         if !e.key.is_empty() {
             rec = rec.key(&e.key);
         }
+        if let Some(p) = e.partition {
+            rec = rec.partition(p);
+        }
         self.producer
             .send(rec, self.timeout)
             .await
@@ -433,10 +467,17 @@ impl KafkaSink {
     }
 
     /// Sends all, concurrently, and waits for every acknowledgement.
+    /// Repartition markers go last, after everything else is acknowledged: a marker tells stage
+    /// 2 that every partial before it on its partition has arrived.
     pub async fn send_all(&self, items: &[Encoded]) -> Result<(), SinkError> {
-        let futs = items.iter().map(|e| self.send(e));
-        for r in futures::future::join_all(futs).await {
-            r?;
+        for markers in [false, true] {
+            let futs = items
+                .iter()
+                .filter(|e| e.is_marker() == markers)
+                .map(|e| self.send(e));
+            for r in futures::future::join_all(futs).await {
+                r?;
+            }
         }
         Ok(())
     }

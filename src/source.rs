@@ -10,6 +10,7 @@
 //! so that secrets stay out of the file. At startup, a failed TLS handshake or a refused login is
 //! reported as such (what failed and which option to check), not as an unreachable broker.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -102,6 +103,8 @@ pub struct SourceContext {
     last_problem: Mutex<Option<ClientProblem>>,
     /// Events partitions currently assigned (for [`SourceContext::take_rearm`]).
     assigned_events: Mutex<Vec<i32>>,
+    /// Every assigned (topic, partition), for the assignment gauge.
+    assigned_all: Mutex<std::collections::BTreeSet<(String, i32)>>,
     /// Between "all brokers down" and the first statistics showing a broker up again.
     brokers_down: AtomicBool,
     /// Set when the brokers went away or came back; taken by [`SourceContext::take_rearm`].
@@ -121,6 +124,7 @@ impl SourceContext {
             security_problem: Mutex::new(None),
             last_problem: Mutex::new(None),
             assigned_events: Mutex::new(Vec::new()),
+            assigned_all: Mutex::new(Default::default()),
             brokers_down: AtomicBool::new(false),
             rearm: AtomicBool::new(false),
         }
@@ -249,12 +253,32 @@ impl ClientContext for SourceContext {
     }
 }
 
+impl SourceContext {
+    /// Keeps `guardrail_partitions_assigned{topic}` up to date.
+    fn count_assigned(&self, parts: &[(String, i32)], assigned: bool) {
+        let mut all = self.assigned_all.lock().unwrap();
+        for p in parts {
+            if assigned {
+                all.insert(p.clone());
+            } else {
+                all.remove(p);
+            }
+        }
+        let g = &self.state.telemetry.partitions_assigned;
+        for (t, _) in parts {
+            let n = all.iter().filter(|(x, _)| x == t).count();
+            g.with_label_values(&[t]).set(n as i64);
+        }
+    }
+}
+
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
                 let revoked = Self::partitions(tpl);
+                self.count_assigned(&revoked, false);
                 self.assigned_events.lock().unwrap().retain(|p| {
                     !revoked
                         .iter()
@@ -277,6 +301,7 @@ impl ConsumerContext for SourceContext {
                 .map(|e| format!("{}/{}", e.topic(), e.partition()))
                 .collect();
             tracing::info!(partitions = ?parts, "partitions assigned");
+            self.count_assigned(&Self::partitions(tpl), true);
             {
                 let mut assigned = self.assigned_events.lock().unwrap();
                 for e in tpl.elements() {
@@ -451,11 +476,14 @@ pub fn producer(
 /// Checks at startup that the broker answers and that every topic exists, so that a typo fails
 /// fast with a clear message instead of an idle service. A TLS or authentication failure ends
 /// the wait at once and is reported as what it is.
+/// Checks that the topics exist (and the repartition topic, if `check_repartition`), and
+/// returns their partition counts.
 pub fn check_topics(
     consumer: &StreamConsumer<SourceContext>,
     k: &KafkaConfig,
+    check_repartition: bool,
     timeout: Duration,
-) -> Result<(), SourceError> {
+) -> Result<HashMap<String, i32>, SourceError> {
     let deadline = Instant::now() + timeout;
     let md = loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -476,26 +504,40 @@ pub fn check_topics(
             }
         }
     };
-    for topic in k.topics.all() {
-        let ok = md
+    let two_stage = [k.topics.repartition.as_str()];
+    let extra: &[&str] = if check_repartition { &two_stage } else { &[] };
+    let mut partitions = HashMap::new();
+    for topic in k.topics.all().iter().chain(extra) {
+        if topic.is_empty() {
+            continue;
+        }
+        let found = md
             .topics()
             .iter()
-            .any(|mt| mt.name() == topic && mt.error().is_none() && !mt.partitions().is_empty());
-        if !ok {
-            return Err(SourceError::MissingTopic {
-                topic: topic.to_string(),
-                servers: k.bootstrap_servers.clone(),
-            });
+            .find(|mt| mt.name() == *topic && mt.error().is_none() && !mt.partitions().is_empty());
+        match found {
+            Some(mt) => {
+                partitions.insert(topic.to_string(), mt.partitions().len() as i32);
+            }
+            None => {
+                return Err(SourceError::MissingTopic {
+                    topic: topic.to_string(),
+                    servers: k.bootstrap_servers.clone(),
+                })
+            }
         }
     }
-    Ok(())
+    Ok(partitions)
 }
 
 pub fn subscribe(
     consumer: &StreamConsumer<SourceContext>,
     k: &KafkaConfig,
 ) -> Result<(), SourceError> {
-    let topics = [k.topics.events.as_str(), k.topics.changes.as_str()];
+    let topics: Vec<&str> = [k.topics.events.as_str(), k.topics.changes.as_str()]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect();
     consumer
         .subscribe(&topics)
         .map_err(|source| SourceError::Subscribe {

@@ -40,6 +40,7 @@ pub struct Telemetry {
     event_time_lag: Gauge,
     event_time_latest: Gauge,
     pub consumer_lag: IntGauge,
+    pub partitions_assigned: IntGaugeVec,
     pub ready: IntGauge,
     pub batch_seconds: Histogram,
     series_observed: GaugeVec,
@@ -51,7 +52,8 @@ pub struct Telemetry {
     /// Checkpoints and transactions.
     pub state: StateMetrics,
     exported: Mutex<HashSet<(String, String)>>,
-    prev: Mutex<EngineStats>,
+    /// Counters last folded in, per engine (stage 1 and the detecting engine).
+    prev: Mutex<[EngineStats; 2]>,
     errors_logged: Mutex<HashMap<&'static str, Instant>>,
 }
 
@@ -66,6 +68,7 @@ pub struct StateMetrics {
     pub transactions: IntCounterVec,
     pub delivery: IntGaugeVec,
     pub alert_latency: Histogram,
+    pub handovers: IntCounterVec,
 }
 
 impl StateMetrics {
@@ -78,6 +81,15 @@ impl StateMetrics {
         );
         for reason in crate::checkpoint::CheckpointError::REASONS {
             checkpoint_errors.with_label_values(&[reason]);
+        }
+        let handovers = counter_vec(
+            r,
+            "guardrail_handovers_total",
+            "Stage 2: repartition partitions whose state was taken over from another instance's checkpoint on a rebalance, by result.",
+            &["result"],
+        );
+        for result in ["imported", "failed"] {
+            handovers.with_label_values(&[result]);
         }
         let checkpoint_seconds = Histogram::with_opts(
             HistogramOpts::new(
@@ -137,6 +149,7 @@ impl StateMetrics {
         r.register(Box::new(alert_latency.clone())).unwrap();
         StateMetrics {
             alert_latency,
+            handovers,
             checkpoint_writes: counter(
                 r,
                 "guardrail_checkpoint_writes_total",
@@ -412,6 +425,15 @@ impl Telemetry {
         )
         .unwrap();
         r.register(Box::new(event_time_latest.clone())).unwrap();
+        let partitions_assigned = IntGaugeVec::new(
+            Opts::new(
+                "guardrail_partitions_assigned",
+                "Partitions this instance's consumers own, by topic (the repartition topic is stage 2's).",
+            ),
+            &["topic"],
+        )
+        .unwrap();
+        r.register(Box::new(partitions_assigned.clone())).unwrap();
         let consumer_lag = IntGauge::new(
             "guardrail_consumer_lag_messages",
             "Messages behind the high watermark, summed over assigned partitions.",
@@ -489,6 +511,7 @@ impl Telemetry {
             event_time_lag,
             event_time_latest,
             consumer_lag,
+            partitions_assigned,
             ready,
             batch_seconds,
             series_observed: gauge_vec(&r, "guardrail_series_observed", "Observed rate of the last closed window.", &sl),
@@ -504,7 +527,7 @@ impl Telemetry {
             gov: Governance::new(&r),
             state: StateMetrics::new(&r),
             exported: Mutex::new(HashSet::new()),
-            prev: Mutex::new(EngineStats::default()),
+            prev: Mutex::new(Default::default()),
             errors_logged: Mutex::new(HashMap::new()),
             registry: r,
         }
@@ -512,7 +535,9 @@ impl Telemetry {
 
     /// Folds the engine's counters into Prometheus and refreshes gauges. Called once per batch.
     pub fn absorb(&self, eng: &mut Engine, max_series_gauges: usize) {
-        let mut prev = self.prev.lock().unwrap();
+        let stage1 = matches!(eng.stage(), crate::engine::Stage::Aggregate { .. });
+        let mut all = self.prev.lock().unwrap();
+        let prev = &mut all[stage1 as usize];
         let s = &eng.stats;
         self.events.inc_by(s.events - prev.events);
         self.accepted.inc_by(s.accepted - prev.accepted);
@@ -555,9 +580,15 @@ impl Telemetry {
                 self.decisions.with_label_values(&[k.0, k.1]).inc_by(d);
             }
         }
-        self.gov.absorb(eng, &prev);
+        if !stage1 {
+            self.gov.absorb(eng, prev);
+        }
         *prev = eng.stats.clone();
-        drop(prev);
+        drop(all);
+        if stage1 {
+            // Stage 1 has no series past a batch: the gauges are the detecting engine's.
+            return;
+        }
         if let Some(t) = eng.max_event_time_ms() {
             self.watermark
                 .set(eng.watermark_ms().unwrap_or(t) as f64 / 1000.0);
@@ -565,7 +596,7 @@ impl Telemetry {
                 .set((crate::event::now_ms() - t) as f64 / 1000.0);
             self.event_time_latest.set(t as f64 / 1000.0);
         }
-        self.series_tracked.set(eng.series_count() as i64);
+        self.series_tracked.set(eng.owned_series() as i64);
         if eng.take_windows_closed() == 0 {
             return;
         }

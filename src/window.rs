@@ -126,6 +126,33 @@ impl Ring {
         }
     }
 
+    /// Takes every open window out of the ring, with its distinct-count sketch (stage 1 of the
+    /// two-stage aggregation hands its partial sums on and keeps nothing).
+    pub fn take_open(&mut self, mut f: impl FnMut(Agg, Option<&Hll>)) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].w == i64::MIN {
+                continue;
+            }
+            f(self.slots[i], self.sketches.as_ref().map(|s| &s[i]));
+            self.slots[i] = Agg::EMPTY;
+            if let Some(s) = self.sketches.as_mut() {
+                s[i].clear();
+            }
+        }
+    }
+
+    /// Adds partial sums (and a sketch's registers) to window `w`.
+    pub fn merge(&mut self, w: i64, num: f64, den: f64, sumsq: f64, regs: Option<&[u8]>) {
+        let a = self.slot(w);
+        a.num += num;
+        a.den += den;
+        a.sumsq += sumsq;
+        let i = self.slot_index(w);
+        if let (Some(s), Some(r)) = (self.sketches.as_mut(), regs) {
+            s[i].merge(r);
+        }
+    }
+
     /// Takes window `w` out of the ring (zeros if nothing arrived in it).
     pub fn take(&mut self, w: i64) -> (Agg, Option<f64>) {
         let i = self.slot_index(w);
@@ -146,6 +173,8 @@ impl Ring {
 
 const HLL_P: u32 = 10;
 const HLL_M: usize = 1 << HLL_P;
+/// Registers of a distinct-count sketch.
+pub const HLL_REGISTERS: usize = HLL_M;
 
 /// HyperLogLog with 1024 registers (standard error ~3.3%), with linear counting for small
 /// cardinalities.
@@ -188,6 +217,24 @@ impl Hll {
             self.regs[idx] = rank;
         }
         self.empty = false;
+    }
+
+    /// The registers, or none while empty.
+    pub fn registers(&self) -> Option<&[u8]> {
+        (!self.empty).then_some(&self.regs[..])
+    }
+
+    /// Union with another sketch's registers (register-wise maximum); ignores a wrong size.
+    pub fn merge(&mut self, regs: &[u8]) {
+        if regs.len() != HLL_M {
+            return;
+        }
+        for (a, b) in self.regs.iter_mut().zip(regs) {
+            *a = (*a).max(*b);
+        }
+        if regs.iter().any(|&r| r > 0) {
+            self.empty = false;
+        }
     }
 
     pub fn estimate(&self) -> f64 {

@@ -18,6 +18,9 @@ impl Engine {
         let mut opened: Vec<(usize, MixTest)> = Vec::new();
         let mut resolved: Vec<(usize, &'static str)> = Vec::new();
         for i in 0..self.shares.len() {
+            if self.foreign(i, true) {
+                continue;
+            }
             let mi = self.shares[i].metric;
             let m = &self.schema.metrics[mi];
             let alpha = m.det.false_alarms_per_series_week / windows_per_week;

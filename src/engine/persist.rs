@@ -237,6 +237,144 @@ impl Engine {
     }
 }
 
+/// What a handover import took over.
+#[derive(Debug, Clone, Default)]
+pub struct Imported {
+    pub series: usize,
+    pub incidents: usize,
+}
+
+impl Engine {
+    /// Stage 2, on a rebalance: takes over the series (and share series, with their open
+    /// incidents) of repartition partitions `parts` from another instance's checkpoint, which
+    /// must be of this configuration. Series of those partitions this engine already holds
+    /// (from an earlier ownership) are replaced. Windows the other instance closed are not
+    /// closed again here.
+    pub fn import_partitions(
+        &mut self,
+        path: &Path,
+        loaded: &checkpoint::Loaded,
+        parts: &[i32],
+    ) -> Result<Imported, CheckpointError> {
+        let Stage::Merge { partitions } = self.stage else {
+            return Ok(Imported::default());
+        };
+        let p: Persisted = checkpoint::decode(path, &loaded.payload)?;
+        let metrics = self.schema.metrics.len();
+        let n_inc = p.incidents.len();
+        if p.series.iter().any(|s| s.metric >= metrics)
+            || p.shares.iter().any(|s| s.metric >= metrics)
+            || p.series
+                .iter()
+                .any(|s| s.incident.is_some_and(|i| i >= n_inc))
+            || p.shares
+                .iter()
+                .any(|s| s.incident.is_some_and(|i| i >= n_inc))
+        {
+            return Err(CheckpointError::Decode {
+                path: path.to_path_buf(),
+                message: "inconsistent state: a reference out of range".into(),
+            });
+        }
+        let ours = |e: &Engine, metric: usize, dims: &[(String, String)], share: bool| {
+            let values: Vec<&str> = dims.iter().map(|(_, v)| v.as_str()).collect();
+            let x = (e.route_key(metric, &values, share) % partitions.max(1) as u64) as i32;
+            parts.contains(&x)
+        };
+        let mut incidents = p.incidents;
+        let mut moved: HashMap<usize, usize> = HashMap::new();
+        let mut take_incident = |e: &mut Engine, k: usize, series_idx: Option<usize>| -> usize {
+            if let Some(&i) = moved.get(&k) {
+                return i;
+            }
+            let pi = &mut incidents[k];
+            let mut i = pi.inc.0.clone();
+            i.metric_idx = pi.metric_idx;
+            i.series_idx = series_idx;
+            i.explained_by_outage = pi.explained_by_outage;
+            i.recovery = pi.recovery;
+            i.decision.deadline_ms = pi.deadline_ms;
+            let idx = match e.incident_ids.get(&i.id) {
+                Some(&old) => {
+                    e.incidents[old] = i;
+                    old
+                }
+                None => {
+                    e.incident_ids.insert(i.id.clone(), e.incidents.len());
+                    e.incidents.push(i);
+                    e.incidents.len() - 1
+                }
+            };
+            moved.insert(k, idx);
+            idx
+        };
+        let mut done = Imported::default();
+        let by_index: HashMap<usize, u64> = p.index.iter().map(|(k, &i)| (i, *k)).collect();
+        let resume = p.closed_upto;
+        for (j, mut s) in p.series.into_iter().enumerate() {
+            if !ours(self, s.metric, &s.dims, false) {
+                continue;
+            }
+            let m = &self.schema.metrics[s.metric];
+            let si = if s.dims.is_empty() {
+                match m.total {
+                    Some(t) => t,
+                    None => continue,
+                }
+            } else {
+                let Some(&key) = by_index.get(&j) else {
+                    continue;
+                };
+                match self.index.get(&key) {
+                    Some(&si) => si,
+                    None => {
+                        self.series
+                            .push(make_series(&self.schema, s.metric, Vec::new(), 0));
+                        let si = self.series.len() - 1;
+                        self.index.insert(key, si);
+                        self.schema.metrics[s.metric].series_count += 1;
+                        si
+                    }
+                }
+            };
+            s.incident = s.incident.map(|k| take_incident(self, k, Some(si)));
+            s.trend.incident = s.trend.incident.map(|k| take_incident(self, k, Some(si)));
+            self.series[si] = s;
+            if let Some(c) = resume {
+                self.resume_at.insert(si, c);
+            }
+            done.series += 1;
+        }
+        let by_share: HashMap<usize, u64> = p.share_index.iter().map(|(k, &i)| (i, *k)).collect();
+        for (j, mut s) in p.shares.into_iter().enumerate() {
+            if !ours(self, s.metric, &s.dims, true) {
+                continue;
+            }
+            let Some(&key) = by_share.get(&j) else {
+                continue;
+            };
+            s.incident = s.incident.map(|k| take_incident(self, k, None));
+            match self.share_index.get(&key) {
+                Some(&i) => self.shares[i] = s,
+                None => {
+                    self.shares.push(s);
+                    self.share_index.insert(key, self.shares.len() - 1);
+                }
+            }
+            done.series += 1;
+        }
+        // Category names: a share series' counts are indexed by its metric's registry.
+        for (mi, c) in p.share_cats.into_iter().enumerate() {
+            if mi < self.share_cats.len() && c.names.len() > self.share_cats[mi].names.len() {
+                self.share_cats[mi] = c;
+            }
+        }
+        done.incidents = moved.len();
+        self.dirty = true;
+        Ok(done)
+    }
+}
+
 impl Dedup {
     pub(super) fn empty(span_ms: i64) -> Dedup {
         Dedup {

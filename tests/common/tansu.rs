@@ -299,6 +299,7 @@ impl Tansu {
             rollbacks: format!("{base}.rollbacks"),
             audit: format!("{base}.audit"),
             dlq: format!("{base}.dlq"),
+            repartition: format!("{base}.repartition"),
         };
         self.create_topic(&t.events, events_partitions);
         for name in &t.all()[1..] {
