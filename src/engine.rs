@@ -33,8 +33,10 @@ use crate::sink::{
 use crate::window::Ring;
 
 mod drift;
+mod fasthash;
 mod govern;
 mod persist;
+use fasthash::{FastState, KeyMap, KeySet};
 pub use persist::{offsets_of, Offsets, Restored};
 
 /// Dimensions read from the `dims` object, across all metrics.
@@ -157,6 +159,11 @@ pub struct Series {
 }
 
 impl Series {
+    /// Season buckets of the baseline that have learnt (they are allocated as they do).
+    pub fn season_buckets(&self) -> usize {
+        self.baseline.buckets_used()
+    }
+
     fn hist_at(&self, w: i64, last_w: i64) -> Option<HistEntry> {
         if w > last_w || last_w - w >= HISTORY as i64 || w < self.first_window {
             return None;
@@ -377,8 +384,8 @@ struct SourceClock {
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Dedup {
-    cur: HashSet<u64>,
-    prev: HashSet<u64>,
+    cur: KeySet,
+    prev: KeySet,
     gen_start: i64,
     span_ms: i64,
 }
@@ -400,7 +407,7 @@ impl Dedup {
 /// Immutable after construction: what to read and how.
 struct Schema {
     metrics: Vec<MetricDef>,
-    routes: HashMap<String, Vec<Route>>,
+    routes: HashMap<String, Vec<Route>, FastState>,
     obj_dims: Vec<&'static str>,
     window_ms: i64,
     lateness_ms: i64,
@@ -421,7 +428,7 @@ pub struct Engine {
     cfg: Config,
     schema: Schema,
     pub series: Vec<Series>,
-    index: HashMap<u64, usize>,
+    index: KeyMap<usize>,
     max_ts: Option<i64>,
     /// Per input partition: latest event time and the wall time it was last heard from. The
     /// watermark follows the slowest partition that is not idle, so a lagging partition's
@@ -458,7 +465,7 @@ pub struct Engine {
     vetoed: HashMap<String, String>,
     /// `share` metrics' series, their index by key, and category names per metric.
     pub shares: Vec<crate::share::ShareSeries>,
-    share_index: HashMap<u64, usize>,
+    share_index: KeyMap<usize>,
     share_cats: Vec<crate::share::Categories>,
 }
 
@@ -515,7 +522,7 @@ impl Engine {
         };
         debug_assert!(TOP_LEVEL_DIMS.len() == 4);
         let mut metrics = Vec::new();
-        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        let mut routes: HashMap<String, Vec<Route>, FastState> = HashMap::default();
         for (mi, m) in cfg.metrics().enumerate() {
             let share_of = match (&m.share_of, m.kind) {
                 (Some(d), MetricKind::Share) => Some(src_of(d, &m.name)?),
@@ -599,7 +606,7 @@ impl Engine {
             cfg: cfg.clone(),
             schema,
             series: Vec::new(),
-            index: HashMap::new(),
+            index: KeyMap::default(),
             max_ts: None,
             sources: Vec::new(),
             closed_upto: None,
@@ -633,7 +640,7 @@ impl Engine {
             vetoed: HashMap::new(),
             last_event_wall_ms: i64::MIN,
             shares: Vec::new(),
-            share_index: HashMap::new(),
+            share_index: KeyMap::default(),
             share_cats: vec![Default::default(); cfg.metrics.len()],
         };
         for mi in 0..eng.schema.metrics.len() {
