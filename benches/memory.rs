@@ -1,13 +1,21 @@
 //! Memory per tracked series: live heap bytes of an engine holding 100,000 series of one
 //! metric, measured with a counting global allocator.
 //!
-//! `cargo bench --bench memory` prints a markdown table: bytes per series for a ratio, a count
-//! (with exposure) and a mean metric, with `hour_of_week`, `hour_of_day` and no seasonality.
-//! Each series is a segment of two dims (`region` x `store`, 100 x 1000 values); the synthetic
-//! events give every series a few windows, of which at least three close, so rings, baselines,
-//! detectors and history are all in use. Bytes per series = (live bytes after the events - live
-//! bytes of the freshly built engine) / series, so the index and `Vec<Series>` growth slack are
-//! included (the engine's fixed overhead and the event buffers are not).
+//! `cargo bench --bench memory` prints two markdown tables of bytes per series, with
+//! `hour_of_week`, `hour_of_day` and no seasonality. Each series is a segment of two dims
+//! (`region` x `store`, 100 x 1000 values).
+//!
+//! * young: a ratio, a count (with exposure) and a mean metric; every series gets events in 16
+//!   consecutive 5-minute windows, of which 14 or 15 close, so rings, detectors and history are
+//!   in use and the baselines have learnt their first windows (the baseline learns a window
+//!   `LEARN_LAG` = 12 windows after it closed), all in one season bucket.
+//! * steady: the ratio metric after a week and two hours: events in the first window of every
+//!   hour, so every season bucket of every series has learnt (what an established series holds).
+//!
+//! Bytes per series = (live bytes after the events - live bytes of the freshly built engine) /
+//! series, so the index and `Vec<Series>` growth slack are included (the engine's fixed overhead
+//! and the event buffers are not). A filter argument picks rows by metric, seasonality or table
+//! name (`cargo bench --bench memory -- steady`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering::Relaxed};
@@ -64,8 +72,11 @@ const STORES: usize = 1000;
 const SERIES: usize = REGIONS * STORES;
 const START: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z, a window boundary
 const WINDOW_MS: i64 = 300_000;
-/// Windows with events; the last events' watermark closes all but the last one or two.
-const WINDOWS: i64 = 5;
+/// Young: windows with events; the last events' watermark closes all but the last one or two.
+const WINDOWS: i64 = 16;
+/// Steady: hours with events (one window each), a week and two hours.
+const HOURS: i64 = 170;
+const HOUR_MS: i64 = 3_600_000;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -112,12 +123,18 @@ fn config(kind: Kind, seasonality: &str) -> Config {
     Config::from_str_named(&text, "memory.toml").expect("valid config")
 }
 
-/// Events for every series in every window: one session and one conversion (with a value).
-fn feed(eng: &mut Engine, buf: &mut String) {
+/// Events for every series in every fed window: one session and one conversion (with a value).
+/// Young: `WINDOWS` consecutive windows; steady: the first window of each of `HOURS` hours.
+fn feed(eng: &mut Engine, buf: &mut String, steady: bool) {
     use std::fmt::Write;
-    let now = START + 86_400_000;
-    for w in 0..WINDOWS {
-        let base = START + w * WINDOW_MS;
+    let (n, step) = if steady {
+        (HOURS, HOUR_MS)
+    } else {
+        (WINDOWS, WINDOW_MS)
+    };
+    let now = START + n * step + 86_400_000;
+    for w in 0..n {
+        let base = START + w * step;
         for i in 0..SERIES {
             let ts = base + (i as i64 * 2) % (WINDOW_MS - 1000);
             let (r, s) = (i / STORES, i % STORES);
@@ -140,19 +157,20 @@ struct Row {
     seasonality: &'static str,
     series: usize,
     closed: i64,
+    buckets: f64,
     engine_bytes: isize,
     per_series: f64,
     peak_per_series: f64,
 }
 
-fn measure(kind: Kind, seasonality: &'static str) -> Row {
+fn measure(kind: Kind, seasonality: &'static str, steady: bool) -> Row {
     let cfg = config(kind, seasonality);
     let mut buf = String::with_capacity(256);
     let before = live();
     let mut eng = Engine::new(&cfg).expect("engine");
     let built = live();
     PEAK.store(built.max(0) as usize, Relaxed);
-    feed(&mut eng, &mut buf);
+    feed(&mut eng, &mut buf, steady);
     let after = live();
     let peak = PEAK.load(Relaxed) as isize;
     let series = eng.series_count();
@@ -161,11 +179,14 @@ fn measure(kind: Kind, seasonality: &'static str) -> Row {
         .map(|c| c - START / WINDOW_MS + 1)
         .unwrap_or(0);
     let segs = series.saturating_sub(1).max(1); // the total series is built with the engine
+    let buckets =
+        eng.series.iter().map(|s| s.season_buckets()).sum::<usize>() as f64 / series.max(1) as f64;
     let row = Row {
         kind,
         seasonality,
         series,
         closed,
+        buckets,
         engine_bytes: built - before,
         per_series: (after - built) as f64 / segs as f64,
         peak_per_series: (peak - built) as f64 / segs as f64,
@@ -175,36 +196,47 @@ fn measure(kind: Kind, seasonality: &'static str) -> Row {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter argument picks rows by kind name.
+    // `cargo bench` passes `--bench`; a filter argument picks rows by kind, seasonality or table.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     println!(
         "size_of: Series {} B, engine::HISTORY {} windows",
         std::mem::size_of::<guardrail::engine::Series>(),
         guardrail::engine::HISTORY
     );
-    println!();
-    println!(
-        "| metric | seasonality | series | windows closed | engine before events (B) | bytes / series (live) | bytes / series (peak during feed) |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for kind in [Kind::Ratio, Kind::Count, Kind::Mean] {
-        for seasonality in ["hour_of_week", "hour_of_day", "none"] {
-            if let Some(f) = &filter {
-                if !kind.name().contains(f.as_str()) && !seasonality.contains(f.as_str()) {
-                    continue;
+    for (table, steady, kinds) in [
+        ("young", false, &[Kind::Ratio, Kind::Count, Kind::Mean][..]),
+        ("steady", true, &[Kind::Ratio][..]),
+    ] {
+        println!();
+        println!("{table}:");
+        println!();
+        println!(
+            "| metric | seasonality | series | windows closed | season buckets learnt / series | engine before events (B) | bytes / series (live) | bytes / series (peak during feed) |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for &kind in kinds {
+            for seasonality in ["hour_of_week", "hour_of_day", "none"] {
+                if let Some(f) = &filter {
+                    if !kind.name().contains(f.as_str())
+                        && !seasonality.contains(f.as_str())
+                        && table != f.as_str()
+                    {
+                        continue;
+                    }
                 }
+                let r = measure(kind, seasonality, steady);
+                println!(
+                    "| {} | {} | {} | {} | {:.1} | {} | {:.0} | {:.0} |",
+                    r.kind.name(),
+                    r.seasonality,
+                    r.series,
+                    r.closed,
+                    r.buckets,
+                    r.engine_bytes,
+                    r.per_series,
+                    r.peak_per_series
+                );
             }
-            let r = measure(kind, seasonality);
-            println!(
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} |",
-                r.kind.name(),
-                r.seasonality,
-                r.series,
-                r.closed,
-                r.engine_bytes,
-                r.per_series,
-                r.peak_per_series
-            );
         }
     }
 }

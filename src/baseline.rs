@@ -57,8 +57,7 @@ impl Expect {
     }
 }
 
-/// Packed (14 bytes, not 16): an hour-of-week baseline holds 168 of them per series. Fields
-/// are only ever read and written by value; the serialized form is unchanged.
+/// The overall level (packed: 14 bytes, not 16; fields are only read and written by value).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 #[repr(C, packed(2))]
 struct Bucket {
@@ -83,12 +82,67 @@ impl Bucket {
     }
 }
 
-/// Per-series baseline. About 10 bytes per season bucket plus a fixed ~40 bytes.
+/// Trust weight in 16-bit fixed point: `Season::w` / 65536.
+const W_ONE: f64 = 65536.0;
+
+/// A season bucket: 11 bytes (packed), as an hour-of-week baseline holds up to 168 per series.
+/// The sums are f32 like the overall level's. Of the decayed mass the forecast only reads the
+/// trust weight w = mass / (mass + BUCKET_PRIOR_MASS), so that is what is kept, in 16-bit fixed
+/// point (the mass is recovered from it to be updated). Each store rounds w by at most 7.6e-6;
+/// as the decayed sum can stall on smaller updates, w stays within 7.6e-6 / alpha_min of its
+/// exact value (2.7e-4 at the default half-life), which moves the forecast by that times the
+/// bucket's distance from the overall level: far below the bucket's own sampling error. The
+/// count of windows learnt saturates at 255, which then stands for "past the warm-up": it only
+/// sets the learning rate 1/(n+1) while that exceeds `alpha_min` (n < 35 at the default
+/// half-life of 24 windows; with half-lives over 177 windows the warm-up average ends at 255).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+#[repr(C, packed(1))]
+struct Season {
+    num: f32,
+    den: f32,
+    w: u16,
+    n: u8,
+}
+
+impl Season {
+    fn rate(&self) -> Option<f64> {
+        (self.den > 0.0).then(|| self.num as f64 / self.den as f64)
+    }
+    fn weight(&self) -> f64 {
+        self.w as f64 / W_ONE
+    }
+    fn mass(&self) -> f64 {
+        let w = self.weight();
+        BUCKET_PRIOR_MASS * w / (1.0 - w)
+    }
+    fn set_mass(&mut self, mass: f64) {
+        let w = mass.max(0.0) / (mass.max(0.0) + BUCKET_PRIOR_MASS);
+        self.w = (w * W_ONE).round().min(u16::MAX as f64) as u16;
+    }
+    fn update(&mut self, num: f64, den: f64, mass: f64, alpha_min: f64) {
+        let alpha = if self.n == u8::MAX {
+            alpha_min
+        } else {
+            (1.0 / (self.n as f64 + 1.0)).max(alpha_min)
+        };
+        self.num = ((1.0 - alpha) * self.num as f64 + alpha * num) as f32;
+        self.den = ((1.0 - alpha) * self.den as f64 + alpha * den) as f32;
+        self.set_mass((1.0 - alpha_min) * self.mass() + mass);
+        self.n = self.n.saturating_add(1);
+    }
+}
+
+/// Per-series baseline: 11 bytes per season bucket that has learnt a window, plus a fixed ~90
+/// bytes.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Baseline {
     family: Family,
     seasonality: Seasonality,
-    buckets: Box<[Bucket]>,
+    /// Bit `b` is set when season bucket `b` has learnt; `buckets` holds those buckets in
+    /// bucket order (sparse: a series pays for the hours it has data in, and a bucket that never
+    /// learnt reads as empty, exactly as an allocated empty bucket would).
+    present: [u64; 3],
+    buckets: Box<[Season]>,
     global: Bucket,
     /// EWMA of squared (clipped) Pearson residuals: the dispersion factor.
     phi: f32,
@@ -116,7 +170,8 @@ impl Baseline {
         Baseline {
             family,
             seasonality,
-            buckets: vec![Bucket::default(); seasonality.buckets()].into_boxed_slice(),
+            present: [0; 3],
+            buckets: Box::default(),
             global: Bucket::default(),
             phi: 1.0,
             sigma2: 0.0,
@@ -146,13 +201,58 @@ impl Baseline {
         }
     }
 
+    /// Position of season bucket `b` in `buckets`, and whether it is there.
+    fn slot(&self, b: usize) -> (usize, bool) {
+        let (word, bit) = (b / 64, b % 64);
+        let below: u32 = self.present[..word].iter().map(|x| x.count_ones()).sum();
+        let w = self.present[word];
+        (
+            (below + (w & ((1u64 << bit) - 1)).count_ones()) as usize,
+            w & (1u64 << bit) != 0,
+        )
+    }
+
+    /// Season bucket `b` (empty if it never learnt).
+    fn bucket(&self, b: usize) -> Season {
+        match self.slot(b) {
+            (i, true) => self.buckets[i],
+            _ => Season::default(),
+        }
+    }
+
+    /// Season bucket `b`, allocated (empty) if it was not there.
+    fn bucket_mut(&mut self, b: usize) -> &mut Season {
+        let (i, there) = self.slot(b);
+        if !there {
+            let mut v = std::mem::take(&mut self.buckets).into_vec();
+            v.reserve_exact(1);
+            v.insert(i, Season::default());
+            self.buckets = v.into_boxed_slice();
+            self.present[b / 64] |= 1u64 << (b % 64);
+        }
+        &mut self.buckets[i]
+    }
+
+    /// Season buckets that have learnt.
+    pub fn buckets_used(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// The sparse buckets agree with their bitmap (a restored checkpoint is checked with it).
+    pub fn consistent(&self) -> bool {
+        let n = self.seasonality.buckets();
+        let ones: u32 = self.present.iter().map(|x| x.count_ones()).sum();
+        let beyond = (n..192).any(|b| self.present[b / 64] & (1u64 << (b % 64)) != 0);
+        ones as usize == self.buckets.len() && !beyond
+    }
+
     /// The forecast for the window starting at `start_ms`, or None before any data.
     pub fn expect(&self, start_ms: i64) -> Option<Expect> {
         let g = self.global.rate()?;
-        let b = &self.buckets[self.bucket_of(start_ms)];
+        let b = &self.bucket(self.bucket_of(start_ms));
         let rate = match b.rate() {
             Some(r) => {
-                let w = b.mass as f64 / (b.mass as f64 + BUCKET_PRIOR_MASS);
+                let w = b.weight();
                 w * r + (1.0 - w) * g
             }
             None => g,
@@ -232,8 +332,9 @@ impl Baseline {
             Family::Gaussian => obs.den,
             _ => num,
         };
-        self.buckets[b].update(num, obs.den, mass, self.alpha_min);
-        let ga = self.alpha_min / self.buckets.len() as f64;
+        let alpha_min = self.alpha_min;
+        self.bucket_mut(b).update(num, obs.den, mass, alpha_min);
+        let ga = self.alpha_min / self.seasonality.buckets() as f64;
         self.global.update(num, obs.den, mass, ga);
         self.learnt = self.learnt.saturating_add(1);
     }
@@ -243,7 +344,7 @@ impl Baseline {
     pub fn relearn(&mut self) {
         for b in self.buckets.iter_mut() {
             b.n = b.n.min(2);
-            b.mass = b.mass.min(5.0);
+            b.set_mass(b.mass().min(5.0));
         }
         self.global.n = self.global.n.min(2);
     }
@@ -300,6 +401,28 @@ fn ewma(old: f32, x: f64, alpha: f64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn season_bucket_keeps_the_trust_weight() {
+        assert_eq!(std::mem::size_of::<Season>(), 11);
+        for m in [0.0, 0.01, 0.5, 1.0, 5.0, 49.0, 50.0, 300.0, 1e4, 1e6, 1e9] {
+            let mut b = Season::default();
+            b.set_mass(m);
+            let w = m / (m + BUCKET_PRIOR_MASS);
+            assert!(
+                (b.weight() - w).abs() <= 1.0 / W_ONE,
+                "{m}: {} vs {w}",
+                b.weight()
+            );
+            if m <= 1e4 {
+                assert!(
+                    (b.mass() - m).abs() <= 1e-3 * m.max(1.0),
+                    "{m}: {}",
+                    b.mass()
+                );
+            }
+        }
+    }
 
     #[test]
     fn learns_seasonal_rate() {

@@ -107,13 +107,15 @@ pub struct Alarm {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Detector {
     family: Family,
-    arms: [[Arm; GRID]; 2],
+    /// The CUSUMs of the harmful sides only (down before up): a one-sided metric does not
+    /// carry the other side's.
+    arms: Box<[[Arm; GRID]]>,
     sides: [bool; 2],
     pub h: f64,
+    /// The smallest effect (relative, or sd units for Gaussian); arm `j` is tuned to
+    /// `min_effect * 2^j`.
     min_effect: f64,
     min_expected_events: f64,
-    /// Relative effect of the arm's alternative (or sd units for Gaussian).
-    grid: [f64; GRID],
 }
 
 /// Result of one window's step.
@@ -143,24 +145,38 @@ impl Detector {
             Family::Gaussian => d.min_effect_sd,
             _ => d.min_relative_effect,
         };
-        let mut grid = [0.0; GRID];
-        for (j, g) in grid.iter_mut().enumerate() {
-            *g = base * (1u32 << j) as f64;
-        }
         Detector {
             family,
-            arms: [[Arm::default(); GRID]; 2],
+            arms: vec![[Arm::default(); GRID]; k / GRID].into_boxed_slice(),
             sides,
             h: threshold(d.false_alarms_per_series_week, window_secs, k),
             min_effect: base,
             min_expected_events: d.min_expected_events,
-            grid,
         }
+    }
+
+    /// Effect size of arm `j`: the relative effect of its alternative (or sd units).
+    fn grid(&self, j: usize) -> f64 {
+        self.min_effect * (1u32 << j) as f64
+    }
+
+    /// Row of `arms` for side index `si` (0 down, 1 up), which must be harmful.
+    fn row(&self, si: usize) -> usize {
+        if si == 1 && self.sides[0] {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// One row of arms per harmful side (a restored checkpoint is checked with it).
+    pub fn consistent(&self) -> bool {
+        self.arms.len() == self.sides.iter().filter(|s| **s).count()
     }
 
     /// The alternative rate of arm `j` on `side` given the baseline.
     pub fn alternative(&self, side: Side, j: usize, e: &Expect) -> f64 {
-        let g = self.grid[j];
+        let g = self.grid(j);
         match self.family {
             Family::Gaussian => e.rate + side.sign() * g * e.sigma2.sqrt(),
             Family::Binomial => match side {
@@ -204,7 +220,8 @@ impl Detector {
                 let alt = self.alternative(side, j, e);
                 let l = llr(self.family, obs, e, alt);
                 let h = self.h;
-                let a = &mut self.arms[si][j];
+                let row = self.row(si);
+                let a = &mut self.arms[row][j];
                 let prev = a.s as f64;
                 // Capping at 2h keeps the bank responsive after a guard held an alarm back.
                 let s = (prev + l).clamp(0.0, 2.0 * h);
@@ -241,14 +258,14 @@ impl Detector {
         }
         let alarm = best.map(|(stat, side, j)| {
             let si = if side == Side::Down { 0 } else { 1 };
-            let a = self.arms[si][j];
+            let a = self.arms[self.row(si)][j];
             Alarm {
                 side,
                 onset_window: a.start,
                 sum_observed: a.sx,
                 sum_expected: a.se,
                 sum_den: a.sn,
-                tuned_effect: self.grid[j],
+                tuned_effect: self.grid(j),
                 statistic: stat,
             }
         });
@@ -260,7 +277,7 @@ impl Detector {
     }
 
     pub fn reset(&mut self) {
-        self.arms = [[Arm::default(); GRID]; 2];
+        self.arms.fill([Arm::default(); GRID]);
     }
 }
 

@@ -33,9 +33,11 @@ use crate::sink::{
 use crate::window::Ring;
 
 mod drift;
+mod fasthash;
 mod govern;
 mod persist;
 mod stage;
+use fasthash::{FastState, KeyMap, KeySet};
 pub use persist::{offsets_of, Imported, Offsets, Restored};
 pub use stage::Stage;
 
@@ -159,6 +161,11 @@ pub struct Series {
 }
 
 impl Series {
+    /// Season buckets of the baseline that have learnt (they are allocated as they do).
+    pub fn season_buckets(&self) -> usize {
+        self.baseline.buckets_used()
+    }
+
     fn hist_at(&self, w: i64, last_w: i64) -> Option<HistEntry> {
         if w > last_w || last_w - w >= HISTORY as i64 || w < self.first_window {
             return None;
@@ -379,8 +386,8 @@ struct SourceClock {
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Dedup {
-    cur: HashSet<u64>,
-    prev: HashSet<u64>,
+    cur: KeySet,
+    prev: KeySet,
     gen_start: i64,
     span_ms: i64,
 }
@@ -402,7 +409,7 @@ impl Dedup {
 /// Immutable after construction: what to read and how.
 struct Schema {
     metrics: Vec<MetricDef>,
-    routes: HashMap<String, Vec<Route>>,
+    routes: HashMap<String, Vec<Route>, FastState>,
     obj_dims: Vec<&'static str>,
     window_ms: i64,
     lateness_ms: i64,
@@ -423,7 +430,7 @@ pub struct Engine {
     cfg: Config,
     schema: Schema,
     pub series: Vec<Series>,
-    index: HashMap<u64, usize>,
+    index: KeyMap<usize>,
     max_ts: Option<i64>,
     /// Per input partition: latest event time and the wall time it was last heard from. The
     /// watermark follows the slowest partition that is not idle, so a lagging partition's
@@ -460,7 +467,7 @@ pub struct Engine {
     vetoed: HashMap<String, String>,
     /// `share` metrics' series, their index by key, and category names per metric.
     pub shares: Vec<crate::share::ShareSeries>,
-    share_index: HashMap<u64, usize>,
+    share_index: KeyMap<usize>,
     share_cats: Vec<crate::share::Categories>,
     /// Which part of the pipeline this engine runs (from the configuration, not checkpointed).
     stage: Stage,
@@ -527,7 +534,7 @@ impl Engine {
         };
         debug_assert!(TOP_LEVEL_DIMS.len() == 4);
         let mut metrics = Vec::new();
-        let mut routes: HashMap<String, Vec<Route>> = HashMap::new();
+        let mut routes: HashMap<String, Vec<Route>, FastState> = HashMap::default();
         for (mi, m) in cfg.metrics().enumerate() {
             let share_of = match (&m.share_of, m.kind) {
                 (Some(d), MetricKind::Share) => Some(src_of(d, &m.name)?),
@@ -611,7 +618,7 @@ impl Engine {
             cfg: cfg.clone(),
             schema,
             series: Vec::new(),
-            index: HashMap::new(),
+            index: KeyMap::default(),
             max_ts: None,
             sources: Vec::new(),
             closed_upto: None,
@@ -645,7 +652,7 @@ impl Engine {
             vetoed: HashMap::new(),
             last_event_wall_ms: i64::MIN,
             shares: Vec::new(),
-            share_index: HashMap::new(),
+            share_index: KeyMap::default(),
             share_cats: vec![Default::default(); cfg.metrics.len()],
             stage: Stage::Single,
             owned: Vec::new(),

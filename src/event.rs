@@ -312,7 +312,18 @@ pub struct Event<'a> {
     pub name: Option<Cow<'a, str>>,
     /// The raw `dims` object; see [`Event::scan_dims`].
     pub dims: Option<&'a RawValue>,
+    /// The first [`DIMS_KEPT`] entries of `dims`, read once by the decoder (which has to parse
+    /// the object anyway to validate it), so lookups do not parse it again.
+    dims_kv: [(&'a str, Cow<'a, str>); DIMS_KEPT],
+    dims_len: u8,
+    /// `dims_kv` holds every entry (not so when there are more, or a key has escapes: then
+    /// lookups scan the raw object).
+    dims_all: bool,
 }
+
+/// Entries of an event's `dims` object kept by the decoder.
+pub const DIMS_KEPT: usize = 8;
+const NO_DIM: (&str, Cow<'static, str>) = ("", Cow::Borrowed(""));
 
 /// Decodes one event. `max_bytes` bounds the input size.
 pub fn decode_event<'a>(bytes: &'a [u8], max_bytes: usize) -> Result<Event<'a>, Reject> {
@@ -394,7 +405,7 @@ pub fn decode_event<'a>(bytes: &'a [u8], max_bytes: usize) -> Result<Event<'a>, 
         }
     }
     let dims = raw.dims.filter(|d| d.get() != "null");
-    let ev = Event {
+    let mut ev = Event {
         ty,
         ts_ms,
         id: un(raw.id),
@@ -406,11 +417,29 @@ pub fn decode_event<'a>(bytes: &'a [u8], max_bytes: usize) -> Result<Event<'a>, 
         value,
         name: un(raw.name),
         dims,
+        dims_kv: [NO_DIM; DIMS_KEPT],
+        dims_len: 0,
+        dims_all: true,
     };
-    if let Some(d) = ev.dims {
-        // Validate the dims object once, so metrics can scan it later without error paths.
-        let mut sink = [None, None, None, None];
-        scan_dims_into(d, &[], &mut sink)?;
+    if let Some(d) = dims {
+        // Validate the dims object once, so metrics can read it later without error paths, and
+        // keep its entries while at it.
+        let Event {
+            dims_kv,
+            dims_len,
+            dims_all,
+            ..
+        } = &mut ev;
+        scan_dims_into(d, |k, v| {
+            let n = *dims_len as usize;
+            match k {
+                Cow::Borrowed(k) if n < DIMS_KEPT => {
+                    dims_kv[n] = (k, v);
+                    *dims_len += 1;
+                }
+                _ => *dims_all = false,
+            }
+        })?;
     }
     Ok(ev)
 }
@@ -437,42 +466,52 @@ impl<'a> Event<'a> {
 
     /// Fills `out[i]` with the value of `names[i]` from the `dims` object, borrowing where the
     /// JSON had no escapes. No allocation unless a value contains escapes.
+    /// Entries kept by the decoder are looked up without parsing again; the raw object is
+    /// scanned only when it had more than [`DIMS_KEPT`] entries (or a key with escapes).
     pub fn scan_dims(&self, names: &[&str], out: &mut [Option<Cow<'a, str>>]) {
-        if let Some(d) = self.dims {
+        let mut put = |k: &str, v: Cow<'a, str>| {
+            if let Some(i) = names.iter().position(|n| *n == k) {
+                if i < out.len() {
+                    out[i] = Some(v);
+                }
+            }
+        };
+        if self.dims_all {
+            // In order, so the last of duplicate keys wins, as in the scan.
+            for (k, v) in &self.dims_kv[..self.dims_len as usize] {
+                put(k, v.clone());
+            }
+        } else if let Some(d) = self.dims {
             // The object was validated in decode_event; a failure here cannot happen.
-            let _ = scan_dims_into(d, names, out);
+            let _ = scan_dims_into(d, |k, v| put(&k, v));
         }
     }
 }
 
-fn scan_dims_into<'a>(
+/// Reads the `dims` object, calling `each(key, value)` for its entries in order; an error if it
+/// is not an object of string to string.
+fn scan_dims_into<'a, F: FnMut(Cow<'a, str>, Cow<'a, str>)>(
     raw: &'a RawValue,
-    names: &[&str],
-    out: &mut [Option<Cow<'a, str>>],
+    each: F,
 ) -> Result<(), Reject> {
-    struct Seed<'n, 'o, 'a> {
-        names: &'n [&'n str],
-        out: &'o mut [Option<Cow<'a, str>>],
+    struct Seed<F> {
+        each: F,
     }
-    impl<'de: 'a, 'a> DeserializeSeed<'de> for Seed<'_, '_, 'a> {
+    impl<'de, F: FnMut(Cow<'de, str>, Cow<'de, str>)> DeserializeSeed<'de> for Seed<F> {
         type Value = ();
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_map(self)
         }
     }
-    impl<'de: 'a, 'a> Visitor<'de> for Seed<'_, '_, 'a> {
+    impl<'de, F: FnMut(Cow<'de, str>, Cow<'de, str>)> Visitor<'de> for Seed<F> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object of string to string")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
             while let Some(k) = map.next_key::<StrOnly<'de>>()? {
                 let v: StrOnly<'de> = map.next_value()?;
-                if let Some(i) = self.names.iter().position(|n| *n == k.0) {
-                    if i < self.out.len() {
-                        self.out[i] = Some(v.0);
-                    }
-                }
+                (self.each)(k.0, v.0);
             }
             Ok(())
         }
@@ -503,7 +542,7 @@ fn scan_dims_into<'a>(
         }
     }
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    Seed { names, out }
+    Seed { each }
         .deserialize(&mut de)
         .map_err(|e| Reject::new(ErrorCode::InvalidField, format!("`dims`: {e}")))?;
     Ok(())
@@ -643,6 +682,45 @@ mod tests {
         assert_eq!(out[0].as_deref(), Some("mobile"));
         assert_eq!(out[1], None);
         assert_eq!(out[2].as_deref(), Some("FR"));
+    }
+
+    /// Entries kept at decode and the raw scan give the same answers: few or many entries,
+    /// duplicates (the last wins), escapes in keys and values.
+    #[test]
+    fn dims_lookup_matches_the_raw_scan() {
+        let cases = [
+            r#"{"a":"1","b":"2","a":"3"}"#.to_string(),
+            r#"{"a":"x\"y","b\u0031":"2","b1":"z"}"#.to_string(),
+            format!(
+                "{{{}}}",
+                (0..12)
+                    .map(|i| format!("\"k{i}\":\"v{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        ];
+        let names = ["a", "b", "b1", "k0", "k7", "k8", "k11", "zz"];
+        for dims in &cases {
+            let b = format!(r#"{{"type":"t","ts":0,"dims":{dims}}}"#);
+            let e = decode_event(b.as_bytes(), 4096).unwrap();
+            let mut kept = vec![None; names.len()];
+            e.scan_dims(&names, &mut kept);
+            let mut raw = vec![None; names.len()];
+            scan_dims_into(e.dims.unwrap(), |k, v| {
+                if let Some(i) = names.iter().position(|n| *n == k) {
+                    raw[i] = Some(v);
+                }
+            })
+            .unwrap();
+            assert_eq!(kept, raw, "{dims}");
+        }
+        let e = decode_event(br#"{"type":"t","ts":0,"dims":{"a":"1","a":"3"}}"#, 4096).unwrap();
+        let mut one = [None];
+        e.scan_dims(&["a"], &mut one);
+        assert_eq!(one[0].as_deref(), Some("3"));
+        let e = decode_event(br#"{"type":"t","ts":0,"dims":{"k\u0031":"v"}}"#, 4096).unwrap();
+        e.scan_dims(&["k1"], &mut one);
+        assert_eq!(one[0].as_deref(), Some("v"));
     }
 
     #[test]

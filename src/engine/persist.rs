@@ -38,7 +38,7 @@ struct PersistedIncident {
 struct Persisted {
     offsets: Offsets,
     series: Vec<Series>,
-    index: HashMap<u64, usize>,
+    index: super::KeyMap<usize>,
     max_ts: Option<i64>,
     sources: Vec<SourceClock>,
     closed_upto: Option<i64>,
@@ -56,7 +56,7 @@ struct Persisted {
     last_event_wall_ms: i64,
     vetoed: HashMap<String, String>,
     shares: Vec<crate::share::ShareSeries>,
-    share_index: HashMap<u64, usize>,
+    share_index: super::KeyMap<usize>,
     share_cats: Vec<crate::share::Categories>,
 }
 
@@ -213,6 +213,12 @@ impl Engine {
             || p.share_index.values().any(|&i| i >= p.shares.len())
         {
             return Err(inconsistent("series index out of range"));
+        }
+        if p.series
+            .iter()
+            .any(|s| !s.baseline.consistent() || !s.detector.consistent())
+        {
+            return Err(inconsistent("a series state of the wrong shape"));
         }
         let n_inc = p.incidents.len();
         if p.series
@@ -378,8 +384,8 @@ impl Engine {
 impl Dedup {
     pub(super) fn empty(span_ms: i64) -> Dedup {
         Dedup {
-            cur: HashSet::new(),
-            prev: HashSet::new(),
+            cur: super::KeySet::default(),
+            prev: super::KeySet::default(),
             gen_start: i64::MIN / 2,
             span_ms,
         }
