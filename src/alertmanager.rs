@@ -367,7 +367,10 @@ impl Mapper {
     }
 
     pub fn annotations(&self, a: &Alert) -> BTreeMap<String, String> {
-        let sd = self.metric_kinds.get(&a.metric) == Some(&MetricKind::Mean);
+        let sd = matches!(
+            self.metric_kinds.get(&a.metric),
+            Some(MetricKind::Mean | MetricKind::Gauge)
+        );
         let effect = if sd {
             format!("{:+.2} sd", a.effect)
         } else {

@@ -7,6 +7,8 @@
 //! it little. Updates are Huber-clipped (a spike cannot drag the level), the spread is learnt as
 //! a dispersion factor over the model's own variance, and the whole thing is frozen while the
 //! series is in an incident or accumulating evidence of one, so it never learns the anomaly.
+//! A `gauge` (one value per window) is the exception: it learns every window, clipped, with its
+//! spread from the residuals between windows (see `learn_gauge`).
 
 use crate::config::Seasonality;
 
@@ -151,6 +153,13 @@ pub struct Baseline {
     /// Windows learnt from.
     learnt: u32,
     alpha_min: f64,
+    /// `gauge` metrics: one observation per window (its mean); `sigma2` is the between-window
+    /// variance of the residuals, learnt robustly, and `tau2` stays 0.
+    #[serde(default)]
+    gauge: bool,
+    /// Gauge: windows learnt before residuals are clipped (the warm-up).
+    #[serde(default)]
+    clip_after: u32,
 }
 
 /// Shrinkage of a season bucket towards the overall level: the bucket's weight is
@@ -160,6 +169,14 @@ pub struct Baseline {
 const BUCKET_PRIOR_MASS: f64 = 50.0;
 /// Huber clipping of residuals, in standard deviations (Gaussian).
 const HUBER_C: f64 = 3.0;
+/// E[min(z^2, HUBER_C^2)] for a standard normal z: a clipped mean square underestimates the
+/// variance by this factor.
+const HUBER_CONSISTENCY: f64 = 0.9950;
+/// Gauge metrics: a season bucket is trusted once it has learnt this many windows (their
+/// information is one observation per window, not a count of events).
+const GAUGE_BUCKET_PRIOR_WINDOWS: f64 = 12.0;
+/// Gauge metrics: windows learnt before residuals are clipped, at least.
+const GAUGE_CLIP_AFTER: u32 = 12;
 /// Counts are clipped at this tail probability of their own distribution, not at a symmetric
 /// z: small counts are skewed, and a symmetric clip would bias the level low.
 const COUNT_TAIL: f64 = 1e-4;
@@ -178,6 +195,22 @@ impl Baseline {
             tau2: 0.0,
             learnt: 0,
             alpha_min,
+            gauge: false,
+            clip_after: 0,
+        }
+    }
+
+    /// A baseline for a `gauge` metric: windows reduced to one observation each (den = 1).
+    /// Residuals are not clipped before `warmup_windows` (at least GAUGE_CLIP_AFTER) are learnt.
+    pub fn new_gauge(
+        seasonality: Seasonality,
+        half_life_windows: f64,
+        warmup_windows: u32,
+    ) -> Baseline {
+        Baseline {
+            gauge: true,
+            clip_after: warmup_windows.max(GAUGE_CLIP_AFTER),
+            ..Baseline::new(Family::Gaussian, seasonality, half_life_windows)
         }
     }
 
@@ -252,7 +285,13 @@ impl Baseline {
         let b = &self.bucket(self.bucket_of(start_ms));
         let rate = match b.rate() {
             Some(r) => {
-                let w = b.weight();
+                // The stored weight is for BUCKET_PRIOR_MASS; a gauge's mass is in windows.
+                let w = if self.gauge {
+                    let m = b.mass();
+                    m / (m + GAUGE_BUCKET_PRIOR_WINDOWS)
+                } else {
+                    b.weight()
+                };
                 w * r + (1.0 - w) * g
             }
             None => g,
@@ -273,6 +312,10 @@ impl Baseline {
     /// Learns from one closed window (callers skip this while the series is frozen).
     pub fn learn(&mut self, start_ms: i64, obs: Obs) {
         if obs.den <= 0.0 {
+            return;
+        }
+        if self.gauge {
+            self.learn_gauge(start_ms, obs.num / obs.den);
             return;
         }
         let mut num = obs.num;
@@ -336,6 +379,34 @@ impl Baseline {
         self.bucket_mut(b).update(num, obs.den, mass, alpha_min);
         let ga = self.alpha_min / self.seasonality.buckets() as f64;
         self.global.update(num, obs.den, mass, ga);
+        self.learnt = self.learnt.saturating_add(1);
+    }
+
+    /// Gauge: one value per window. The level is learnt from the residual clipped at HUBER_C
+    /// robust sd, and the variance is the EWMA of the same clipped squared residuals (a Huber
+    /// scale: one spike cannot inflate it, a regime with a wider spread raises it within a few
+    /// windows since a clipped residual still counts 9 variances). Nothing is clipped during
+    /// the warm-up: a spread from the first regime seen is too unreliable to clip against (a
+    /// flat night would otherwise be the only level ever learnt).
+    fn learn_gauge(&mut self, start_ms: i64, x: f64) {
+        let mut v = x;
+        if let Some(e) = self.expect(start_ms) {
+            let resid = x - e.rate;
+            let sd = (self.sigma2 as f64).sqrt();
+            let rc = if self.learnt >= self.clip_after && sd > 0.0 {
+                resid.clamp(-HUBER_C * sd, HUBER_C * sd)
+            } else {
+                resid
+            };
+            let a = self.alpha_min.max(1.0 / (self.learnt as f64 + 1.0));
+            self.sigma2 = ewma(self.sigma2, rc * rc / HUBER_CONSISTENCY, a);
+            v = e.rate + rc;
+        }
+        let b = self.bucket_of(start_ms);
+        let alpha_min = self.alpha_min;
+        self.bucket_mut(b).update(v, 1.0, 1.0, alpha_min);
+        let ga = self.alpha_min / self.seasonality.buckets() as f64;
+        self.global.update(v, 1.0, 1.0, ga);
         self.learnt = self.learnt.saturating_add(1);
     }
 
@@ -542,5 +613,53 @@ mod tests {
         let e = b.expect(0).unwrap();
         assert!((e.rate - 0.3).abs() < 1e-3);
         assert!((e.sigma2 - 0.2778).abs() < 0.01, "{}", e.sigma2);
+    }
+
+    fn gauge_obs(x: f64) -> Obs {
+        Obs {
+            num: x,
+            den: 1.0,
+            sumsq: x * x,
+        }
+    }
+
+    /// A gauge starting on a flat regime must still learn a second one: its spread is not
+    /// clipped against the first regime's zero variance.
+    #[test]
+    fn gauge_learns_past_a_flat_first_regime() {
+        let mut b = Baseline::new_gauge(Seasonality::None, 288.0, 288);
+        for w in 0..288i64 {
+            // 9 hours at 20, then 9 hours at 80, then 20 again (5-minute windows).
+            let x = if (108..216).contains(&w) { 80.0 } else { 20.0 };
+            b.learn(w * 300_000, gauge_obs(x));
+        }
+        let e = b.expect(0).unwrap();
+        assert!(e.rate > 30.0 && e.rate < 60.0, "{}", e.rate);
+        assert!(e.sigma2.sqrt() > 10.0, "{}", e.sigma2);
+        assert_eq!(e.tau2, 0.0);
+    }
+
+    /// Gaussian noise of sd 2 around 50: the gauge's variance is the between-window variance,
+    /// and one huge spike moves neither the level nor the spread much.
+    #[test]
+    fn gauge_spread_is_between_windows_and_robust() {
+        use rand::{rngs::SmallRng, Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(7);
+        let normal = statrs::distribution::Normal::new(50.0, 2.0).unwrap();
+        let mut b = Baseline::new_gauge(Seasonality::None, 72.0, 24);
+        for w in 0..2000i64 {
+            b.learn(w * 300_000, gauge_obs(rng.sample(normal)));
+        }
+        let e = b.expect(0).unwrap();
+        assert!((e.rate - 50.0).abs() < 0.6, "{}", e.rate);
+        assert!((e.sigma2.sqrt() - 2.0).abs() < 0.4, "{}", e.sigma2.sqrt());
+        b.learn(2000 * 300_000, gauge_obs(5000.0));
+        let e2 = b.expect(0).unwrap();
+        assert!((e2.rate - e.rate).abs() < 0.2, "{} -> {}", e.rate, e2.rate);
+        assert!(
+            e2.sigma2.sqrt() < 1.2 * e.sigma2.sqrt(),
+            "{}",
+            e2.sigma2.sqrt()
+        );
     }
 }

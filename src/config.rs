@@ -654,6 +654,9 @@ pub enum MetricKind {
     Ratio,
     Count,
     Mean,
+    /// One value per window (a sampled gauge: CPU, latency, a price): each window is reduced to
+    /// the mean of its values and tested against the spread between windows.
+    Gauge,
     Distinct,
     Share,
 }
@@ -664,6 +667,7 @@ impl MetricKind {
             MetricKind::Ratio => "ratio",
             MetricKind::Count => "count",
             MetricKind::Mean => "mean",
+            MetricKind::Gauge => "gauge",
             MetricKind::Distinct => "distinct",
             MetricKind::Share => "share",
         }
@@ -970,7 +974,7 @@ impl Config {
                         errs.push(at(off, key("denominator"), "a count metric takes `exposure` (e.g. tickets per session), not `denominator`".into()));
                     }
                 }
-                MetricKind::Mean | MetricKind::Distinct => {
+                MetricKind::Mean | MetricKind::Gauge | MetricKind::Distinct => {
                     if mc.denominator.is_some() || mc.exposure.is_some() {
                         errs.push(at(
                             off,
@@ -1320,6 +1324,22 @@ severity = "critical"
         let s = err.to_string();
         assert!(s.contains("t.toml:3:"), "{s}");
         assert!(s.contains("denominator"), "{s}");
+    }
+
+    #[test]
+    fn gauge_reads_only_its_numerator() {
+        let ok = "[[metrics]]\nname = \"cpu\"\nkind = \"gauge\"\nnumerator = { type = \"measurement\" }\n";
+        let c = Config::from_str_named(ok, "t.toml").unwrap();
+        assert_eq!(c.metrics[0].get_ref().kind, MetricKind::Gauge);
+        assert_eq!(c.metrics[0].get_ref().kind.as_str(), "gauge");
+        let bad = format!("{ok}denominator = {{ type = \"session\" }}\n");
+        let s = Config::from_str_named(&bad, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.contains("a gauge metric reads only its numerator selector"),
+            "{s}"
+        );
     }
 
     #[test]

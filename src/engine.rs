@@ -47,6 +47,10 @@ const MAX_OBJ_DIMS: usize = 16;
 pub const HISTORY: usize = 48;
 /// Windows a closed window waits before the baseline learns it (must be < HISTORY).
 pub const LEARN_LAG: i64 = 12;
+/// The same for `gauge` metrics: the next window. Their updates are clipped at 3 sd, so a fresh
+/// anomaly barely moves the baseline it is tested against, and a 12-window lag would hold a
+/// new regime (or the first day of a daily pattern) out of the baseline for 12 windows.
+pub const GAUGE_LEARN_LAG: i64 = 1;
 /// Value used for a tracked dimension the event does not carry.
 pub const MISSING_DIM: &str = "unknown";
 
@@ -492,7 +496,7 @@ fn family_of(kind: MetricKind) -> Family {
     match kind {
         MetricKind::Ratio => Family::Binomial,
         MetricKind::Count | MetricKind::Distinct => Family::Poisson,
-        MetricKind::Mean | MetricKind::Share => Family::Gaussian,
+        MetricKind::Mean | MetricKind::Gauge | MetricKind::Share => Family::Gaussian,
     }
 }
 
@@ -959,13 +963,15 @@ impl Engine {
             }
             // What this event adds to the window.
             let (dn, dd, dsq, user) = match (m.cfg.kind, r.role) {
-                (MetricKind::Mean, Role::Num) | (MetricKind::Share, Role::Num) => match ev.value {
-                    Some(v) => (v, 1.0, v * v, None),
-                    None => {
-                        stats.missing_value += 1;
-                        continue;
+                (MetricKind::Mean | MetricKind::Gauge | MetricKind::Share, Role::Num) => {
+                    match ev.value {
+                        Some(v) => (v, 1.0, v * v, None),
+                        None => {
+                            stats.missing_value += 1;
+                            continue;
+                        }
                     }
-                },
+                }
                 (MetricKind::Distinct, Role::Num) => match &ev.user {
                     Some(u) => {
                         let h = *user_hash.get_or_insert_with(|| user_of(u));
@@ -1200,6 +1206,15 @@ impl Engine {
                 }
                 obs.den = 1.0;
             }
+            if m.cfg.kind == MetricKind::Gauge && obs.den > 0.0 {
+                // One observation per window: its mean.
+                let x = obs.num / obs.den;
+                obs = Obs {
+                    num: x,
+                    den: 1.0,
+                    sumsq: x * x,
+                };
+            }
             let e = s.baseline.expect(start);
             let volume = match (m.per_window, e) {
                 (true, Some(e)) => e.rate,
@@ -1244,6 +1259,7 @@ impl Engine {
                 f64::NAN
             };
             let mut score = 0.0;
+            let mut learn = false;
             // A tracking outage: what the metric reads stopped arriving while it was expected in
             // numbers that make zero impossible by chance. It is a data-quality incident, not a
             // business drop, and the window is neither tested nor learnt.
@@ -1306,7 +1322,7 @@ impl Engine {
                 score = 1.0;
             } else {
                 let warm = s.baseline.learnt() >= m.det.warmup_windows;
-                let mut learn = true;
+                learn = true;
                 if let (Some(e), true) = (e, warm) {
                     if volume >= m.det.min_volume_per_window {
                         let st = s.detector.step(w, &obs, &e);
@@ -1319,19 +1335,24 @@ impl Engine {
                         }
                     }
                 }
-                // The baseline learns a window only once it is LEARN_LAG windows old and no
-                // incident has claimed it, so a fresh anomaly is detected against a baseline
-                // that has not seen it (in particular a season bucket seen for the first time).
-                let lw = w - LEARN_LAG;
-                if learn && lw >= s.first_window && lw >= s.learn_from {
-                    if let Some(h) = s.hist_at(lw, w) {
-                        let o = Obs {
-                            num: h.num as f64,
-                            den: h.den as f64,
-                            sumsq: h.sumsq as f64,
-                        };
-                        s.baseline.learn(lw * self.schema.window_ms, o);
-                    }
+            }
+            // The baseline learns a window only once it is LEARN_LAG windows old and no
+            // incident has claimed it, so a fresh anomaly is detected against a baseline that
+            // has not seen it (in particular a season bucket seen for the first time). A gauge
+            // learns every window GAUGE_LEARN_LAG old, through incidents too: its updates are
+            // clipped at 3 sd, so a spike moves it little, while a recurring pattern (a daily
+            // burst) or a new regime is learnt instead of staying an incident, and its spread
+            // includes the volatile windows a quiet-only estimate would leave out.
+            let gauge = m.cfg.kind == MetricKind::Gauge;
+            let lw = w - if gauge { GAUGE_LEARN_LAG } else { LEARN_LAG };
+            if (learn || gauge) && lw >= s.first_window && (gauge || lw >= s.learn_from) {
+                if let Some(h) = s.hist_at(lw, w) {
+                    let o = Obs {
+                        num: h.num as f64,
+                        den: h.den as f64,
+                        sumsq: h.sumsq as f64,
+                    };
+                    s.baseline.learn(lw * self.schema.window_ms, o);
                 }
             }
             s.last = match e {
@@ -1956,11 +1977,19 @@ fn make_series(
         label,
         ring: Ring::new(sc.ring_slots, m.cfg.kind == MetricKind::Distinct),
         first_window,
-        baseline: Baseline::new(
-            m.family,
-            m.det.seasonality,
-            m.det.baseline_half_life_windows,
-        ),
+        baseline: if m.cfg.kind == MetricKind::Gauge {
+            Baseline::new_gauge(
+                m.det.seasonality,
+                m.det.baseline_half_life_windows,
+                m.det.warmup_windows,
+            )
+        } else {
+            Baseline::new(
+                m.family,
+                m.det.seasonality,
+                m.det.baseline_half_life_windows,
+            )
+        },
         detector: Detector::new(
             m.family,
             m.cfg.direction,
@@ -2043,6 +2072,51 @@ mod tests {
             .iter()
             .find(|s| s.metric == mi && s.label == label)
             .unwrap()
+    }
+
+    /// A gauge is one observation per window (the mean of its rows), tested against the spread
+    /// between windows: a one-window spike fires once, and the baseline learns through it.
+    #[test]
+    fn a_gauge_fires_on_a_one_window_spike_and_keeps_its_level() {
+        use rand::{rngs::SmallRng, Rng, SeedableRng};
+        let mut e = engine(
+            r#"
+[[metrics]]
+name = "cpu"
+kind = "gauge"
+numerator = { type = "measurement" }
+detection = { min_volume_per_window = 1, min_expected_events = 1, min_effect_sd = 2.0, seasonality = "none" }
+"#,
+        );
+        let mut rng = SmallRng::seed_from_u64(11);
+        let normal = statrs::distribution::Normal::new(50.0, 1.0).unwrap();
+        let spike_w = 400i64;
+        for w in 0..600i64 {
+            let x: f64 = if w == spike_w {
+                90.0
+            } else {
+                rng.sample(normal)
+            };
+            // Two rows per window around the window's value: the gauge sees their mean.
+            for (k, v) in [(0, x - 3.0), (1, x + 3.0)] {
+                let ts = T0 + w * 300_000 + k * 120_000;
+                e.process_event(&ev("measurement", ts, &format!(r#","value":{v}"#)), ts)
+                    .unwrap();
+            }
+        }
+        e.finish();
+        let s = series(&e, "cpu", "total");
+        let x = s.baseline.expect(T0).unwrap();
+        // The spread is between windows (sd 1), not within them (sd 4.2).
+        assert!((x.rate - 50.0).abs() < 0.5, "{x:?}");
+        assert!((x.sigma2.sqrt() - 1.0).abs() < 0.3, "{x:?}");
+        let onsets: Vec<i64> = e
+            .incidents
+            .iter()
+            .filter(|i| i.kind == "shift")
+            .map(|i| i.onset_ms)
+            .collect();
+        assert_eq!(onsets, vec![T0 + spike_w * 300_000], "{onsets:?}");
     }
 
     #[test]

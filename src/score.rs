@@ -478,7 +478,7 @@ fn family_of(kind: MetricKind) -> Option<Family> {
         MetricKind::Ratio => Some(Family::Binomial),
         MetricKind::Count => Some(Family::Poisson),
         MetricKind::Mean => Some(Family::Gaussian),
-        MetricKind::Distinct | MetricKind::Share => None,
+        MetricKind::Gauge | MetricKind::Distinct | MetricKind::Share => None,
     }
 }
 
