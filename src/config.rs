@@ -1327,6 +1327,23 @@ severity = "critical"
     }
 
     #[test]
+    fn two_stage_needs_sprawl_and_pressure_off() {
+        let on = format!("[scale]\ntwo_stage = true\n{MIN}");
+        let s = Config::from_str_named(&on, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("guards.sprawl.enabled"), "{s}");
+        assert!(s.contains("guards.pressure.enabled"), "{s}");
+        let off = format!(
+            "[scale]\ntwo_stage = true\n[guards.sprawl]\nenabled = false\n\
+             [guards.pressure]\nenabled = false\n{MIN}"
+        );
+        let c = Config::from_str_named(&off, "t.toml").unwrap();
+        assert_eq!(c.scale.merge_group(&c.kafka), "guardrail-merge");
+        assert_eq!(c.kafka.topics.repartition, "guardrail.repartition");
+    }
+
+    #[test]
     fn gauge_reads_only_its_numerator() {
         let ok = "[[metrics]]\nname = \"cpu\"\nkind = \"gauge\"\nnumerator = { type = \"measurement\" }\n";
         let c = Config::from_str_named(ok, "t.toml").unwrap();
