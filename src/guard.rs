@@ -95,10 +95,20 @@ pub struct ChangeGuard {
 impl ChangeGuard {
     pub fn new(c: &ChangeState, opened_ms: i64, watch_ms: i64, metrics: usize) -> ChangeGuard {
         ChangeGuard {
-            change_id: c.change_id.clone(),
             opened_ms,
             closes_ms: opened_ms + watch_ms,
             holdout: c.holdout.filter(|h| *h > 0.0),
+            ..ChangeGuard::empty(&c.change_id, metrics)
+        }
+    }
+
+    /// A watch with nothing seen yet, open forever and without a holdout.
+    fn empty(change_id: &str, metrics: usize) -> ChangeGuard {
+        ChangeGuard {
+            change_id: change_id.to_string(),
+            opened_ms: 0,
+            closes_ms: i64::MAX,
+            holdout: None,
             metrics: vec![MetricWatch::default(); metrics],
             exposure: [0.0; 2],
             srm: None,
@@ -181,18 +191,7 @@ impl Guards {
         if let Some(i) = self.lookup(change_id) {
             return i;
         }
-        self.all.push(ChangeGuard {
-            change_id: change_id.to_string(),
-            opened_ms: 0,
-            closes_ms: i64::MAX,
-            holdout: None,
-            metrics: vec![MetricWatch::default(); metrics],
-            exposure: [0.0; 2],
-            srm: None,
-            srm_flagged: false,
-            closed: false,
-            scoped_at: usize::MAX,
-        });
+        self.all.push(ChangeGuard::empty(change_id, metrics));
         let i = self.all.len() - 1;
         self.open.insert(change_id.to_string(), i);
         i

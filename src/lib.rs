@@ -19,7 +19,8 @@
 //! - [`audit`]     `guardrail audit --change ID`: one change's story from the audit topic.
 //! - [`auth`]      actors, roles and bearer tokens for the HTTP API.
 //! - [`engine`]    wires decode -> window -> baseline -> detect -> attribute -> policy; the
-//!   same engine runs live (Kafka) and over files (replay).
+//!   same engine runs live (Kafka) and over files (replay), and as either stage of the
+//!   two-stage aggregation ([`repartition`]).
 //! - [`sink`]      contract outputs: alerts, signed rollback requests, audit, dead letters,
 //!   to Kafka or to files.
 //! - [`alertmanager`] optional push of alerts to Prometheus Alertmanager (API v2).
