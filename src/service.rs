@@ -112,9 +112,13 @@ pub async fn run(
     let alertmanager = crate::alertmanager::spawn(&cfg, telemetry.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_http = stop_rx.clone();
-    let http = tokio::spawn(api::serve(listener, state.clone(), async move {
-        let _ = stop_http.wait_for(|s| *s).await;
-    }));
+    let mut http = Owned(tokio::spawn(api::serve(
+        listener,
+        state.clone(),
+        async move {
+            let _ = stop_http.wait_for(|s| *s).await;
+        },
+    )));
     let stop_tx = Arc::new(stop_tx);
     let stop_on_signal = stop_tx.clone();
     tokio::spawn(async move {
@@ -127,7 +131,7 @@ pub async fn run(
         let cfg1 = cfg.clone();
         let (state1, stop1, signer1) = (state.clone(), stop_rx.clone(), signer.clone());
         let stop_all = stop_tx.clone();
-        let stage1 = tokio::spawn(async move {
+        let mut stage1 = Owned(tokio::spawn(async move {
             let (_never, mut no_ctl) = tokio::sync::mpsc::channel::<Command>(1);
             let r = pipeline(
                 &cfg1,
@@ -143,7 +147,7 @@ pub async fn run(
                 let _ = stop_all.send(true);
             }
             r
-        });
+        }));
         let r = pipeline(
             &cfg,
             Part::Merge,
@@ -156,7 +160,7 @@ pub async fn run(
         .await;
         // Either stage failing stops the instance (its partitions go to the others).
         let _ = stop_tx.send(true);
-        let r1 = stage1.await.expect("stage 1 task");
+        let r1 = (&mut stage1.0).await.expect("stage 1 task");
         let mut r = r?;
         let r1 = r1?;
         r.events = r1.events;
@@ -178,8 +182,18 @@ pub async fn run(
     if let Some(am) = alertmanager {
         am.shutdown().await;
     }
-    let _ = http.await;
+    let _ = (&mut http.0).await;
     Ok(report)
+}
+
+/// A task that belongs to `run`: aborted if `run` is dropped before it ends (a caller that
+/// drops the service, as a crash would, takes its HTTP server and stage 1 with it).
+struct Owned<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Which pipeline a consumer/engine/producer trio runs.
@@ -1157,13 +1171,26 @@ impl StateKeeper {
             let Some(o) = self.seek_to.remove(&(topic.clone(), *p)) else {
                 continue;
             };
-            match consumer.seek(topic, *p, Offset::Offset(o), Duration::from_secs(10)) {
-                Ok(()) => {
-                    tracing::info!(topic = %topic, partition = p, offset = o, "resuming from the checkpoint's offset");
-                    sought.push((topic.clone(), *p));
-                }
-                Err(e) => {
-                    tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "cannot seek to the checkpoint's offset; reading from the committed offset")
+            // A partition assigned a moment ago cannot be sought until its fetcher has started
+            // ("Erroneous state"): retry briefly, since state restored at `o` must be read on
+            // from exactly `o`.
+            let mut attempt = 0;
+            loop {
+                match consumer.seek(topic, *p, Offset::Offset(o), Duration::from_secs(10)) {
+                    Ok(()) => {
+                        tracing::info!(topic = %topic, partition = p, offset = o, "resuming from the checkpoint's offset");
+                        sought.push((topic.clone(), *p));
+                        break;
+                    }
+                    Err(e) if attempt < 50 => {
+                        tracing::debug!(error = %e, attempt, "seek not possible yet");
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => {
+                        tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "cannot seek to the checkpoint's offset; reading from the committed offset");
+                        break;
+                    }
                 }
             }
         }
