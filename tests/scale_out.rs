@@ -405,18 +405,18 @@ async fn two_instances_two_stage_decide_exactly_as_one_instance() {
 /// and closes every window, and every series is owned after the handover. Yet the survivor
 /// opens no incident, where one instance opens two.
 ///
-/// Not found yet. Two candidates:
-/// - *Idle clocks during the rebalance.* While the leaver's events partitions wait for a new
-///   stage-1 owner, no markers arrive for them, and after `SOURCE_IDLE_MS` their stage-2 clocks
-///   stop holding the watermark. Against this: the rebalances logged took about 2 s.
-///   Fix: release a clock only when stage 1 reports the partition idle, never merely because
-///   markers stopped.
-/// - *The takeover gap.* Windows between the checkpoint a partition is taken from and the
-///   new owner's watermark are never closed for the imported series, and their replayed sums
-///   are `too_late`. These warnings are rate-limited, so the log shows one.
-///   Fix: a per-series "closed through" mark.
-/// The embedded-broker test above passes every
-/// time: its rebalances are quicker. Run this one with
+/// The cause is not found yet. What is known:
+/// - The imports cover the right partitions, with a gap of 0–2 windows.
+/// - No partial is refused: no `too_late`, and no window skipped for an imported series.
+/// - The observed values are the same as one instance's.
+/// - But the survivor's baseline for conversion FR absorbs the drop (expected 0.0924, against
+///   0.0970 with one instance) because its detector never crosses.
+/// - It fails more often when the machine is loaded.
+/// - After a crash under at_least_once there is a second, known effect. The survivor's stage 1
+///   reads the dead instance's uncommitted events again and sends their sums a second time
+///   (there is no cross-instance dedup), so some windows are double counted: `device_mix`
+///   fired three times in one run. exactly_once avoids this on Kafka.
+/// The embedded-broker test above passes every time. Run this one with
 /// `cargo test --test scale_out -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "flaky on Tansu: after a handover the survivor sometimes detects nothing (under investigation)"]
