@@ -255,19 +255,17 @@ async fn pipeline(
         .get(&cfg.kafka.topics.events)
         .copied()
         .unwrap_or(1);
+    let repartitions = partitions
+        .get(&cfg.kafka.topics.repartition)
+        .copied()
+        .unwrap_or(1);
     match part {
         Part::Single => {}
         Part::Aggregate => engine.set_stage(crate::engine::Stage::Aggregate {
-            partitions: partitions
-                .get(&cfg.kafka.topics.repartition)
-                .copied()
-                .unwrap_or(1),
+            partitions: repartitions,
         }),
         Part::Merge => engine.set_stage(crate::engine::Stage::Merge {
-            partitions: partitions
-                .get(&cfg.kafka.topics.repartition)
-                .copied()
-                .unwrap_or(1),
+            partitions: repartitions,
         }),
     }
     telemetry
@@ -960,6 +958,24 @@ impl StateKeeper {
                 return;
             }
         };
+        // Each file is read and decoded once, however many partitions it serves.
+        let mut files: HashMap<PathBuf, Option<(checkpoint::Loaded, crate::engine::Offsets)>> =
+            HashMap::new();
+        let mut load = |path: &Path| {
+            files
+                .entry(path.to_path_buf())
+                .or_insert_with(|| {
+                    let dir = path.parent()?;
+                    let name = path.file_name()?.to_str()?;
+                    let l = checkpoint::read(dir, name, fp).ok()??;
+                    let offs = crate::engine::offsets_of(path, &l.payload).ok()?;
+                    Some((l, offs))
+                })
+                .as_ref()
+                .map(|(_, offs)| offs.clone())
+        };
+        // Per partition, the newest usable checkpoint: (partition, offset, file).
+        let mut chosen: Vec<(i32, i64, PathBuf)> = Vec::new();
         for x in wanted {
             // exactly_once: only state whose transaction committed (a checkpoint at or before
             // the committed offset; the input after it is read again). at_least_once: the
@@ -975,17 +991,14 @@ impl StateKeeper {
                     continue;
                 }
             };
-            let mut best: Option<(i64, PathBuf, checkpoint::Loaded)> = None;
+            let mut best: Option<(i64, PathBuf)> = None;
             for d in &dirs {
                 for name in [
                     checkpoint::FILE_NAME.to_string(),
                     checkpoint::handover_name(x),
                 ] {
-                    let Ok(Some(l)) = checkpoint::read(d, &name, fp) else {
-                        continue;
-                    };
                     let path = d.join(&name);
-                    let Ok(offs) = crate::engine::offsets_of(&path, &l.payload) else {
+                    let Some(offs) = load(&path) else {
                         continue;
                     };
                     let Some(o) = offs
@@ -997,28 +1010,50 @@ impl StateKeeper {
                     };
                     // Newer than what is committed: its transaction may not have committed.
                     if o <= limit && best.as_ref().map(|b| o > b.0).unwrap_or(true) {
-                        best = Some((o, path, l));
+                        best = Some((o, path));
                     }
                 }
             }
-            let Some((o, path, loaded)) = best else {
-                tracing::info!(
+            match best {
+                Some((o, path)) => chosen.push((x, o, path)),
+                None => tracing::info!(
                     partition = x,
                     "no state to take over: its series start fresh here"
-                );
+                ),
+            }
+        }
+        let mut sources: Vec<&PathBuf> = chosen.iter().map(|(_, _, p)| p).collect();
+        sources.sort();
+        sources.dedup();
+        for path in sources {
+            let Some(Some((loaded, _))) = files.get(path) else {
                 continue;
             };
-            match engine.import_partitions(&path, &loaded, &[x]) {
+            let parts: Vec<i32> = chosen
+                .iter()
+                .filter(|(_, _, p)| p == path)
+                .map(|(x, _, _)| *x)
+                .collect();
+            match engine.import_partitions(path, loaded, &parts) {
                 Ok(r) => {
-                    tracing::info!(partition = x, from = %path.display(), offset = o,
+                    tracing::info!(partitions = ?parts, from = %path.display(),
                         series = r.series, incidents = r.incidents, "state taken over");
-                    t.state.handovers.with_label_values(&["imported"]).inc();
-                    self.positions.insert((topic.to_string(), x), o);
-                    self.seek_to.insert((topic.to_string(), x), o);
+                    for (x, o, _) in chosen.iter().filter(|(_, _, p)| p == path) {
+                        t.state.handovers.with_label_values(&["imported"]).inc();
+                        tracing::info!(
+                            partition = x,
+                            offset = o,
+                            "resuming the taken-over partition"
+                        );
+                        self.positions.insert((topic.to_string(), *x), *o);
+                        self.seek_to.insert((topic.to_string(), *x), *o);
+                    }
                 }
                 Err(e) => {
-                    t.state.handovers.with_label_values(&["failed"]).inc();
-                    tracing::warn!(error = %e, partition = x, "cannot take the state over");
+                    for _ in &parts {
+                        t.state.handovers.with_label_values(&["failed"]).inc();
+                    }
+                    tracing::warn!(error = %e, partitions = ?parts, "cannot take the state over");
                 }
             }
         }
