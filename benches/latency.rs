@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use guardrail::config::Config;
-use guardrail::sim::{Effect, Scenario, Sim};
+use guardrail::sim::{Scenario, Sim};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -143,22 +143,10 @@ fn main() {
     while sim.now_ms() < end {
         if next < changes.len() && sim.now_ms() >= changes[next].1 {
             let (id, at, countries) = &changes[next];
-            let c = serde_json::json!({
-                "change_id": id, "ts": guardrail::event::fmt_time(*at), "action": "applied",
-                "actor": {"kind": "agent", "name": "bench"}, "kind": "wording",
-                "scope": {"surfaces": ["checkout"]}, "tier": "autonomous"
-            })
-            .to_string();
-            send(&t.changes, b"c", c.as_bytes(), None);
-            sim.scenario_mut().effects.push(Effect {
-                change_id: id.to_string(),
-                countries: countries.iter().map(|c| c.to_string()).collect(),
-                start_ms: *at,
-                end_ms: Some(at + HOUR),
-                ctr_mult: 1.2,
-                conversion_mult: 0.7,
-                ticket_mult: 3.0,
-            });
+            let (record, effect) =
+                guardrail::sim::harmful_change(id, *at, "bench", countries, 0.7, 3.0);
+            send(&t.changes, b"c", record.as_bytes(), None);
+            sim.scenario_mut().effects.push(effect);
             next += 1;
         }
         let tick = sim.now_ms() + MIN;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub const MAGIC: [u8; 8] = *b"GRDCKPT\0";
 /// Bumped whenever the payload's shape changes: an older file is reported, not misread.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 const HEADER_LEN: usize = 8 + 2 + 8 + 8 + 8 + 4;
 /// The file name inside the state directory.
 pub const FILE_NAME: &str = "engine.ckpt";
@@ -225,6 +225,30 @@ pub fn read(dir: &Path, name: &str, fingerprint: u64) -> Result<Option<Loaded>, 
         Ok(bytes) => unframe(&path, &bytes, fingerprint).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(CheckpointError::Io { path, source }),
+    }
+}
+
+/// The file naming the incarnation that owns a state directory.
+pub const OWNER_NAME: &str = "owner";
+
+/// Claims `dir` for a new incarnation of an instance. Kafka fences an older incarnation's
+/// transactions, but not its writes to disk: one that was paused or cut off (a zombie) and
+/// wakes up would overwrite the newer state with its own, and the next restart would restore
+/// that. Each write checks the claim first ([`owns`]), so a zombie stops at its first one.
+pub fn claim(dir: &Path, token: &str) -> Result<(), CheckpointError> {
+    write_atomic(dir, OWNER_NAME, token.as_bytes())
+}
+
+/// Whether `dir` is still claimed by `token`; otherwise the incarnation that claimed it
+/// (or why it cannot be told).
+pub fn owns(dir: &Path, token: &str) -> Result<(), String> {
+    match fs::read(dir.join(OWNER_NAME)) {
+        Ok(b) if b == token.as_bytes() => Ok(()),
+        Ok(b) => Err(format!(
+            "claimed by incarnation {:?}",
+            String::from_utf8_lossy(&b)
+        )),
+        Err(e) => Err(format!("its owner file cannot be read: {e}")),
     }
 }
 

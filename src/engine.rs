@@ -350,7 +350,10 @@ pub struct TrailEntry {
 pub struct EngineStats {
     pub events: u64,
     pub accepted: u64,
+    /// Inputs of the events topic (stage 2: of the repartition topic) dead-lettered, by code.
     pub rejected: [u64; ErrorCode::ALL.len()],
+    /// Change records dead-lettered, by code.
+    pub changes_rejected: [u64; ErrorCode::ALL.len()],
     pub unselected: u64,
     pub missing_value: u64,
     pub missing_user: u64,
@@ -386,6 +389,10 @@ struct SourceClock {
     source: i32,
     max_ts: i64,
     seen_ms: i64,
+    /// Stage 2 only: stage 1's last word on whether this input partition is idle. Stage 2
+    /// does not judge idleness by its own clock: markers stop during a rebalance, and the
+    /// partition's windows must wait for its next reader then.
+    idle: bool,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -414,7 +421,7 @@ impl Dedup {
 struct Schema {
     metrics: Vec<MetricDef>,
     routes: HashMap<String, Vec<Route>, FastState>,
-    obj_dims: Vec<&'static str>,
+    obj_dims: Vec<String>,
     window_ms: i64,
     lateness_ms: i64,
     skew_ms: i64,
@@ -447,6 +454,9 @@ pub struct Engine {
     /// change id -> rollback request id, while waiting for confirmation.
     pending_rollbacks: HashMap<String, String>,
     emitted_rollbacks: HashSet<String>,
+    /// Stage 2, on the owner of the decider partition: change id -> the incident whose
+    /// rollback request it granted, until the change is rolled back.
+    granted: HashMap<String, String>,
     outputs: Vec<Output>,
     pub stats: EngineStats,
     dedup: Dedup,
@@ -585,10 +595,6 @@ impl Engine {
                 cfg: m.clone(),
             });
         }
-        let obj_dims: Vec<&'static str> = obj_dims
-            .into_iter()
-            .map(|s| &*Box::leak(s.into_boxed_str()))
-            .collect();
         let e = &cfg.engine;
         let window_ms = e.window_secs as i64 * 1000;
         let lateness_ms = e.allowed_lateness_secs as i64 * 1000;
@@ -631,6 +637,7 @@ impl Engine {
             registry: Registry::default(),
             pending_rollbacks: HashMap::new(),
             emitted_rollbacks: HashSet::new(),
+            granted: HashMap::new(),
             outputs: Vec::new(),
             stats: EngineStats::default(),
             dedup: Dedup::empty(lateness_ms + window_ms),
@@ -1049,41 +1056,59 @@ impl Engine {
     /// Moves event time forward and closes the windows the watermark has passed. The watermark
     /// is the minimum over active partitions of their latest event time, minus the lateness.
     fn advance(&mut self, source: i32, ts: i64, now_ms: i64) {
-        self.advance_at(source, ts, now_ms, now_ms)
+        self.advance_at(source, Some(ts), now_ms, None, now_ms)
     }
 
-    /// As `advance`, for a source last heard from at `heard_ms` (stage 2: a marker relays when
-    /// stage 1 last read the input partition).
-    fn advance_at(&mut self, source: i32, ts: i64, heard_ms: i64, now_ms: i64) {
+    /// As `advance`, for a source last heard from at `heard_ms`. Stage 2 (`idle` given): a
+    /// marker relays when stage 1 last read the input partition and whether it is idle;
+    /// `ts` None when stage 1 has read nothing from it yet.
+    fn advance_at(
+        &mut self,
+        source: i32,
+        ts: Option<i64>,
+        heard_ms: i64,
+        idle: Option<bool>,
+        now_ms: i64,
+    ) {
         let clock = match self.sources.iter_mut().find(|c| c.source == source) {
             Some(c) => c,
             None => {
                 self.sources.push(SourceClock {
                     source,
-                    max_ts: ts,
+                    max_ts: i64::MIN,
                     seen_ms: heard_ms,
+                    idle: false,
                 });
                 self.sources.last_mut().expect("just pushed")
             }
         };
         clock.seen_ms = clock.seen_ms.max(heard_ms);
-        let raised = ts > clock.max_ts;
-        if raised {
-            clock.max_ts = ts;
+        let was_idle = std::mem::replace(&mut clock.idle, idle.unwrap_or(false));
+        let raised = ts.is_some_and(|t| t > clock.max_ts);
+        if let (true, Some(t)) = (raised, ts) {
+            clock.max_ts = t;
         }
-        if self.max_ts.map(|m| ts > m).unwrap_or(true) {
-            self.max_ts = Some(ts);
+        if let Some(t) = ts.filter(|t| self.max_ts.map(|m| *t > m).unwrap_or(true)) {
+            self.max_ts = Some(t);
         }
         if matches!(self.stage, Stage::Aggregate { .. }) {
             // Stage 1 closes nothing: its clocks travel to stage 2 as markers.
             return;
         }
-        if !raised && self.closed_upto.is_some() {
+        let released = idle == Some(true) && !was_idle;
+        if !raised && !released && self.closed_upto.is_some() {
             return;
         }
+        let merge = matches!(self.stage, Stage::Merge { .. });
         let idle_before = now_ms - SOURCE_IDLE_MS;
         let mut slowest = i64::MAX;
-        for c in self.sources.iter().filter(|c| c.seen_ms >= idle_before) {
+        for c in self.sources.iter().filter(|c| {
+            if merge {
+                !c.idle
+            } else {
+                c.seen_ms >= idle_before
+            }
+        }) {
             if c.max_ts == i64::MIN {
                 // An assigned partition not heard from yet holds event time still.
                 return;
@@ -1091,7 +1116,11 @@ impl Engine {
             slowest = slowest.min(c.max_ts);
         }
         if slowest == i64::MAX {
-            slowest = ts;
+            // Every partition idle: event time is the latest any of them delivered.
+            match ts.or(self.max_ts) {
+                Some(t) => slowest = t,
+                None => return,
+            }
         }
         let target = (slowest - self.schema.lateness_ms).div_euclid(self.schema.window_ms);
         if self.closed_upto.map(|c| target > c).unwrap_or(true) {
@@ -1109,11 +1138,14 @@ impl Engine {
             // look idle and let the other partitions run the watermark past it.
             if let Some(c) = self.sources.iter_mut().find(|c| c.source == source) {
                 c.seen_ms = now_ms;
+                // Stage 2: idle again only on the word of whoever reads it now.
+                c.idle = false;
             } else {
                 self.sources.push(SourceClock {
                     source,
                     max_ts: i64::MIN,
                     seen_ms: now_ms,
+                    idle: false,
                 });
             }
         }
@@ -1612,7 +1644,18 @@ impl Engine {
 
     /// Produces the rollback request for an incident's decision (once per (incident, change)).
     /// `decided_by` is the policy rule or the person who approved.
+    /// Requests the rollback of the change blamed for incident `idx`; with two stages, asks
+    /// the decider first (see `repartition::DECIDER`).
     fn request_rollback(&mut self, idx: usize, at_ms: i64, decided_by: Actor) {
+        if matches!(self.stage, Stage::Merge { .. }) {
+            self.ask_decider(idx, at_ms, decided_by);
+        } else {
+            self.emit_rollback(idx, at_ms, decided_by);
+        }
+    }
+
+    /// The rollback request itself, once decided.
+    fn emit_rollback(&mut self, idx: usize, at_ms: i64, decided_by: Actor) {
         let inc = &self.incidents[idx];
         let Some(change_id) = inc.decision.change_id.clone() else {
             return;
@@ -1695,7 +1738,8 @@ impl Engine {
         self.incidents[idx].rollback_id = Some(rid.clone());
         self.pending_rollbacks.insert(change_id, rid);
         self.stats.rollbacks_requested += 1;
-        if automatic {
+        // With two stages the decider counts them for the whole group.
+        if automatic && !matches!(self.stage, Stage::Merge { .. }) {
             self.auto_rollbacks.push_back((at_ms, surfaces));
         }
         self.dirty = true;
@@ -1897,6 +1941,7 @@ impl Engine {
         self.registry.apply(c);
         self.change_guards_on(c);
         if c.action == ChangeAction::RolledBack {
+            self.granted.remove(&c.change_id);
             if let Some(rid) = self.pending_rollbacks.remove(&c.change_id) {
                 self.stats.rollbacks_confirmed += 1;
                 let incidents: Vec<String> = self
@@ -2240,6 +2285,39 @@ dims = ["k"]
         assert!(e.watermark_ms().unwrap() > T0 + 3_000_000);
         let late = e.process_event_from(1, &ev("x", T0 + 600_001, ""), later);
         assert_eq!(late.unwrap_err().code, ErrorCode::TooLate);
+    }
+
+    #[test]
+    fn stage_two_releases_an_input_partition_only_on_stage_ones_word() {
+        use crate::repartition::Partial;
+        let mut e = engine(COUNT_X);
+        e.set_stage(Stage::Merge { partitions: 1 });
+        let now = T0 + 86_400_000;
+        e.assign_repartitions(&[0], 2, now);
+        let marker = |e: &mut Engine, source, max_ts: Option<i64>, heard, sent, wall| {
+            let m = Partial::Marker {
+                source,
+                max_ts,
+                heard_ms: heard,
+                sent_ms: sent,
+            };
+            e.process_partial(0, &m.encode(), wall).unwrap();
+        };
+        marker(&mut e, 0, Some(T0), now, now, now);
+        marker(&mut e, 1, Some(T0), now, now, now);
+        // Input partition 1's markers stop (its reader left the group); partition 0 runs on.
+        // However long stage 2 waits by its own clock, partition 1 holds the watermark.
+        let later = now + 10 * SOURCE_IDLE_MS;
+        marker(&mut e, 0, Some(T0 + 3_600_000), later, later, later);
+        assert!(e.watermark_ms().unwrap_or(i64::MIN) <= T0);
+        // Its new reader has read nothing from it in 10 s: released.
+        let idle_at = later + SOURCE_IDLE_MS + 1;
+        marker(&mut e, 1, None, later, idle_at, idle_at);
+        assert!(e.watermark_ms().unwrap() > T0 + 3_000_000);
+        // Records from a build of another repartition format are refused, not misread.
+        let mut old = Partial::Change(b"{}".to_vec()).encode();
+        old[0] = 1;
+        assert!(e.process_partial(0, &old, idle_at).is_err());
     }
 
     #[test]

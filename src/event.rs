@@ -468,9 +468,9 @@ impl<'a> Event<'a> {
     /// JSON had no escapes. No allocation unless a value contains escapes.
     /// Entries kept by the decoder are looked up without parsing again; the raw object is
     /// scanned only when it had more than [`DIMS_KEPT`] entries (or a key with escapes).
-    pub fn scan_dims(&self, names: &[&str], out: &mut [Option<Cow<'a, str>>]) {
+    pub fn scan_dims<S: AsRef<str>>(&self, names: &[S], out: &mut [Option<Cow<'a, str>>]) {
         let mut put = |k: &str, v: Cow<'a, str>| {
-            if let Some(i) = names.iter().position(|n| *n == k) {
+            if let Some(i) = names.iter().position(|n| n.as_ref() == k) {
                 if i < out.len() {
                     out[i] = Some(v);
                 }

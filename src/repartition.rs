@@ -16,11 +16,21 @@
 //!   owner's checkpoint (see `Engine::import_partitions`).
 //!
 //! Stage 2 cannot see input partitions, so stage 1 also sends, on every repartition partition,
-//! a **marker** per input partition: its latest event time and when it was last heard from.
-//! Stage 2 keeps one clock per (repartition partition, input partition) and its watermark is the
-//! slowest of them, so a window closes only when every partial for it has arrived on every
-//! repartition partition it owns (partials of a batch precede its markers on each partition).
+//! a **marker** per input partition it reads: its latest event time and when it was last heard
+//! from, after every batch and every few seconds when idle. Stage 2 keeps one clock per
+//! (repartition partition, input partition) and its watermark is the slowest of them, so a
+//! window closes only when every partial for it has arrived on every repartition partition it
+//! owns (partials of a batch precede its markers on each partition). An input partition stops
+//! holding the watermark only on stage 1's word (a marker saying it has been silent for
+//! `SOURCE_IDLE_MS` while stage 1 read it), never because markers stopped coming: while no
+//! stage 1 reads it (a rebalance, a crash) its windows wait rather than close without it.
 //! Change records are broadcast the same way and applied once (deduplicated by content).
+//!
+//! Whether a rollback may be requested is decided in one place for the whole group: stage 2
+//! asks the owner of repartition partition [`DECIDER`] ([`Partial::Ask`]), which keeps the
+//! rollbacks granted per change and the circuit breaker's count, and answers on the incident's
+//! partition ([`Partial::Verdict`]). So two incidents blamed on one change but owned by two
+//! instances give one rollback request, as with one instance.
 //!
 //! The format is postcard behind a one-byte version: compact, and binary sketches (distinct
 //! counts) travel as they are.
@@ -28,7 +38,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Format version, the first byte of every record.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Record key of markers (which are sent after the partials of their batch).
 pub const MARKER_KEY: &str = "~marker";
@@ -74,14 +84,57 @@ pub enum Partial {
     },
     /// A change record, as read from the changes topic.
     Change(Vec<u8>),
-    /// Input partition `source` has delivered events up to `max_ts`; last heard from at
-    /// `heard_ms` (stage 1's wall clock).
+    /// Input partition `source` has delivered events up to `max_ts` (None: nothing since it
+    /// was assigned to this stage 1); last heard from at `heard_ms`, as of `sent_ms` (both
+    /// stage 1's wall clock).
     Marker {
         source: i32,
-        max_ts: i64,
+        max_ts: Option<i64>,
         heard_ms: i64,
+        sent_ms: i64,
+    },
+    /// Stage 2 to the decider ([`DECIDER`]'s owner): may the rollback of `change_id` be
+    /// requested for incident `incident_id`? The answer goes to repartition partition `reply`
+    /// (the incident's series').
+    Ask {
+        change_id: String,
+        incident_id: String,
+        reply: i32,
+        /// Event time of the decision.
+        at_ms: i64,
+        /// Policy (automatic: the circuit breaker applies) or a person.
+        decided_by: crate::event::Actor,
+    },
+    /// Stage 2 to the decider: a person vetoed the rollback of `change_id`; no incident blamed
+    /// on it gets one now, whichever instance owns it.
+    Veto { change_id: String, reason: String },
+    /// The decider's answer to an [`Partial::Ask`] (which it repeats).
+    Verdict {
+        change_id: String,
+        incident_id: String,
+        at_ms: i64,
+        decided_by: crate::event::Actor,
+        verdict: Verdict,
     },
 }
+
+/// What the decider answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Request it: no other incident has for this change.
+    Grant,
+    /// Incident `by` (on whichever instance) already did.
+    Already { by: String },
+    /// The circuit breaker forbids another automatic rollback; `counts` is its evidence (JSON).
+    Breaker { why: String, counts: String },
+    /// A person vetoed the rollback of this change (the veto's reason).
+    Vetoed { why: String },
+}
+
+/// The repartition partition whose stage-2 owner decides, for every instance, whether a
+/// rollback may be requested: one place that sees every request, so a change is rolled back
+/// once and the circuit breaker counts the whole group's automatic rollbacks.
+pub const DECIDER: i32 = 0;
 
 /// A partial with its destination.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,8 +192,36 @@ mod tests {
             Partial::Change(b"{}".to_vec()),
             Partial::Marker {
                 source: 3,
-                max_ts: 1_700_000_000_000,
+                max_ts: Some(1_700_000_000_000),
                 heard_ms: 5,
+                sent_ms: 9,
+            },
+            Partial::Marker {
+                source: 4,
+                max_ts: None,
+                heard_ms: 5,
+                sent_ms: 9,
+            },
+            Partial::Ask {
+                change_id: "c".into(),
+                incident_id: "i".into(),
+                reply: 2,
+                at_ms: 7,
+                decided_by: crate::event::Actor::system("policy"),
+            },
+            Partial::Veto {
+                change_id: "c".into(),
+                reason: "r".into(),
+            },
+            Partial::Verdict {
+                change_id: "c".into(),
+                incident_id: "i".into(),
+                at_ms: 7,
+                decided_by: crate::event::Actor::system("policy"),
+                verdict: Verdict::Breaker {
+                    why: "w".into(),
+                    counts: "{}".into(),
+                },
             },
         ];
         for p in all {

@@ -67,6 +67,8 @@ pub enum ServiceError {
     State(String),
     #[error("fenced: another instance took over transactional.id {id:?} ({reason}); this one stops so that no decision is made twice")]
     Fenced { id: String, reason: String },
+    #[error("fenced: [state] dir {dir} was {reason} (a newer incarnation of this instance started); this one stops so that its older state never replaces the newer")]
+    Superseded { dir: String, reason: String },
 }
 
 /// What a run did, for callers that stop it (tests, the demo).
@@ -307,6 +309,8 @@ async fn pipeline(
         // A state directory that cannot be written would stall every transaction that must
         // carry a checkpoint: refuse to start instead.
         checkpoint::probe_writable(dir).map_err(|e| ServiceError::State(e.to_string()))?;
+        checkpoint::claim(dir, &keeper.token).map_err(|e| ServiceError::State(e.to_string()))?;
+        tracing::info!(dir = %dir.display(), incarnation = %keeper.token, "state directory claimed");
     }
     if let Some(dir) = keeper.dir.clone() {
         keeper.restore(&mut engine, &dir, &consumer, &telemetry);
@@ -364,7 +368,10 @@ async fn pipeline(
             Step::Idle => {
                 // Input silent: deadlines still come due (see Engine::advance_idle).
                 engine.advance_idle(now_ms());
-                if engine.has_outputs() || (batch.is_empty() && keeper.due(false)) {
+                // Stage 1 tells stage 2 which of its partitions are silent (markers), or
+                // stage 2 would hold their windows open for good.
+                let markers = part == Part::Aggregate && batch.is_empty();
+                if engine.has_outputs() || markers || (batch.is_empty() && keeper.due(false)) {
                     flusher
                         .flush(&mut engine, &mut batch, &mut stop, &mut keeper, false)
                         .await?;
@@ -422,6 +429,7 @@ async fn pipeline(
                             engine.forget_source(*p);
                         }
                         keeper.positions.remove(&(t.clone(), *p));
+                        keeper.seek_to.remove(&(t.clone(), *p));
                         batch.forget(*t == events_topic, *p);
                     }
                 }
@@ -433,6 +441,12 @@ async fn pipeline(
                 if sought
                     .iter()
                     .any(|(t, p)| t == m.topic() && *p == m.partition()) => {}
+            // From a partition whose seek could not be made yet: its fetcher runs now, so the
+            // seek can; the message is read again after it.
+            Some(Ok(m)) if keeper.seek_pending(m.topic(), m.partition()) => {
+                let tp = [(m.topic().to_string(), m.partition())];
+                keeper.seek_restored(&consumer, &tp);
+            }
             Some(Ok(m)) => {
                 let received = Instant::now();
                 // The brokers went away or came back: every events partition holds the
@@ -465,13 +479,13 @@ async fn pipeline(
                 } else if part == Part::Aggregate {
                     let r = engine.forward_change(payload);
                     if let Err(e) = &r {
-                        engine.stats.rejected[e.code.index()] += 1;
+                        engine.stats.changes_rejected[e.code.index()] += 1;
                     }
                     r
                 } else {
                     let r = engine.process_change(payload);
                     if let Err(e) = &r {
-                        engine.stats.rejected[e.code.index()] += 1;
+                        engine.stats.changes_rejected[e.code.index()] += 1;
                     }
                     r
                 };
@@ -641,6 +655,7 @@ impl Flusher<'_> {
             if let Some(bytes) = &ckpt {
                 keeper.write(bytes, false, &state.telemetry);
             }
+            keeper.check_owner()?;
         } else {
             match self.delivery {
                 Delivery::ExactlyOnce => {
@@ -654,6 +669,7 @@ impl Flusher<'_> {
                     if let Some(bytes) = &ckpt {
                         keeper.write(bytes, false, &state.telemetry);
                     }
+                    keeper.check_owner()?;
                     if let Err(e) = self.consumer.store_offsets(&tpl) {
                         // A revoked partition cannot be stored to; its new owner re-reads
                         // (at-least-once).
@@ -773,6 +789,7 @@ impl Flusher<'_> {
                     })
                 }
                 Err(TxnFailure::Retry(reason)) => {
+                    keeper.check_owner()?;
                     self.state
                         .telemetry
                         .state
@@ -877,6 +894,10 @@ struct StateKeeper {
     /// Stage 2: the directory shared by the instances, `dir`'s parent.
     shared: Option<PathBuf>,
     exactly_once: bool,
+    /// This incarnation, as written in the state directory's owner file.
+    token: String,
+    /// Set when a write found the directory claimed by a newer incarnation.
+    superseded: Option<String>,
 }
 
 impl StateKeeper {
@@ -890,6 +911,41 @@ impl StateKeeper {
             seek_to: HashMap::new(),
             shared: None,
             exactly_once: cfg.kafka.delivery == Delivery::ExactlyOnce,
+            token: format!(
+                "{}/pid-{}/{:016x}",
+                cfg.service.instance,
+                std::process::id(),
+                rand::random::<u64>()
+            ),
+            superseded: None,
+        }
+    }
+
+    /// Whether this incarnation still owns the state directory: checked before every write,
+    /// so that a zombie stops at its first one.
+    fn owner(&mut self) -> bool {
+        let Some(dir) = &self.dir else { return true };
+        if self.superseded.is_some() {
+            return false;
+        }
+        match checkpoint::owns(dir, &self.token) {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::error!(dir = %dir.display(), %reason, "the state directory belongs to another incarnation now: not writing");
+                self.superseded = Some(reason);
+                false
+            }
+        }
+    }
+
+    /// The error that stops a superseded incarnation.
+    fn check_owner(&self) -> Result<(), ServiceError> {
+        match (&self.superseded, &self.dir) {
+            (Some(reason), Some(dir)) => Err(ServiceError::Superseded {
+                dir: dir.display().to_string(),
+                reason: reason.clone(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -897,6 +953,9 @@ impl StateKeeper {
     /// still holds `x`'s series and offset) for the next owner, since this instance's next
     /// checkpoint will no longer carry `x`.
     fn hand_over(&mut self, x: i32) {
+        if !self.owner() {
+            return;
+        }
         let (Some(dir), Some(_)) = (&self.dir, &self.shared) else {
             return;
         };
@@ -1073,6 +1132,9 @@ impl StateKeeper {
     /// Writes a checkpoint (pending: one whose transaction has yet to commit). False if it
     /// could not be written.
     fn write(&mut self, bytes: &[u8], pending: bool, t: &Telemetry) -> bool {
+        if !self.owner() {
+            return false;
+        }
         let Some(dir) = &self.dir else { return true };
         let started = Instant::now();
         let name = if pending {
@@ -1115,6 +1177,9 @@ impl StateKeeper {
 
     /// The pending checkpoint's transaction committed: it becomes the current one.
     fn committed(&mut self, t: &Telemetry) {
+        if !self.owner() {
+            return;
+        }
         let Some(dir) = &self.dir else { return };
         match checkpoint::promote(dir) {
             Ok(()) => self.written(t),
@@ -1193,6 +1258,11 @@ impl StateKeeper {
         }
     }
 
+    /// Whether `topic`/`partition` still has to be sought back to a restored offset.
+    fn seek_pending(&self, topic: &str, partition: i32) -> bool {
+        !self.seek_to.is_empty() && self.seek_to.contains_key(&(topic.to_string(), partition))
+    }
+
     /// Seeks newly assigned partitions back to the restored checkpoint's offsets, so that the
     /// input after the checkpoint is read again into the restored state. Returns the
     /// partitions sought.
@@ -1207,25 +1277,17 @@ impl StateKeeper {
                 continue;
             };
             // A partition assigned a moment ago cannot be sought until its fetcher has started
-            // ("Erroneous state"): retry briefly, since state restored at `o` must be read on
-            // from exactly `o`.
-            let mut attempt = 0;
-            loop {
-                match consumer.seek(topic, *p, Offset::Offset(o), Duration::from_secs(10)) {
-                    Ok(()) => {
-                        tracing::info!(topic = %topic, partition = p, offset = o, "resuming from the checkpoint's offset");
-                        sought.push((topic.clone(), *p));
-                        break;
-                    }
-                    Err(e) if attempt < 50 => {
-                        tracing::debug!(error = %e, attempt, "seek not possible yet");
-                        attempt += 1;
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(e) => {
-                        tracing::error!(topic = %topic, partition = p, offset = o, error = %e, "cannot seek to the checkpoint's offset; reading from the committed offset");
-                        break;
-                    }
+            // ("Erroneous state"). State restored at `o` must be read on from exactly `o`, so
+            // the seek is kept pending: the partition's messages are dropped, each retrying the
+            // seek (its arrival proves the fetcher runs), until the seek is made.
+            match consumer.seek(topic, *p, Offset::Offset(o), Duration::from_secs(10)) {
+                Ok(()) => {
+                    tracing::info!(topic = %topic, partition = p, offset = o, "resuming from the checkpoint's offset");
+                    sought.push((topic.clone(), *p));
+                }
+                Err(e) => {
+                    tracing::debug!(topic = %topic, partition = p, offset = o, error = %e, "seek not possible yet; retried when the partition delivers");
+                    self.seek_to.insert((topic.clone(), *p), o);
                 }
             }
         }

@@ -386,6 +386,36 @@ pub fn story_change(change_id: &str, ts_ms: i64) -> String {
     .to_string()
 }
 
+/// A harmful autonomous change for load runs (the crash test, the latency bench): its change
+/// record on the checkout surface, made by agent `actor`, and its effect on the simulated
+/// traffic of `countries` for an hour (clicks x1.2, conversions and tickets by the factors).
+pub fn harmful_change(
+    change_id: &str,
+    ts_ms: i64,
+    actor: &str,
+    countries: &[&str],
+    conversion_mult: f64,
+    ticket_mult: f64,
+) -> (String, Effect) {
+    let record = serde_json::json!({
+        "change_id": change_id, "ts": fmt_time(ts_ms), "action": "applied",
+        "actor": {"kind": "agent", "name": actor}, "kind": "wording",
+        "scope": {"surfaces": ["checkout"]}, "tier": "autonomous", "owner": "team-growth",
+        "rollback": {"restore": format!("{change_id}-previous")}
+    })
+    .to_string();
+    let effect = Effect {
+        change_id: change_id.into(),
+        countries: countries.iter().map(|c| c.to_string()).collect(),
+        start_ms: ts_ms,
+        end_ms: Some(ts_ms + 3_600_000),
+        ctr_mult: 1.2,
+        conversion_mult,
+        ticket_mult,
+    };
+    (record, effect)
+}
+
 /// The automation's confirmation that it rolled a change back.
 pub fn rolled_back_change(change_id: &str, ts_ms: i64, by: &str) -> String {
     serde_json::json!({

@@ -134,7 +134,8 @@ pub enum Output {
     Alert(Box<Alert>),
     Rollback(RollbackRequest),
     Audit(AuditRecord),
-    /// Stage 1 of the two-stage aggregation: partial sums for the repartition topic.
+    /// The two-stage aggregation's repartition topic: partial sums and markers (stage 1),
+    /// questions to the decider and its answers (stage 2).
     Partial(Box<crate::repartition::Routed>),
 }
 

@@ -22,6 +22,7 @@ pub struct Telemetry {
     events: IntCounter,
     accepted: IntCounter,
     rejected: IntCounterVec,
+    changes_rejected: IntCounterVec,
     unselected: IntCounter,
     missing_value: IntCounterVec,
     series_overflow: IntCounter,
@@ -355,8 +356,15 @@ impl Telemetry {
             "Inputs dead-lettered, by reason code.",
             &["error_code"],
         );
+        let changes_rejected = counter_vec(
+            &r,
+            "guardrail_changes_rejected_total",
+            "Change records dead-lettered, by reason code.",
+            &["error_code"],
+        );
         for c in ErrorCode::ALL {
             rejected.with_label_values(&[c.as_str()]);
+            changes_rejected.with_label_values(&[c.as_str()]);
         }
         let missing_value = counter_vec(
             &r,
@@ -456,6 +464,7 @@ impl Telemetry {
             events: counter(&r, "guardrail_events_received_total", "Event messages read."),
             accepted: counter(&r, "guardrail_events_accepted_total", "Events decoded and applied."),
             rejected,
+            changes_rejected,
             unselected: counter(
                 &r,
                 "guardrail_events_unselected_total",
@@ -545,6 +554,12 @@ impl Telemetry {
             let d = s.rejected[c.index()] - prev.rejected[c.index()];
             if d > 0 {
                 self.rejected.with_label_values(&[c.as_str()]).inc_by(d);
+            }
+            let d = s.changes_rejected[c.index()] - prev.changes_rejected[c.index()];
+            if d > 0 {
+                self.changes_rejected
+                    .with_label_values(&[c.as_str()])
+                    .inc_by(d);
             }
         }
         self.unselected.inc_by(s.unselected - prev.unselected);

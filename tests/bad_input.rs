@@ -516,9 +516,14 @@ async fn unknown_types_are_counted_not_dead_lettered_and_bad_changes_are() {
     for c in guardrail::event::ErrorCode::ALL {
         let want = expected.get(c.as_str()).copied().unwrap_or(0.0);
         assert_eq!(
-            counted(&m, "guardrail_events_rejected_total", c.as_str()),
+            counted(&m, "guardrail_changes_rejected_total", c.as_str()),
             want,
             "{c}"
+        );
+        assert_eq!(
+            counted(&m, "guardrail_events_rejected_total", c.as_str()),
+            0.0,
+            "{c}: change records are not counted as events"
         );
         assert_eq!(
             counted(&m, "guardrail_dead_letters_produced_total", c.as_str()),

@@ -2,7 +2,9 @@
 //! this test process (so the broker outlives every crash), under continuous load, killed with
 //! SIGKILL at random moments and restarted. Afterwards, read with `read_committed`: each injected
 //! harmful change has exactly one rollback request, every firing alert is there exactly once,
-//! and no alert blames anything but an injected change (no cold-start false alarm).
+//! and no alert blames anything but an injected change (no cold-start false alarm). One of the
+//! interruptions leaves a zombie instead: the old incarnation is paused while a new one takes
+//! over, then resumed; it must stop by itself, fenced, having decided nothing twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -13,8 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guardrail::config::Config;
-use guardrail::event::fmt_time;
-use guardrail::sim::{Effect, Scenario, Sim};
+use guardrail::sim::{Scenario, Sim};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -37,7 +38,9 @@ fn free_port() -> u16 {
 }
 
 struct Service {
-    cfg_path: std::path::PathBuf,
+    cfg: Config,
+    /// The HTTP port of the current incarnation.
+    port: u16,
     log_dir: std::path::PathBuf,
     starts: usize,
     child: Option<Child>,
@@ -46,11 +49,15 @@ struct Service {
 impl Service {
     fn start(&mut self) {
         self.starts += 1;
+        self.cfg.http.listen = format!("127.0.0.1:{}", self.port);
+        self.cfg.service.public_url = format!("http://127.0.0.1:{}", self.port);
+        let cfg_path = self.log_dir.join(format!("guardrail-{}.toml", self.starts));
+        std::fs::write(&cfg_path, toml::to_string(&self.cfg).unwrap()).unwrap();
         let log =
             std::fs::File::create(self.log_dir.join(format!("run-{}.log", self.starts))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_guardrail"))
             .args(["run", "--config"])
-            .arg(&self.cfg_path)
+            .arg(&cfg_path)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -58,6 +65,18 @@ impl Service {
             .spawn()
             .expect("guardrail starts");
         self.child = Some(child);
+    }
+
+    /// A zombie: the running incarnation is paused (SIGSTOP, as a long GC pause or a network
+    /// partition leaves a process) and a new one starts with the same identity, on a fresh
+    /// port since the paused one still holds its own. Returns the paused one and its log.
+    fn pause_and_replace(&mut self) -> (Child, std::path::PathBuf) {
+        let old = self.child.take().unwrap();
+        signal(&old, "-STOP");
+        let log = self.log_dir.join(format!("run-{}.log", self.starts));
+        self.port = free_port();
+        self.start();
+        (old, log)
     }
 
     fn kill9(&mut self) {
@@ -102,6 +121,14 @@ impl Drop for Service {
     }
 }
 
+fn signal(c: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &c.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig}");
+}
+
 fn metric(port: u16, name: &str) -> Option<f64> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -141,16 +168,6 @@ fn read_committed(bootstrap: &str, topic: &str) -> Vec<serde_json::Value> {
     out
 }
 
-fn change(id: &str, ts: i64) -> String {
-    serde_json::json!({
-        "change_id": id, "ts": fmt_time(ts), "action": "applied",
-        "actor": {"kind": "agent", "name": "journey-optimizer"}, "kind": "wording",
-        "scope": {"surfaces": ["checkout"]}, "tier": "autonomous", "owner": "team-growth",
-        "rollback": {"restore": format!("{id}-previous")}
-    })
-    .to_string()
-}
-
 #[test]
 fn kill_nine_under_load_loses_and_doubles_nothing() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -170,7 +187,6 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
     for topic in &t.all()[1..] {
         cluster.create_topic(topic, 1, 1).unwrap();
     }
-    let port = free_port();
     cfg.kafka.bootstrap_servers = bootstrap.clone();
     cfg.kafka.group_id = "guardrail-crash".into();
     for (k, v) in [
@@ -182,18 +198,16 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
         cfg.kafka.options.insert(k.into(), v.into());
     }
     cfg.service.instance = "crash-1".into();
-    cfg.http.listen = format!("127.0.0.1:{port}");
-    cfg.service.public_url = format!("http://127.0.0.1:{port}");
     cfg.signing.secret = Some("crash-secret".into());
     cfg.signing.secret_env = None;
     cfg.detection.warmup_windows = 48;
     cfg.state.dir = Some(dir.path().join("state").display().to_string());
     cfg.state.checkpoint_interval_secs = 3;
-    let cfg_path = dir.path().join("guardrail.toml");
-    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    let state_dir = cfg.state.dir.clone().unwrap();
 
     let mut svc = Service {
-        cfg_path,
+        cfg: cfg.clone(),
+        port: free_port(),
         log_dir: dir.path().to_path_buf(),
         starts: 0,
         child: None,
@@ -242,16 +256,16 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
             while sim.now_ms() < end_ms {
                 if next < changes.len() && sim.now_ms() >= changes[next].1 {
                     let (id, at, countries) = &changes[next];
-                    send(&changes_topic, b"c", change(id, *at).as_bytes(), None);
-                    sim.scenario_mut().effects.push(Effect {
-                        change_id: id.to_string(),
-                        countries: countries.iter().map(|c| c.to_string()).collect(),
-                        start_ms: *at,
-                        end_ms: Some(at + HOUR),
-                        ctr_mult: 1.2,
-                        conversion_mult: 0.6,
-                        ticket_mult: 4.0,
-                    });
+                    let (record, effect) = guardrail::sim::harmful_change(
+                        id,
+                        *at,
+                        "journey-optimizer",
+                        countries,
+                        0.6,
+                        4.0,
+                    );
+                    send(&changes_topic, b"c", record.as_bytes(), None);
+                    sim.scenario_mut().effects.push(effect);
                     next += 1;
                 }
                 let to = sim.now_ms() + 5 * MIN;
@@ -294,8 +308,12 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
         if done.load(Ordering::Relaxed) && kills >= 10 {
             break;
         }
-        svc.kill9();
         kills += 1;
+        if kills == 5 {
+            zombie(&mut svc, &t.events);
+            continue;
+        }
+        svc.kill9();
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
         svc.start();
     }
@@ -306,7 +324,7 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
     let end_s = (end_ms + 150_000) as f64 / 1000.0;
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        if metric(port, "guardrail_event_time_latest_seconds").is_some_and(|t| t >= end_s) {
+        if metric(svc.port, "guardrail_event_time_latest_seconds").is_some_and(|t| t >= end_s) {
             break;
         }
         assert!(
@@ -317,7 +335,10 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let committed = metric(port, "guardrail_transactions_total{result=\"committed\"}");
+    let committed = metric(
+        svc.port,
+        "guardrail_transactions_total{result=\"committed\"}",
+    );
     let status = svc.terminate();
     assert!(status.success(), "clean stop: {status}");
     let logs = svc.logs();
@@ -397,9 +418,47 @@ fn kill_nine_under_load_loses_and_doubles_nothing() {
         );
     }
     // The checkpoint the last incarnation left behind reads back.
-    assert!(Path::new(&cfg.state.dir.unwrap())
+    assert!(Path::new(&state_dir)
         .join(guardrail::checkpoint::FILE_NAME)
         .exists());
+}
+
+/// One interruption of the kill loop is a zombie instead of a crash: the running incarnation
+/// is paused, a new one takes over (same transactional.id, same state directory), and the
+/// paused one is resumed once the new one reads every partition. It must stop by itself, fenced
+/// (by Kafka at its next transaction, or by the state directory's claim at its next
+/// checkpoint), and the end-of-test checks find nothing it decided twice.
+fn zombie(svc: &mut Service, events_topic: &str) {
+    let (mut old, old_log) = svc.pause_and_replace();
+    let assigned = format!("guardrail_partitions_assigned{{topic=\"{events_topic}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while metric(svc.port, &assigned) != Some(PARTITIONS as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "the new incarnation never took the partitions over"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&old, "-CONT");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = old.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = old.kill();
+            panic!(
+                "the zombie kept running after it was resumed:\n{}",
+                tail(&std::fs::read_to_string(&old_log).unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(&old_log).unwrap_or_default();
+    let why = log.lines().rev().find(|l| l.contains("fenced"));
+    eprintln!("zombie stopped ({status}): {}", why.unwrap_or("?"));
+    assert!(!status.success(), "a fenced zombie exits with an error");
+    assert!(why.is_some(), "it says it was fenced:\n{}", tail(&log));
 }
 
 fn tail(s: &str) -> String {

@@ -10,11 +10,12 @@
 
 use libfuzzer_sys::fuzz_target;
 
+mod common;
+
 use guardrail::config::EngineConfig;
 use guardrail::event::{
     decode_event, fmt_time, parse_time_str, ErrorCode, MAX_TIME_MS, MIN_TIME_MS,
 };
-use serde::de::IgnoredAny;
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,64 +23,23 @@ fuzz_target!(|data: &[u8]| {
     let ev = match decode_event(data, max) {
         Ok(ev) => ev,
         Err(rej) => {
-            assert!(!rej.message.is_empty(), "{:?} without a message", rej.code);
-            // Checked in this order: size, then UTF-8, then the rest.
-            if data.len() > max {
-                assert_eq!(rej.code, ErrorCode::TooLarge);
-            } else if std::str::from_utf8(data).is_err() {
-                assert_eq!(rej.code, ErrorCode::InvalidUtf8);
-            } else {
-                assert!(
-                    !matches!(
-                        rej.code,
-                        ErrorCode::TooLarge
-                            | ErrorCode::InvalidUtf8
-                            // The engine's, not the decoder's:
-                            | ErrorCode::FutureTimestamp
-                            | ErrorCode::TooLate
-                            | ErrorCode::Duplicate
-                    ),
-                    "decoder gave {:?}: {}",
-                    rej.code,
-                    rej.message
-                );
-            }
-            // Whatever is not JSON at all is invalid_json (non_finite_value for a NaN or
-            // Infinity literal), however far typed decoding got; JSON that is not an object is
-            // invalid_json; only a readable object can have a field problem.
-            if let Ok(text) = std::str::from_utf8(data) {
-                match serde_json::from_str::<IgnoredAny>(text) {
-                    Err(_) if rej.code == ErrorCode::NonFiniteValue => assert!(
-                        text.contains("NaN") || text.contains("Infinity"),
-                        "{}",
-                        rej.message
-                    ),
-                    Err(_) => assert_eq!(rej.code, ErrorCode::InvalidJson, "{}", rej.message),
-                    Ok(_)
-                        if !text
-                            .trim_start_matches([' ', '\t', '\n', '\r'])
-                            .starts_with('{') =>
-                    {
-                        assert_eq!(rej.code, ErrorCode::InvalidJson, "{}", rej.message)
-                    }
-                    // invalid_json for an object that passes the lenient syntax check only
-                    // where serde_json cannot read it as a tree either (a lone surrogate
-                    // escape in a string it decodes, nesting beyond 128 levels).
-                    Ok(_) if rej.code == ErrorCode::InvalidJson => assert!(
-                        serde_json::from_str::<serde_json::Value>(text).is_err(),
-                        "{}",
-                        rej.message
-                    ),
-                    Ok(_) => {}
-                }
-            }
+            common::check_rejection(data, max, &rej, |c| {
+                !matches!(
+                    c,
+                    ErrorCode::TooLarge
+                        | ErrorCode::InvalidUtf8
+                        // The engine's, not the decoder's:
+                        | ErrorCode::FutureTimestamp
+                        | ErrorCode::TooLate
+                        | ErrorCode::Duplicate
+                )
+            });
             return;
         }
     };
 
     // Accepted: the invariants the engine relies on.
-    assert!(data.len() <= max);
-    let text = std::str::from_utf8(data).expect("accepted input is UTF-8");
+    let text = common::check_accepted(data, max);
     assert!(!ev.ty.is_empty(), "empty type accepted");
     assert!(
         (MIN_TIME_MS..=MAX_TIME_MS).contains(&ev.ts_ms),
@@ -98,10 +58,6 @@ fuzz_target!(|data: &[u8]| {
 
     // The same bytes read by serde_json's own tree parser, which, unlike the decoder, also
     // converts the numbers of fields nobody reads (1e999 there is no reason to reject an event).
-    serde_json::from_str::<IgnoredAny>(text).expect("accepted input is JSON");
-    assert!(text
-        .trim_start_matches([' ', '\t', '\n', '\r'])
-        .starts_with('{'));
     let tree: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         // It also decodes the strings of fields nobody reads (a lone surrogate escape there is

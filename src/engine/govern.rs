@@ -299,33 +299,12 @@ impl Engine {
         let Some(change_id) = self.incidents[idx].decision.change_id.clone() else {
             return;
         };
-        if let Some((why, counts)) = self.breaker_reason(&change_id, at) {
-            self.stats.breaker_trips += 1;
-            let esc = self.cfg.policy.escalate_after_secs as i64 * 1000;
-            let inc = &mut self.incidents[idx];
-            inc.decision.action = DecisionAction::BreakerOpen;
-            inc.decision.reason = format!(
-                "circuit breaker open: {why}; guardrail stopped acting on its own and asks a human to approve or veto the rollback of {change_id}"
-            );
-            inc.decision.set_deadline(Some(at + esc));
-            inc.severity = "critical";
-            let id = inc.id.clone();
-            let reason = inc.decision.reason.clone();
-            self.audit(
-                Some(&id),
-                Some(&change_id),
-                "circuit_breaker",
-                Actor::system("circuit-breaker"),
-                json!({"reason": reason, "recent_automatic_rollbacks": counts}),
-                json!({
-                    "max_auto_rollbacks_per_hour": self.cfg.policy.max_auto_rollbacks_per_hour,
-                    "max_auto_rollbacks_per_hour_per_surface": self.cfg.policy.max_auto_rollbacks_per_hour_per_surface,
-                }),
-            );
-            // Page: the incident's alert again, critical, with the breaker's reason.
-            let alert = self.alert_for(idx);
-            self.outputs.push(Output::Alert(Box::new(alert)));
-            return;
+        // With two stages the decider applies the breaker to the whole group's rollbacks.
+        if !matches!(self.stage, super::Stage::Merge { .. }) {
+            if let Some((why, counts)) = self.breaker_reason(&change_id, at) {
+                self.trip_breaker(idx, at, &change_id, &why, counts);
+                return;
+            }
         }
         let rule = self.incidents[idx].decision.policy.clone();
         self.request_rollback(
@@ -338,8 +317,49 @@ impl Engine {
         );
     }
 
+    /// The circuit breaker stops an automatic rollback: guardrail asks a human, says why, and
+    /// pages again.
+    pub(super) fn trip_breaker(
+        &mut self,
+        idx: usize,
+        at: i64,
+        change_id: &str,
+        why: &str,
+        counts: serde_json::Value,
+    ) {
+        self.stats.breaker_trips += 1;
+        let esc = self.cfg.policy.escalate_after_secs as i64 * 1000;
+        let inc = &mut self.incidents[idx];
+        inc.decision.action = DecisionAction::BreakerOpen;
+        inc.decision.reason = format!(
+            "circuit breaker open: {why}; guardrail stopped acting on its own and asks a human to approve or veto the rollback of {change_id}"
+        );
+        inc.decision.set_deadline(Some(at + esc));
+        inc.severity = "critical";
+        let id = inc.id.clone();
+        let reason = inc.decision.reason.clone();
+        self.audit(
+            Some(&id),
+            Some(change_id),
+            "circuit_breaker",
+            Actor::system("circuit-breaker"),
+            json!({"reason": reason, "recent_automatic_rollbacks": counts}),
+            json!({
+                "max_auto_rollbacks_per_hour": self.cfg.policy.max_auto_rollbacks_per_hour,
+                "max_auto_rollbacks_per_hour_per_surface": self.cfg.policy.max_auto_rollbacks_per_hour_per_surface,
+            }),
+        );
+        // Page: the incident's alert again, critical, with the breaker's reason.
+        let alert = self.alert_for(idx);
+        self.outputs.push(Output::Alert(Box::new(alert)));
+    }
+
     /// Why the breaker forbids another automatic rollback of `change_id` at `at`, if it does.
-    fn breaker_reason(&mut self, change_id: &str, at: i64) -> Option<(String, serde_json::Value)> {
+    pub(super) fn breaker_reason(
+        &mut self,
+        change_id: &str,
+        at: i64,
+    ) -> Option<(String, serde_json::Value)> {
         while self
             .auto_rollbacks
             .front()
@@ -649,6 +669,7 @@ impl Engine {
                 if let Some(ch) = &change {
                     self.vetoed.insert(ch.clone(), why.clone());
                     self.settle_siblings(idx, ch, DecisionAction::Vetoed, &why);
+                    self.tell_decider_veto(ch, &why);
                 }
                 ("veto", "vetoed: no rollback will be requested".to_string())
             }

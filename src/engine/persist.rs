@@ -46,6 +46,7 @@ struct Persisted {
     registry: Json<Registry>,
     pending_rollbacks: HashMap<String, String>,
     emitted_rollbacks: HashSet<String>,
+    granted: HashMap<String, String>,
     dedup: Dedup,
     audit_seq: u64,
     guards: Guards,
@@ -125,6 +126,7 @@ impl Engine {
             registry: Json(std::mem::take(&mut self.registry)),
             pending_rollbacks: std::mem::take(&mut self.pending_rollbacks),
             emitted_rollbacks: std::mem::take(&mut self.emitted_rollbacks),
+            granted: std::mem::take(&mut self.granted),
             dedup: std::mem::replace(&mut self.dedup, Dedup::empty(0)),
             audit_seq: self.audit_seq,
             guards: std::mem::take(&mut self.guards),
@@ -152,6 +154,7 @@ impl Engine {
         self.registry = p.registry.0;
         self.pending_rollbacks = p.pending_rollbacks;
         self.emitted_rollbacks = p.emitted_rollbacks;
+        self.granted = p.granted;
         self.dedup = p.dedup;
         self.guards = p.guards;
         self.sprawl = p.sprawl;
@@ -368,6 +371,12 @@ impl Engine {
                 }
             }
             done.series += 1;
+        }
+        // The decider's partition: what it granted and the breaker's count go with it.
+        if parts.contains(&crate::repartition::DECIDER) {
+            self.granted = p.granted;
+            self.auto_rollbacks = p.auto_rollbacks;
+            self.vetoed.extend(p.vetoed);
         }
         // Category names: a share series' counts are indexed by its metric's registry.
         for (mi, c) in p.share_cats.into_iter().enumerate() {

@@ -3,7 +3,7 @@
 //! runs everything else.
 
 use super::*;
-use crate::repartition::{clock_id, clock_partition, Partial, Routed};
+use crate::repartition::{clock_id, clock_partition, Partial, Routed, Verdict, DECIDER};
 
 /// Which part of the pipeline an engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +41,8 @@ impl Engine {
     }
 
     /// Stage 2: registers the repartition partitions it was assigned. Each holds the watermark
-    /// for every input partition until a marker for it arrives there (or it stays silent for
-    /// [`SOURCE_IDLE_MS`]).
+    /// for every input partition until a marker for it arrives there, and again whenever
+    /// stage 1 says it is not idle.
     pub fn assign_repartitions(&mut self, parts: &[i32], input_partitions: i32, now_ms: i64) {
         let clocks: Vec<i32> = parts
             .iter()
@@ -142,6 +142,206 @@ impl Engine {
         h.finish()
     }
 
+    /// The repartition partition of what is kept per change (its guard's treatment/holdout
+    /// sums, and so its guard incidents).
+    fn change_partition(&self, change_id: &str, partitions: i32) -> i32 {
+        let mut h = SipHasher13::new_with_keys(self.schema.series_key.0, self.schema.series_key.1);
+        h.write(change_id.as_bytes());
+        (h.finish() % partitions.max(1) as u64) as i32
+    }
+
+    /// Stage 2: the repartition partition incident `idx` lives on (its series', or its
+    /// change's), where the decider's answer about it must go.
+    fn incident_partition(&self, idx: usize, partitions: i32) -> i32 {
+        let inc = &self.incidents[idx];
+        match (inc.series_idx, inc.decision.change_id.clone()) {
+            (Some(si), _) => {
+                let s = &self.series[si];
+                let values: Vec<&str> = s.dims.iter().map(|(_, v)| v.as_str()).collect();
+                (self.route_key(s.metric, &values, false) % partitions.max(1) as u64) as i32
+            }
+            (None, Some(c)) => self.change_partition(&c, partitions),
+            (None, None) => DECIDER,
+        }
+    }
+
+    /// Stage 2: asks the decider whether incident `idx` may have its change rolled back. Until
+    /// it answers, the change counts as rolled back here, as with one instance: other incidents
+    /// blamed on it are not asked about again.
+    pub(super) fn ask_decider(&mut self, idx: usize, at_ms: i64, decided_by: Actor) {
+        let Stage::Merge { partitions } = self.stage else {
+            return;
+        };
+        let inc = &self.incidents[idx];
+        let Some(change_id) = inc.decision.change_id.clone() else {
+            return;
+        };
+        let incident_id = inc.id.clone();
+        let rid = crate::sink::stable_id("rb-", &[&incident_id, &change_id]);
+        if self.emitted_rollbacks.contains(&rid) {
+            return;
+        }
+        self.pending_rollbacks.insert(change_id.clone(), rid);
+        let reply = self.incident_partition(idx, partitions);
+        self.outputs.push(Output::Partial(Box::new(Routed {
+            partition: DECIDER,
+            key: change_id.clone(),
+            partial: Partial::Ask {
+                change_id,
+                incident_id,
+                reply,
+                at_ms,
+                decided_by,
+            },
+        })));
+        self.dirty = true;
+    }
+
+    /// The decider: one rollback request per change for the whole group, and the circuit
+    /// breaker over the whole group's automatic rollbacks. Asked again (input read again after
+    /// a restart), it answers the same.
+    fn decide(
+        &mut self,
+        change_id: String,
+        incident_id: String,
+        reply: i32,
+        at_ms: i64,
+        decided_by: Actor,
+    ) {
+        let verdict = match self.granted.get(&change_id) {
+            Some(by) if *by == incident_id => Verdict::Grant,
+            _ if self.vetoed.contains_key(&change_id) => Verdict::Vetoed {
+                why: self.vetoed[&change_id].clone(),
+            },
+            Some(by) => Verdict::Already { by: by.clone() },
+            None => {
+                let automatic = decided_by.kind == "policy";
+                match self.breaker_reason(&change_id, at_ms).filter(|_| automatic) {
+                    Some((why, counts)) => Verdict::Breaker {
+                        why,
+                        counts: counts.to_string(),
+                    },
+                    None => {
+                        if automatic {
+                            let surfaces: Vec<String> = self
+                                .registry
+                                .get(&change_id)
+                                .map(|c| c.scope.surfaces.clone())
+                                .filter(|s| !s.is_empty())
+                                .unwrap_or_else(|| vec!["*".to_string()]);
+                            self.auto_rollbacks.push_back((at_ms, surfaces));
+                        }
+                        self.granted.insert(change_id.clone(), incident_id.clone());
+                        Verdict::Grant
+                    }
+                }
+            }
+        };
+        self.dirty = true;
+        self.outputs.push(Output::Partial(Box::new(Routed {
+            partition: reply,
+            key: change_id.clone(),
+            partial: Partial::Verdict {
+                change_id,
+                incident_id,
+                at_ms,
+                decided_by,
+                verdict,
+            },
+        })));
+    }
+
+    /// Stage 2, on the incident's owner: carries out the decider's answer.
+    fn apply_verdict(
+        &mut self,
+        change_id: String,
+        incident_id: String,
+        at_ms: i64,
+        decided_by: Actor,
+        verdict: Verdict,
+    ) {
+        // Gone (resolved long ago and dropped) or never here: nothing to carry out.
+        let Some(&idx) = self.incident_ids.get(&incident_id) else {
+            return;
+        };
+        let rid = crate::sink::stable_id("rb-", &[&incident_id, &change_id]);
+        if self.emitted_rollbacks.contains(&rid) {
+            return;
+        }
+        if !matches!(verdict, Verdict::Grant)
+            && self.pending_rollbacks.get(&change_id) == Some(&rid)
+        {
+            self.pending_rollbacks.remove(&change_id);
+        }
+        match verdict {
+            // Unless a person vetoed it here meanwhile (the veto is on its way to the decider).
+            Verdict::Grant
+                if self.incidents[idx].decision.action == DecisionAction::RollbackRequested =>
+            {
+                self.emit_rollback(idx, at_ms, decided_by)
+            }
+            Verdict::Grant => {}
+            Verdict::Already { by } => {
+                let inc = &mut self.incidents[idx];
+                if inc.decision.action != DecisionAction::RollbackRequested {
+                    return;
+                }
+                let reason = format!("rollback of {change_id} already requested for {by}");
+                inc.decision.action = DecisionAction::RollbackAlreadyRequested;
+                inc.decision.reason = reason.clone();
+                let rule = inc.decision.policy.clone();
+                self.audit(
+                    Some(&incident_id),
+                    Some(&change_id),
+                    "policy_evaluation",
+                    Actor::system("decider"),
+                    serde_json::json!({"decision": DecisionAction::RollbackAlreadyRequested.as_str(),
+                        "reason": reason, "requested_for": by}),
+                    serde_json::json!({"rule": rule, "one_rollback_per_change": true}),
+                );
+                self.dirty = true;
+            }
+            Verdict::Breaker { why, counts } => {
+                let counts = serde_json::from_str(&counts).unwrap_or(serde_json::Value::Null);
+                self.trip_breaker(idx, at_ms, &change_id, &why, counts);
+            }
+            Verdict::Vetoed { why } => {
+                let reason =
+                    format!("{why}; this incident is recorded against the veto, not acted on");
+                let inc = &mut self.incidents[idx];
+                inc.decision.action = DecisionAction::Vetoed;
+                inc.decision.set_deadline(None);
+                inc.decision.reason = reason.clone();
+                let rule = inc.decision.policy.clone();
+                self.vetoed.insert(change_id.clone(), why);
+                self.audit(
+                    Some(&incident_id),
+                    Some(&change_id),
+                    "policy_evaluation",
+                    Actor::system("decider"),
+                    serde_json::json!({"decision": DecisionAction::Vetoed.as_str(), "reason": reason}),
+                    serde_json::json!({"rule": rule}),
+                );
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Stage 2: tells the decider that a person vetoed the rollback of `change_id`.
+    pub(super) fn tell_decider_veto(&mut self, change_id: &str, reason: &str) {
+        if !matches!(self.stage, Stage::Merge { .. }) {
+            return;
+        }
+        self.outputs.push(Output::Partial(Box::new(Routed {
+            partition: DECIDER,
+            key: change_id.to_string(),
+            partial: Partial::Veto {
+                change_id: change_id.to_string(),
+                reason: reason.to_string(),
+            },
+        })));
+    }
+
     /// The repartition partition and record key of a series (or share series).
     fn route(&self, metric: usize, values: &[String], share: bool) -> (i32, String) {
         let vals: Vec<&str> = values.iter().map(String::as_str).collect();
@@ -233,12 +433,8 @@ impl Engine {
             if metrics.is_empty() && g.exposure == [0.0; 2] {
                 continue;
             }
-            let mut h =
-                SipHasher13::new_with_keys(self.schema.series_key.0, self.schema.series_key.1);
-            h.write(g.change_id.as_bytes());
-            let k = h.finish();
             out.push(Routed {
-                partition: (k % partitions.max(1) as u64) as i32,
+                partition: self.change_partition(&g.change_id, partitions),
                 key: g.change_id.clone(),
                 partial: Partial::Arms {
                     change_id: g.change_id,
@@ -261,18 +457,18 @@ impl Engine {
         for m in self.schema.metrics.iter_mut() {
             m.series_count = 0;
         }
+        // Every assigned partition, heard from or not: stage 2 lets one stop holding its
+        // watermark only when a marker says it has been silent.
         for c in &self.sources {
-            if c.max_ts == i64::MIN {
-                continue;
-            }
             for x in 0..partitions {
                 out.push(Routed {
                     partition: x,
                     key: crate::repartition::MARKER_KEY.to_string(),
                     partial: Partial::Marker {
                         source: c.source,
-                        max_ts: c.max_ts,
+                        max_ts: (c.max_ts != i64::MIN).then_some(c.max_ts),
                         heard_ms: c.seen_ms.min(now_ms),
+                        sent_ms: now_ms,
                     },
                 });
             }
@@ -447,14 +643,49 @@ impl Engine {
                 source,
                 max_ts,
                 heard_ms,
+                sent_ms,
             } => {
-                if !(crate::event::MIN_TIME_MS..=crate::event::MAX_TIME_MS).contains(&max_ts) {
+                if let Some(t) = max_ts.filter(|t| {
+                    !(crate::event::MIN_TIME_MS..=crate::event::MAX_TIME_MS).contains(t)
+                }) {
                     return Err(Reject::new(
                         ErrorCode::BadTimestamp,
-                        format!("marker time {max_ts} out of range"),
+                        format!("marker time {t} out of range"),
                     ));
                 }
-                self.advance_at(clock_id(part, source), max_ts, heard_ms, now_ms);
+                let idle = sent_ms.saturating_sub(heard_ms) > SOURCE_IDLE_MS;
+                self.advance_at(clock_id(part, source), max_ts, heard_ms, Some(idle), now_ms);
+            }
+            Partial::Ask {
+                change_id,
+                incident_id,
+                reply,
+                at_ms,
+                decided_by,
+            } => {
+                let Stage::Merge { partitions } = self.stage else {
+                    return Ok(());
+                };
+                if !(0..partitions).contains(&reply) {
+                    return Err(Reject::new(
+                        ErrorCode::InvalidField,
+                        format!("reply partition {reply} of {partitions}"),
+                    ));
+                }
+                self.decide(change_id, incident_id, reply, at_ms, decided_by);
+            }
+            Partial::Verdict {
+                change_id,
+                incident_id,
+                at_ms,
+                decided_by,
+                verdict,
+            } => self.apply_verdict(change_id, incident_id, at_ms, decided_by, verdict),
+            Partial::Veto { change_id, reason } => {
+                // A grant not yet carried out yields to the veto (see apply_verdict).
+                self.granted.remove(&change_id);
+                self.vetoed.insert(change_id, reason);
+                self.dirty = true;
             }
         }
         Ok(())
@@ -505,4 +736,202 @@ fn shape_error(metric: &str) -> Reject {
              the same configuration?)"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{harmful_change, Scenario, Sim};
+    use std::collections::VecDeque;
+
+    const HOUR: i64 = 3_600_000;
+    const PARTS: i32 = 4;
+
+    /// Rollback requests (change ids) and incidents blamed on `change` with a rollback
+    /// decision, of one single-stage engine and of two stage-2 engines (engine 0 owns the even
+    /// repartition partitions, engine 1 the odd ones) fed by one stage-1 engine, on the same
+    /// traffic with one harmful change in three countries.
+    fn run(change: &str) -> (Vec<String>, Vec<String>, usize, [usize; 2]) {
+        let mut cfg =
+            Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
+        cfg.detection.warmup_windows = 48;
+        cfg.guards.sprawl.enabled = false;
+        cfg.guards.pressure.enabled = false;
+        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
+        let (start, end) = (change_ms - 5 * HOUR, change_ms + 2 * HOUR);
+        let mut single = Engine::new(&cfg).unwrap();
+        let mut s1 = Engine::new(&cfg).unwrap();
+        s1.set_stage(Stage::Aggregate { partitions: PARTS });
+        s1.assign_sources(&[0], start);
+        let mut owners = [Engine::new(&cfg).unwrap(), Engine::new(&cfg).unwrap()];
+        for (i, e) in owners.iter_mut().enumerate() {
+            e.set_stage(Stage::Merge { partitions: PARTS });
+            let mine: Vec<i32> = (0..PARTS).filter(|p| *p as usize % 2 == i).collect();
+            e.assign_repartitions(&mine, 1, start);
+        }
+        let mut sim = Sim::new(
+            Scenario {
+                seed: 31,
+                peak_sessions_per_min: 400.0,
+                ..Default::default()
+            },
+            start,
+        );
+        let (mut one, mut two) = (Vec::new(), Vec::new());
+        let mut evs: Vec<Vec<u8>> = Vec::new();
+        let mut changed = false;
+        while sim.now_ms() < end {
+            if !changed && sim.now_ms() >= change_ms {
+                changed = true;
+                let (record, effect) =
+                    harmful_change(change, change_ms, "agent", &["FR", "BE", "DE"], 0.6, 4.0);
+                single.process_change(record.as_bytes()).unwrap();
+                s1.forward_change(record.as_bytes()).unwrap();
+                sim.scenario_mut().effects.push(effect);
+            }
+            let to = sim.now_ms() + 5 * 60_000;
+            let now = to + 1000;
+            evs.clear();
+            sim.advance(to, &mut |_, v| evs.push(v.to_vec()));
+            evs.push(format!(r#"{{"type":"heartbeat","ts":{}}}"#, to - 1).into_bytes());
+            for v in &evs {
+                let _ = single.process_event_from(0, v, now);
+                let _ = s1.process_event_from(0, v, now);
+            }
+            s1.drain_partials(now);
+            let mut queue: VecDeque<Routed> = s1
+                .take_outputs()
+                .filter_map(|o| match o {
+                    Output::Partial(r) => Some(*r),
+                    _ => None,
+                })
+                .collect();
+            // The repartition topic: stage 2's own records (questions, answers) go round too.
+            while let Some(r) = queue.pop_front() {
+                let e = &mut owners[r.partition as usize % 2];
+                e.process_partial(r.partition, &r.partial.encode(), now)
+                    .unwrap();
+                for o in e.take_outputs() {
+                    match o {
+                        Output::Partial(r) => queue.push_back(*r),
+                        Output::Rollback(q) => two.push(q.data.change_id),
+                        _ => {}
+                    }
+                }
+            }
+            for o in single.take_outputs() {
+                if let Output::Rollback(q) = o {
+                    one.push(q.data.change_id);
+                }
+            }
+        }
+        let blamed = |e: &Engine| {
+            e.incidents
+                .iter()
+                .filter(|i| {
+                    i.decision.change_id.as_deref() == Some(change)
+                        && matches!(
+                            i.decision.action,
+                            DecisionAction::RollbackRequested
+                                | DecisionAction::RollbackAlreadyRequested
+                        )
+                })
+                .count()
+        };
+        (
+            one,
+            two,
+            blamed(&single),
+            [blamed(&owners[0]), blamed(&owners[1])],
+        )
+    }
+
+    #[test]
+    fn the_decider_grants_once_per_change_and_keeps_vetoes_and_the_breaker() {
+        let mut cfg =
+            Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
+        cfg.policy.max_auto_rollbacks_per_hour = 2;
+        cfg.policy.max_auto_rollbacks_per_hour_per_surface = 2;
+        let mut d = Engine::new(&cfg).unwrap();
+        d.set_stage(Stage::Merge { partitions: PARTS });
+        d.assign_repartitions(&[0], 1, 0);
+        let t = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
+        let policy = Actor {
+            kind: "policy".into(),
+            name: "autonomous-rollback".into(),
+        };
+        let person = Actor {
+            kind: "human".into(),
+            name: "ana".into(),
+        };
+        let send = |d: &mut Engine, p: Partial| -> Vec<Verdict> {
+            d.process_partial(0, &p.encode(), t).unwrap();
+            d.take_outputs()
+                .filter_map(|o| match o {
+                    Output::Partial(r) => match r.partial {
+                        Partial::Verdict { verdict, .. } => Some(verdict),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        };
+        let ask = |c: &str, i: &str, who: &Actor| Partial::Ask {
+            change_id: c.into(),
+            incident_id: i.into(),
+            reply: 1,
+            at_ms: t,
+            decided_by: who.clone(),
+        };
+        assert_eq!(send(&mut d, ask("c1", "i1", &policy)), [Verdict::Grant]);
+        let by_i1 = Verdict::Already { by: "i1".into() };
+        assert_eq!(send(&mut d, ask("c1", "i2", &policy)), [by_i1.clone()]);
+        assert_eq!(send(&mut d, ask("c1", "i2", &person)), [by_i1]);
+        // Read again after a restart: the same answer.
+        assert_eq!(send(&mut d, ask("c1", "i1", &policy)), [Verdict::Grant]);
+        let veto = Partial::Veto {
+            change_id: "c2".into(),
+            reason: "vetoed by ana".into(),
+        };
+        assert!(send(&mut d, veto).is_empty());
+        let vetoed = Verdict::Vetoed {
+            why: "vetoed by ana".into(),
+        };
+        assert_eq!(send(&mut d, ask("c2", "i3", &person)), [vetoed]);
+        // Two automatic rollbacks this hour: the third trips the breaker; a person's does not.
+        assert_eq!(send(&mut d, ask("c3", "i4", &policy)), [Verdict::Grant]);
+        let tripped = send(&mut d, ask("c4", "i5", &policy));
+        assert!(
+            matches!(tripped[..], [Verdict::Breaker { .. }]),
+            "{tripped:?}"
+        );
+        assert_eq!(send(&mut d, ask("c4", "i5", &person)), [Verdict::Grant]);
+        // Rolled back: a later incident may have it rolled back again.
+        let rolled = crate::sim::rolled_back_change("c1", t, "automation");
+        let c = decode_change(rolled.as_bytes(), 1 << 16).unwrap();
+        d.apply_change(&c);
+        assert_eq!(send(&mut d, ask("c1", "i6", &person)), [Verdict::Grant]);
+        // The answers go to the incident's partition.
+        d.process_partial(0, &ask("c9", "i9", &person).encode(), t)
+            .unwrap();
+        let to: Vec<i32> = d
+            .take_outputs()
+            .filter_map(|o| match o {
+                Output::Partial(r) => Some(r.partition),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(to, [1]);
+    }
+
+    #[test]
+    fn a_change_is_rolled_back_once_however_its_incidents_are_spread() {
+        let (one, two, n_single, n_two) = run("chg-spread");
+        // Several incidents blame the change, on both stage-2 engines: without the decider each
+        // engine would request the rollback.
+        assert!(n_single >= 2, "one engine: {n_single} incidents");
+        assert!(n_two[0] >= 1 && n_two[1] >= 1, "two engines: {n_two:?}");
+        assert_eq!(one, ["chg-spread"]);
+        assert_eq!(two, one);
+    }
 }
