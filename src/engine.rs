@@ -379,6 +379,8 @@ pub struct EngineStats {
     pub breaker_trips: u64,
     /// Closed watches by verdict.
     pub guard_verdicts: HashMap<&'static str, u64>,
+    /// Two-stage: the decider's answers, by verdict.
+    pub decider_verdicts: HashMap<&'static str, u64>,
 }
 
 /// A partition stops holding the watermark back after this long without messages (wall time).

@@ -131,6 +131,21 @@ pub enum Verdict {
     Vetoed { why: String },
 }
 
+impl Verdict {
+    pub const LABELS: [&'static str; 4] =
+        ["granted", "already_requested", "breaker_open", "vetoed"];
+
+    /// Its metric label.
+    pub fn label(&self) -> &'static str {
+        Self::LABELS[match self {
+            Verdict::Grant => 0,
+            Verdict::Already { .. } => 1,
+            Verdict::Breaker { .. } => 2,
+            Verdict::Vetoed { .. } => 3,
+        }]
+    }
+}
+
 /// The repartition partition whose stage-2 owner decides, for every instance, whether a
 /// rollback may be requested: one place that sees every request, so a change is rolled back
 /// once and the circuit breaker counts the whole group's automatic rollbacks.

@@ -178,6 +178,7 @@ struct Governance {
     pending: IntGaugeVec,
     guards_open: IntGauge,
     guard_verdicts: IntCounterVec,
+    decider_verdicts: IntCounterVec,
 }
 
 impl Governance {
@@ -265,6 +266,15 @@ impl Governance {
         for v in ["passed", "breached", "untrustworthy_split"] {
             guard_verdicts.with_label_values(&[v]);
         }
+        let decider_verdicts = counter_vec(
+            r,
+            "guardrail_decider_verdicts_total",
+            "Two-stage: answers of the decider (this instance, while it owns repartition partition 0) to requests to roll a change back.",
+            &["verdict"],
+        );
+        for v in crate::repartition::Verdict::LABELS {
+            decider_verdicts.with_label_values(&[v]);
+        }
         Governance {
             incidents,
             human_calls,
@@ -283,6 +293,7 @@ impl Governance {
             pending,
             guards_open,
             guard_verdicts,
+            decider_verdicts,
         }
     }
 
@@ -308,6 +319,11 @@ impl Governance {
             &self.guard_verdicts,
             &s.guard_verdicts,
             &prev.guard_verdicts,
+        );
+        delta(
+            &self.decider_verdicts,
+            &s.decider_verdicts,
+            &prev.decider_verdicts,
         );
         self.escalations.inc_by(s.escalations - prev.escalations);
         self.breaker_trips

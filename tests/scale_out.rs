@@ -262,6 +262,11 @@ async fn play(
     if leave_at.is_some() && two_stage {
         assert!(handovers > 0.0, "stage 2 took nothing over");
     }
+    // Two stages: every rollback request went through the decider.
+    let mut granted = 0.0;
+    for i in &fleet {
+        granted += metric(i, "guardrail_decider_verdicts_total{verdict=\"granted\"}").await;
+    }
     let mut events = 0;
     for i in fleet.into_iter().chain(gone) {
         let _ = i.stop.send(());
@@ -344,6 +349,14 @@ async fn play(
         })
         .collect();
     rollbacks.sort();
+    // (Unless the instance that left had granted them.)
+    if two_stage && leave_at.is_none_or(|at| at < change_ms) {
+        assert_eq!(
+            granted,
+            rollbacks.len() as f64,
+            "rollbacks granted by the decider"
+        );
+    }
     Decisions {
         alerts,
         rollbacks,

@@ -238,6 +238,11 @@ impl Engine {
             }
         };
         self.dirty = true;
+        *self
+            .stats
+            .decider_verdicts
+            .entry(verdict.label())
+            .or_default() += 1;
         self.outputs.push(Output::Partial(Box::new(Routed {
             partition: reply,
             key: change_id.clone(),
