@@ -350,7 +350,7 @@ async fn play(
         .collect();
     rollbacks.sort();
     // (Unless the instance that left had granted them.)
-    if two_stage && leave_at.is_none_or(|at| at < change_ms) {
+    if two_stage && leave_at.map_or(true, |at| at < change_ms) {
         assert_eq!(
             granted,
             rollbacks.len() as f64,
