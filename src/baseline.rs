@@ -716,7 +716,12 @@ mod tests {
         // Day 4, 10:00 and 02:00.
         let noon = seasonal.expect((36 + 5) * w_ms).unwrap();
         let night = seasonal.expect((36 + 1) * w_ms).unwrap();
-        assert!(noon.rate > 70.0 && night.rate < 30.0, "{} {}", noon.rate, night.rate);
+        assert!(
+            noon.rate > 70.0 && night.rate < 30.0,
+            "{} {}",
+            noon.rate,
+            night.rate
+        );
         let g = flat.global.rate().unwrap();
         let p = flat.gauge_prior(g);
         assert!(p > 4.0, "{p}");
