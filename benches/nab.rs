@@ -56,6 +56,10 @@ const SWEEP: &[(&str, &[(&str, &str)])] = &[
         "G7: G3 at 1 false alarm per series-week",
         &[("detection.false_alarms_per_series_week", "1.0")],
     ),
+    (
+        "G8: G3 with incidents up to a week (before)",
+        &[("detection.incident_max_secs", "604800")],
+    ),
 ];
 
 struct Args {

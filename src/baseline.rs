@@ -173,8 +173,11 @@ const HUBER_C: f64 = 3.0;
 /// variance by this factor.
 const HUBER_CONSISTENCY: f64 = 0.9950;
 /// Gauge metrics: a season bucket is trusted once it has learnt this many windows (their
-/// information is one observation per window, not a count of events).
+/// information is one observation per window, not a count of events), at most: a series with a
+/// clear seasonal pattern trusts its buckets sooner (`Baseline::gauge_prior`), down to
+/// GAUGE_BUCKET_PRIOR_MIN windows.
 const GAUGE_BUCKET_PRIOR_WINDOWS: f64 = 12.0;
+const GAUGE_BUCKET_PRIOR_MIN: f64 = 1.0;
 /// Gauge metrics: windows learnt before residuals are clipped, at least.
 const GAUGE_CLIP_AFTER: u32 = 12;
 /// Counts are clipped at this tail probability of their own distribution, not at a symmetric
@@ -288,7 +291,7 @@ impl Baseline {
                 // The stored weight is for BUCKET_PRIOR_MASS; a gauge's mass is in windows.
                 let w = if self.gauge {
                     let m = b.mass();
-                    m / (m + GAUGE_BUCKET_PRIOR_WINDOWS)
+                    m / (m + self.gauge_prior(g))
                 } else {
                     b.weight()
                 };
@@ -307,6 +310,32 @@ impl Baseline {
             sigma2: (self.sigma2 as f64).max(1e-12),
             tau2: self.tau2 as f64,
         })
+    }
+
+    /// Gauge: how many windows a season bucket must have learnt before it weighs as much as
+    /// the overall level (its weight is m / (m + prior) after m windows). Empirical Bayes: the
+    /// prior is the noise variance over the variance of the buckets' levels around the overall
+    /// level (beyond their own sampling noise), so a strong daily pattern is trusted after a
+    /// window or two while a series without one stays on its overall level. Clamped to
+    /// [GAUGE_BUCKET_PRIOR_MIN, GAUGE_BUCKET_PRIOR_WINDOWS]: one window never outweighs the
+    /// overall level, and 12 is the trust of a series with no measurable pattern.
+    fn gauge_prior(&self, g: f64) -> f64 {
+        let s2 = self.sigma2 as f64;
+        let (mut sum, mut k) = (0.0, 0.0);
+        for b in self.buckets.iter() {
+            if let Some(r) = b.rate() {
+                sum += (r - g) * (r - g) - s2 / b.mass().max(1.0);
+                k += 1.0;
+            }
+        }
+        if k < 2.0 {
+            return GAUGE_BUCKET_PRIOR_WINDOWS;
+        }
+        let between = (sum / k).max(0.0);
+        if between <= 0.0 {
+            return GAUGE_BUCKET_PRIOR_WINDOWS;
+        }
+        (s2 / between).clamp(GAUGE_BUCKET_PRIOR_MIN, GAUGE_BUCKET_PRIOR_WINDOWS)
     }
 
     /// Learns from one closed window (callers skip this while the series is frozen).
@@ -661,5 +690,40 @@ mod tests {
             "{}",
             e2.sigma2.sqrt()
         );
+    }
+
+    /// A strong daily pattern (a 2-hour gauge at 100 by day, 0 by night, noise sd 1): its
+    /// season buckets are trusted after a window each (prior at its floor), so after three
+    /// days the forecast is within a few sd of the hour's level. Pure noise has no measurable
+    /// pattern: the prior stays at its ceiling and the forecast is the overall level.
+    #[test]
+    fn gauge_trusts_a_clear_daily_pattern_soon() {
+        use rand::{rngs::SmallRng, Rng, SeedableRng};
+        let normal = statrs::distribution::Normal::new(0.0, 1.0).unwrap();
+        let mut rng = SmallRng::seed_from_u64(5);
+        let w_ms = 7_200_000;
+        let mut seasonal = Baseline::new_gauge(Seasonality::HourOfDay, 36.0, 12);
+        let mut flat = Baseline::new_gauge(Seasonality::HourOfDay, 36.0, 12);
+        for w in 0..36i64 {
+            let hour = (w * 2) % 24;
+            let day = if (8..20).contains(&hour) { 100.0 } else { 0.0 };
+            seasonal.learn(w * w_ms, gauge_obs(day + rng.sample(normal)));
+            flat.learn(w * w_ms, gauge_obs(50.0 + rng.sample(normal)));
+        }
+        let g = seasonal.global.rate().unwrap();
+        let p = seasonal.gauge_prior(g);
+        assert!(p < 1.5, "{p}");
+        // Day 4, 10:00 and 02:00.
+        let noon = seasonal.expect((36 + 5) * w_ms).unwrap();
+        let night = seasonal.expect((36 + 1) * w_ms).unwrap();
+        assert!(
+            noon.rate > 70.0 && night.rate < 30.0,
+            "{} {}",
+            noon.rate,
+            night.rate
+        );
+        let g = flat.global.rate().unwrap();
+        let p = flat.gauge_prior(g);
+        assert!(p > 4.0, "{p}");
     }
 }
