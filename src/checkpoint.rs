@@ -24,7 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub const MAGIC: [u8; 8] = *b"GRDCKPT\0";
 /// Bumped whenever the payload's shape changes: an older file is reported, not misread.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 const HEADER_LEN: usize = 8 + 2 + 8 + 8 + 8 + 4;
 /// The file name inside the state directory.
 pub const FILE_NAME: &str = "engine.ckpt";
@@ -334,6 +334,32 @@ pub mod boxed_array {
         d: D,
     ) -> Result<Box<[T; N]>, D::Error> {
         super::array::deserialize(d).map(Box::new)
+    }
+}
+
+/// Optional boxed fixed-size arrays, through [`array`].
+pub mod opt_boxed_array {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[allow(clippy::borrowed_box)] // `#[serde(with)]` hands over the field as it is
+    pub fn serialize<S: Serializer, T: Serialize, const N: usize>(
+        a: &Option<Box<[T; N]>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        a.as_deref().map(|a| a.as_slice()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
+        d: D,
+    ) -> Result<Option<Box<[T; N]>>, D::Error> {
+        let Some(v) = Option::<Vec<T>>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let n = v.len();
+        v.into_boxed_slice()
+            .try_into()
+            .map(Some)
+            .map_err(|_| serde::de::Error::invalid_length(n, &"the array's fixed length"))
     }
 }
 
