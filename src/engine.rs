@@ -2125,6 +2125,20 @@ mod tests {
         format!(r#"{{"type":"{ty}","ts":{ts}{extra}}}"#).into_bytes()
     }
 
+    #[test]
+    fn history_sd_keeps_nine_bits() {
+        assert_eq!(std::mem::size_of::<HistEntry>(), 14);
+        assert!(unpack_sd(pack_sd(f32::NAN)).is_nan());
+        assert_eq!(unpack_sd(pack_sd(0.0)), 0.0);
+        assert_eq!(unpack_sd(pack_sd(f32::INFINITY)), f32::INFINITY);
+        for x in [
+            1e-30f32, 1e-9, 3.3e-4, 0.0123, 0.5, 1.0, 7.77, 1234.5, 9.9e20,
+        ] {
+            let y = unpack_sd(pack_sd(x));
+            assert!(((y - x) / x).abs() <= 1.0 / 512.0, "{x} -> {y}");
+        }
+    }
+
     fn series<'a>(e: &'a Engine, metric: &str, label: &str) -> &'a Series {
         let mi = e.metrics().iter().position(|m| m.name() == metric).unwrap();
         e.series
