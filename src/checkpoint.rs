@@ -361,6 +361,32 @@ pub mod boxed_array {
     }
 }
 
+/// Optional boxed fixed-size arrays, through [`array`].
+pub mod opt_boxed_array {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[allow(clippy::borrowed_box)] // `#[serde(with)]` hands over the field as it is
+    pub fn serialize<S: Serializer, T: Serialize, const N: usize>(
+        a: &Option<Box<[T; N]>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        a.as_deref().map(|a| a.as_slice()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>, const N: usize>(
+        d: D,
+    ) -> Result<Option<Box<[T; N]>>, D::Error> {
+        let Some(v) = Option::<Vec<T>>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let n = v.len();
+        v.into_boxed_slice()
+            .try_into()
+            .map(Some)
+            .map_err(|_| serde::de::Error::invalid_length(n, &"the array's fixed length"))
+    }
+}
+
 /// A fixed label (kind, severity, action) in a persisted record. An alias, so that serde's
 /// derive does not try to borrow it from the input; fields of this type are read back with
 /// [`de_static`] / [`de_static_opt`].

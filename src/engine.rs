@@ -117,15 +117,60 @@ impl MetricDef {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+/// One closed window in a series' history: 14 bytes (packed; fields are only read and written
+/// by value), as every series keeps [`HISTORY`] of them. The sum of squares is only read by the
+/// baseline of a mean metric, so it lives apart, in [`Series::hist_sumsq`], for those alone.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[repr(C, packed(2))]
 struct HistEntry {
     num: f32,
     den: f32,
-    sumsq: f32,
     /// Expected rate (NaN when the baseline had no forecast).
     exp: f32,
-    /// Standard deviation of the window's rate under the baseline.
+    /// Standard deviation of the window's rate under the baseline, see [`pack_sd`].
+    sd: u16,
+}
+
+impl HistEntry {
+    const EMPTY: HistEntry = HistEntry {
+        num: 0.0,
+        den: 0.0,
+        exp: f32::NAN,
+        sd: SD_NAN,
+    };
+}
+
+/// A closed window read back from the history.
+#[derive(Debug, Clone, Copy)]
+struct HistPoint {
+    num: f32,
+    den: f32,
+    /// 0 for metrics other than means (their baselines do not read it).
+    sumsq: f32,
+    exp: f32,
     sd: f32,
+}
+
+/// [`pack_sd`] of NaN.
+const SD_NAN: u16 = (0x7FC0_0000u32 >> 15) as u16;
+
+/// A standard deviation (never negative, or NaN) in 16 bits: an f32 without its sign bit and
+/// the low 15 bits of its mantissa, rounded to nearest (relative error at most 2^-9 = 0.2%).
+/// It only draws the band on charts and weighs a window in a guard's observational comparison,
+/// where 0.2% of the spread is immaterial; the expected value beside it stays an f32, as excess
+/// and guard sums difference it against the observed count.
+fn pack_sd(sd: f32) -> u16 {
+    if sd.is_nan() {
+        return SD_NAN;
+    }
+    let b = sd.max(0.0).to_bits();
+    // Round half to even; a carry out of the mantissa rounds up the exponent, as it should, and
+    // the largest finite values round to infinity.
+    ((b + 0x3FFF + ((b >> 15) & 1)) >> 15) as u16
+}
+
+fn unpack_sd(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 15)
 }
 
 /// Latest closed window of a series, as exported to gauges and the API.
@@ -157,6 +202,10 @@ pub struct Series {
     /// growth slack; only window closes and charts touch it.
     #[serde(with = "crate::checkpoint::boxed_array")]
     hist: Box<[HistEntry; HISTORY]>,
+    /// Sums of squares of the same windows: mean metrics only (their baselines learn the
+    /// within-window variance from them).
+    #[serde(with = "crate::checkpoint::opt_boxed_array")]
+    hist_sumsq: Option<Box<[f32; HISTORY]>>,
     pub last: LastWindow,
     /// Smoothed volume, to pick which series get gauges.
     pub volume: f32,
@@ -170,11 +219,19 @@ impl Series {
         self.baseline.buckets_used()
     }
 
-    fn hist_at(&self, w: i64, last_w: i64) -> Option<HistEntry> {
+    fn hist_at(&self, w: i64, last_w: i64) -> Option<HistPoint> {
         if w > last_w || last_w - w >= HISTORY as i64 || w < self.first_window {
             return None;
         }
-        Some(self.hist[w.rem_euclid(HISTORY as i64) as usize])
+        let i = w.rem_euclid(HISTORY as i64) as usize;
+        let h = self.hist[i];
+        Some(HistPoint {
+            num: h.num,
+            den: h.den,
+            sumsq: self.hist_sumsq.as_ref().map_or(0.0, |s| s[i]),
+            exp: h.exp,
+            sd: unpack_sd(h.sd),
+        })
     }
 
     /// The last closed windows of this series (up to [`HISTORY`]), oldest first.
@@ -1281,12 +1338,15 @@ impl Engine {
             s.hist[hi] = HistEntry {
                 num: obs.num as f32,
                 den: obs.den as f32,
-                sumsq: obs.sumsq as f32,
                 exp: e.map(|e| e.rate as f32).unwrap_or(f32::NAN),
-                sd: e
-                    .map(|e| e.rate_variance(m.family, obs.den.max(1e-9)).sqrt() as f32)
-                    .unwrap_or(f32::NAN),
+                sd: pack_sd(
+                    e.map(|e| e.rate_variance(m.family, obs.den.max(1e-9)).sqrt() as f32)
+                        .unwrap_or(f32::NAN),
+                ),
             };
+            if let Some(sq) = s.hist_sumsq.as_mut() {
+                sq[hi] = obs.sumsq as f32;
+            }
             let observed = if obs.den > 0.0 {
                 obs.num / obs.den
             } else {
@@ -2010,6 +2070,12 @@ impl Engine {
     }
 }
 
+/// Whether a metric's series keep the sums of squares of their windows: the baseline of a mean
+/// learns the within-window variance from them (a gauge's windows are one value each).
+fn keeps_sumsq(m: &MetricDef) -> bool {
+    m.family == Family::Gaussian && m.cfg.kind != MetricKind::Gauge
+}
+
 fn make_series(
     sc: &Schema,
     metric: usize,
@@ -2045,15 +2111,8 @@ fn make_series(
         ),
         incident: None,
         learn_from: i64::MIN,
-        hist: Box::new(
-            [HistEntry {
-                num: 0.0,
-                den: 0.0,
-                sumsq: 0.0,
-                exp: f32::NAN,
-                sd: f32::NAN,
-            }; HISTORY],
-        ),
+        hist: Box::new([HistEntry::EMPTY; HISTORY]),
+        hist_sumsq: keeps_sumsq(m).then(|| Box::new([0.0; HISTORY])),
         last: LastWindow::default(),
         volume: 0.0,
         trend: crate::trend::Trend::new(
@@ -2111,6 +2170,20 @@ mod tests {
 
     fn ev(ty: &str, ts: i64, extra: &str) -> Vec<u8> {
         format!(r#"{{"type":"{ty}","ts":{ts}{extra}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn history_sd_keeps_nine_bits() {
+        assert_eq!(std::mem::size_of::<HistEntry>(), 14);
+        assert!(unpack_sd(pack_sd(f32::NAN)).is_nan());
+        assert_eq!(unpack_sd(pack_sd(0.0)), 0.0);
+        assert_eq!(unpack_sd(pack_sd(f32::INFINITY)), f32::INFINITY);
+        for x in [
+            1e-30f32, 1e-9, 3.3e-4, 0.0123, 0.5, 1.0, 7.77, 1234.5, 9.9e20,
+        ] {
+            let y = unpack_sd(pack_sd(x));
+            assert!(((y - x) / x).abs() <= 1.0 / 512.0, "{x} -> {y}");
+        }
     }
 
     fn series<'a>(e: &'a Engine, metric: &str, label: &str) -> &'a Series {
@@ -2225,7 +2298,7 @@ numerator = { type = "session" }
             .unwrap();
         assert_eq!(e.stats.missing_value, 1, "{:?}", e.stats);
         assert_eq!(e.stats.unselected, 1);
-        let w = |s: &Series| s.hist[(T0 / 300_000).rem_euclid(HISTORY as i64) as usize];
+        let w = |s: &Series| s.hist_at(T0 / 300_000, T0 / 300_000).expect("closed");
         let fr = w(series(&e, "cr", "country=FR"));
         assert_eq!((fr.num, fr.den), (1.0, 6.0));
         let unknown = w(series(&e, "cr", "country=unknown"));

@@ -217,10 +217,11 @@ impl Engine {
         {
             return Err(inconsistent("series index out of range"));
         }
-        if p.series
-            .iter()
-            .any(|s| !s.baseline.consistent() || !s.detector.consistent())
-        {
+        if p.series.iter().any(|s| {
+            !s.baseline.consistent()
+                || !s.detector.consistent()
+                || s.hist_sumsq.is_some() != super::keeps_sumsq(&self.schema.metrics[s.metric])
+        }) {
             return Err(inconsistent("a series state of the wrong shape"));
         }
         let n_inc = p.incidents.len();
