@@ -43,6 +43,11 @@ pub use stage::Stage;
 
 /// Dimensions read from the `dims` object, across all metrics.
 const MAX_OBJ_DIMS: usize = 16;
+/// The rollback request id of (incident, change): the contract's idempotency key.
+fn rollback_id(incident_id: &str, change_id: &str) -> String {
+    stable_id("rb-", &[incident_id, change_id])
+}
+
 /// Windows of per-series history kept for drill-down and the API.
 pub const HISTORY: usize = 48;
 /// Windows a closed window waits before the baseline learns it (must be < HISTORY).
@@ -1722,7 +1727,7 @@ impl Engine {
         let Some(change_id) = inc.decision.change_id.clone() else {
             return;
         };
-        let rid = stable_id("rb-", &[&inc.id, &change_id]);
+        let rid = rollback_id(&inc.id, &change_id);
         if !self.emitted_rollbacks.insert(rid.clone()) {
             return;
         }

@@ -177,7 +177,7 @@ impl Engine {
             return;
         };
         let incident_id = inc.id.clone();
-        let rid = crate::sink::stable_id("rb-", &[&incident_id, &change_id]);
+        let rid = rollback_id(&incident_id, &change_id);
         if self.emitted_rollbacks.contains(&rid) {
             return;
         }
@@ -269,7 +269,7 @@ impl Engine {
         let Some(&idx) = self.incident_ids.get(&incident_id) else {
             return;
         };
-        let rid = crate::sink::stable_id("rb-", &[&incident_id, &change_id]);
+        let rid = rollback_id(&incident_id, &change_id);
         if self.emitted_rollbacks.contains(&rid) {
             return;
         }
