@@ -1711,6 +1711,16 @@ impl Engine {
 
     /// Produces the rollback request for an incident's decision (once per (incident, change)).
     /// `decided_by` is the policy rule or the person who approved.
+    /// The surfaces a change applies to (`*` when its scope names none): what the circuit
+    /// breaker counts its automatic rollbacks by.
+    fn change_surfaces(&self, change_id: &str) -> Vec<String> {
+        self.registry
+            .get(change_id)
+            .map(|c| c.scope.surfaces.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vec!["*".to_string()])
+    }
+
     /// Requests the rollback of the change blamed for incident `idx`; with two stages, asks
     /// the decider first (see `repartition::DECIDER`).
     fn request_rollback(&mut self, idx: usize, at_ms: i64, decided_by: Actor) {
@@ -1734,10 +1744,7 @@ impl Engine {
         let change = self.registry.get(&change_id);
         let tier = inc.decision.tier.unwrap_or(Tier::Autonomous);
         let automatic = decided_by.kind == "policy";
-        let surfaces: Vec<String> = change
-            .map(|c| c.scope.surfaces.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| vec!["*".to_string()]);
+        let surfaces = self.change_surfaces(&change_id);
         let mut metrics = vec![RollbackMetric {
             metric: inc.metric.clone(),
             observed: inc.observed,

@@ -370,12 +370,7 @@ impl Engine {
         }
         let p = &self.cfg.policy;
         let n = self.auto_rollbacks.len() as u32;
-        let surfaces: Vec<String> = self
-            .registry
-            .get(change_id)
-            .map(|c| c.scope.surfaces.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| vec!["*".into()]);
+        let surfaces = self.change_surfaces(change_id);
         let counts = json!({"last_hour": n, "by_surface": surfaces.iter().map(|s| {
             (s.clone(), json!(self.auto_rollbacks.iter().filter(|(_, ss)| ss.contains(s)).count()))
         }).collect::<serde_json::Map<_, _>>()});

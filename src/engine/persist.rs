@@ -288,8 +288,7 @@ impl Engine {
         }
         let ours = |e: &Engine, metric: usize, dims: &[(String, String)], share: bool| {
             let values: Vec<&str> = dims.iter().map(|(_, v)| v.as_str()).collect();
-            let x = (e.route_key(metric, &values, share) % partitions.max(1) as u64) as i32;
-            parts.contains(&x)
+            parts.contains(&e.partition_of(metric, &values, share, partitions))
         };
         let mut incidents = p.incidents;
         let mut moved: HashMap<usize, usize> = HashMap::new();

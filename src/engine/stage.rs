@@ -87,7 +87,7 @@ impl Engine {
                     let s = &self.series[si];
                     (s.metric, s.dims.iter().map(|(_, v)| v.as_str()).collect())
                 };
-                let p = (self.route_key(metric, &values, share) % partitions.max(1) as u64) as i32;
+                let p = self.partition_of(metric, &values, share, partitions);
                 let cache = if share {
                     &mut self.share_part
                 } else {
@@ -158,7 +158,7 @@ impl Engine {
             (Some(si), _) => {
                 let s = &self.series[si];
                 let values: Vec<&str> = s.dims.iter().map(|(_, v)| v.as_str()).collect();
-                (self.route_key(s.metric, &values, false) % partitions.max(1) as u64) as i32
+                self.partition_of(s.metric, &values, false, partitions)
             }
             (None, Some(c)) => self.change_partition(&c, partitions),
             (None, None) => DECIDER,
@@ -223,12 +223,7 @@ impl Engine {
                     },
                     None => {
                         if automatic {
-                            let surfaces: Vec<String> = self
-                                .registry
-                                .get(&change_id)
-                                .map(|c| c.scope.surfaces.clone())
-                                .filter(|s| !s.is_empty())
-                                .unwrap_or_else(|| vec!["*".to_string()]);
+                            let surfaces = self.change_surfaces(&change_id);
                             self.auto_rollbacks.push_back((at_ms, surfaces));
                         }
                         self.granted.insert(change_id.clone(), incident_id.clone());
@@ -345,6 +340,17 @@ impl Engine {
                 reason: reason.to_string(),
             },
         })));
+    }
+
+    /// The repartition partition of a series (or share series) among `partitions`.
+    pub(super) fn partition_of(
+        &self,
+        metric: usize,
+        values: &[&str],
+        share: bool,
+        partitions: i32,
+    ) -> i32 {
+        (self.route_key(metric, values, share) % partitions.max(1) as u64) as i32
     }
 
     /// The repartition partition and record key of a series (or share series).
