@@ -335,6 +335,9 @@ pub struct Incident {
     /// same metric (e.g. the total, when one country's events stopped).
     #[serde(skip)]
     pub explained_by_outage: bool,
+    /// Stage 2: its alert and decision record wait for the decider's answer.
+    #[serde(skip)]
+    pub held: bool,
     #[serde(skip)]
     recovery: Recovery,
 }
@@ -390,6 +393,7 @@ impl Incident {
             trail: Vec::new(),
             silenced_until_ms: None,
             explained_by_outage: false,
+            held: false,
             recovery: Recovery::new(0.0),
         }
     }
@@ -521,6 +525,8 @@ pub struct Engine {
     /// Stage 2, on the owner of the decider partition: change id -> the incident whose
     /// rollback request it granted, until the change is rolled back.
     granted: HashMap<String, String>,
+    /// Stage 2, on a change's owner: closed watches whose metrics' verdicts are still coming in.
+    watch_reports: Vec<crate::guard::WatchReport>,
     outputs: Vec<Output>,
     pub stats: EngineStats,
     dedup: Dedup,
@@ -549,11 +555,10 @@ pub struct Engine {
     share_cats: Vec<crate::share::Categories>,
     /// Which part of the pipeline this engine runs (from the configuration, not checkpointed).
     stage: Stage,
-    /// Stage 2: the repartition partitions this instance owns, and (derived, cached) the
-    /// partition of each series and share series.
+    /// Stage 2: the repartition partitions this instance owns.
     owned: Vec<i32>,
-    series_part: Vec<i32>,
-    share_part: Vec<i32>,
+    /// Two stages: the repartition partition of each metric's series (derived from the names).
+    metric_part: Vec<i32>,
     /// Stage 2: series taken over from another instance, and the first window this engine
     /// closes for them (the other closed those before).
     resume_at: HashMap<usize, i64>,
@@ -702,6 +707,7 @@ impl Engine {
             pending_rollbacks: HashMap::new(),
             emitted_rollbacks: HashSet::new(),
             granted: HashMap::new(),
+            watch_reports: Vec::new(),
             outputs: Vec::new(),
             stats: EngineStats::default(),
             dedup: Dedup::empty(lateness_ms + window_ms),
@@ -731,8 +737,7 @@ impl Engine {
             share_cats: vec![Default::default(); cfg.metrics.len()],
             stage: Stage::Single,
             owned: Vec::new(),
-            series_part: Vec::new(),
-            share_part: Vec::new(),
+            metric_part: Vec::new(),
             resume_at: HashMap::new(),
         };
         for mi in 0..eng.schema.metrics.len() {
@@ -1750,10 +1755,14 @@ impl Engine {
             observed: inc.observed,
             expected: inc.expected,
         }];
-        // Other firing incidents blamed on the same change go in the same request.
-        for o in &self.incidents {
+        // Other incidents blamed on the same change and firing when it was decided (in event
+        // time, and raised before it: the request says the same whether it goes out at once or
+        // after the decider's answer) go in the same request.
+        for (k, o) in self.incidents.iter().enumerate() {
+            let firing_then = (o.detected_ms < at_ms || (o.detected_ms == at_ms && k < idx))
+                && o.resolved_ms.is_none_or(|r| r > at_ms);
             if o.id != inc.id
-                && o.status == IncidentStatus::Firing
+                && firing_then
                 && o.decision.change_id.as_deref() == Some(change_id.as_str())
                 && !metrics.iter().any(|m| m.metric == o.metric)
             {

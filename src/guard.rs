@@ -74,6 +74,20 @@ pub struct MetricWatch {
     pub coverage: Option<crate::checkpoint::Label>,
 }
 
+/// Stage 2: a closed watch's verdicts gathered by its change's owner from the owners of its
+/// metrics (see `Partial::WatchClosed`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WatchReport {
+    pub change_id: String,
+    pub opened_ms: i64,
+    pub at_ms: i64,
+    pub why: String,
+    /// Partitions heard from.
+    pub parts: Vec<i32>,
+    /// (metric, verdict as JSON).
+    pub metrics: Vec<(String, String)>,
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChangeGuard {
     pub change_id: String,
@@ -84,6 +98,11 @@ pub struct ChangeGuard {
     pub metrics: Vec<MetricWatch>,
     /// Exposure events per arm, for the split check.
     pub exposure: [f64; 2],
+    /// Stage 2: exposure per arm as read on each repartition partition. Stage 1 sends a batch's
+    /// exposure to every partition that holds a metric of the watch (and to the change's own),
+    /// so each partition's sum is the whole count whoever owns it, and an owner of several
+    /// does not count it twice.
+    pub exposure_at: Vec<(i32, [f64; 2])>,
     pub srm: Option<Srm>,
     /// An SRM incident was opened: comparisons are not trusted from then on.
     pub srm_flagged: bool,
@@ -93,6 +112,54 @@ pub struct ChangeGuard {
 }
 
 impl ChangeGuard {
+    /// Stage 2: adds exposure read on repartition partition `part`.
+    pub fn add_exposure_at(&mut self, part: i32, e: [f64; 2]) {
+        match self.exposure_at.iter_mut().find(|(p, _)| *p == part) {
+            Some((_, x)) => {
+                x[0] += e[0];
+                x[1] += e[1];
+            }
+            None => self.exposure_at.push((part, e)),
+        }
+    }
+
+    /// Stage 2: the exposure as read on repartition partition `part`.
+    pub fn exposure_on(&self, part: i32) -> [f64; 2] {
+        self.exposure_at
+            .iter()
+            .find(|(p, _)| *p == part)
+            .map(|(_, e)| *e)
+            .unwrap_or([0.0; 2])
+    }
+
+    /// Stage 2, on a handover: takes what another instance's copy of this watch learnt for the
+    /// metrics and partitions now owned here (`metric` and `part` say which). Its series
+    /// indices are the other's: the scope is worked out again here.
+    pub fn take_over(
+        &mut self,
+        from: &ChangeGuard,
+        metric: impl Fn(usize) -> bool,
+        part: impl Fn(i32) -> bool,
+        split: bool,
+    ) {
+        for (mi, (w, f)) in self.metrics.iter_mut().zip(&from.metrics).enumerate() {
+            if metric(mi) {
+                *w = MetricWatch {
+                    in_scope: Vec::new(),
+                    ..f.clone()
+                };
+            }
+        }
+        self.exposure_at.retain(|(p, _)| !part(*p));
+        self.exposure_at
+            .extend(from.exposure_at.iter().filter(|(p, _)| part(*p)));
+        if split {
+            self.srm = from.srm;
+            self.srm_flagged = from.srm_flagged;
+        }
+        self.scoped_at = usize::MAX;
+    }
+
     pub fn new(c: &ChangeState, opened_ms: i64, watch_ms: i64, metrics: usize) -> ChangeGuard {
         ChangeGuard {
             opened_ms,
@@ -111,6 +178,7 @@ impl ChangeGuard {
             holdout: None,
             metrics: vec![MetricWatch::default(); metrics],
             exposure: [0.0; 2],
+            exposure_at: Vec::new(),
             srm: None,
             srm_flagged: false,
             closed: false,

@@ -38,7 +38,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Format version, the first byte of every record.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Record key of markers (which are sent after the partials of their batch).
 pub const MARKER_KEY: &str = "~marker";
@@ -108,6 +108,18 @@ pub enum Partial {
     /// Stage 2 to the decider: a person vetoed the rollback of `change_id`; no incident blamed
     /// on it gets one now, whichever instance owns it.
     Veto { change_id: String, reason: String },
+    /// Stage 2 to the owner of a change's partition: the watch on it (opened at `opened_ms`)
+    /// closed at `at_ms` for reason `why`, with the verdicts (JSON each) of the metrics merged
+    /// on repartition partition `part`. The change's owner writes the watch's closing record
+    /// once every partition with a metric has reported.
+    WatchClosed {
+        change_id: String,
+        opened_ms: i64,
+        part: i32,
+        at_ms: i64,
+        why: String,
+        metrics: Vec<(String, String)>,
+    },
     /// The decider's answer to an [`Partial::Ask`] (which it repeats).
     Verdict {
         change_id: String,

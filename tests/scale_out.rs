@@ -299,42 +299,19 @@ async fn play(
             break outs;
         }
     };
-    // What each series' detector decided. (Evidence that spans series of several partitions,
-    // such as the change's effect over its whole scope and "local gain, global loss", is
-    // computed from the owner's series only: see the README's scale-out notes.)
-    const DETECTION: [&str; 14] = [
-        "incident_id",
-        "status",
-        "metric",
-        "series",
-        "kind",
-        "severity",
-        "onset",
-        "detected_at",
-        "observed",
-        "expected",
-        "expected_low",
-        "expected_high",
-        "effect",
-        "score",
-    ];
+    // Every alert whole, evidence included (segments, candidates and their evidence, the
+    // decision), but for the wall-clock time it was sent at and "local gain, global loss",
+    // which sets the incident's metric beside the change's target metric: another instance
+    // may own that one (see the README's scale-out notes).
     let mut alerts: Vec<String> = outs
         .iter()
         .filter(|o| o.topic == t.alerts)
         .map(|o| {
-            let v = o.json();
-            let mut keep = serde_json::Map::new();
-            for k in DETECTION {
-                keep.insert(k.into(), v[k].clone());
-            }
-            keep.insert(
-                "candidates".into(),
-                v["candidate_changes"]
-                    .as_array()
-                    .map(|c| c.iter().map(|x| x["change_id"].clone()).collect())
-                    .unwrap_or_default(),
-            );
-            serde_json::Value::Object(keep).to_string()
+            let mut v = o.json();
+            let m = v.as_object_mut().expect("an alert is an object");
+            m.remove("emitted_at");
+            m.remove("local_gain_global_loss");
+            v.to_string()
         })
         .collect();
     alerts.sort();
@@ -345,7 +322,7 @@ async fn play(
             let v = o.json();
             // Who sent it and when differ by instance and wall clock; what is asked must not.
             eprintln!("rollback request: {v}");
-            v["data"]["change_id"].to_string()
+            v["data"].to_string()
         })
         .collect();
     rollbacks.sort();

@@ -244,25 +244,36 @@ impl Engine {
             evidence,
             det_policy,
         );
-        let alert = self.alert_for(idx);
-        self.outputs.push(Output::Alert(Box::new(alert)));
-        self.after_decision(idx, at, true);
+        if matches!(self.stage, super::Stage::Merge { .. })
+            && self.incidents[idx].decision.action == DecisionAction::RollbackRequested
+        {
+            // With two stages, whether this is the change's first rollback is the decider's to
+            // say: the alert and the decision's record wait for its answer, so that they say
+            // what one instance's would (see `Engine::publish_held`).
+            self.incidents[idx].held = true;
+            self.act_automatically(idx, at);
+            return idx;
+        }
+        self.publish_decision(idx);
+        if self.incidents[idx].decision.action == DecisionAction::RollbackRequested {
+            self.act_automatically(idx, at);
+        }
         idx
     }
 
-    /// Audits a fresh decision and carries out what it says now (a rollback, or the breaker).
-    fn after_decision(&mut self, idx: usize, at: i64, count: bool) {
+    /// A new incident's firing alert, and the record of its decision.
+    pub(super) fn publish_decision(&mut self, idx: usize) {
+        let alert = self.alert_for(idx);
+        self.outputs.push(Output::Alert(Box::new(alert)));
         let d = self.incidents[idx].decision.clone();
-        if count {
-            *self
-                .stats
-                .decisions
-                .entry((
-                    d.action.as_str(),
-                    d.tier.map(Tier::as_str).unwrap_or("none"),
-                ))
-                .or_default() += 1;
-        }
+        *self
+            .stats
+            .decisions
+            .entry((
+                d.action.as_str(),
+                d.tier.map(Tier::as_str).unwrap_or("none"),
+            ))
+            .or_default() += 1;
         let inc = &self.incidents[idx];
         let action = match d.action {
             DecisionAction::NeedsHumanDecision | DecisionAction::AwaitingVetoWindow => {
@@ -288,14 +299,11 @@ impl Engine {
                 "rule": d.policy, "tier": d.tier.map(Tier::as_str), "shadow_mode": d.shadow,
             }),
         );
-        if d.action == DecisionAction::RollbackRequested {
-            self.act_automatically(idx, at);
-        }
     }
 
     /// An automatic rollback, unless the circuit breaker is open: then guardrail stops, asks a
     /// human and says why.
-    fn act_automatically(&mut self, idx: usize, at: i64) {
+    pub(super) fn act_automatically(&mut self, idx: usize, at: i64) {
         let Some(change_id) = self.incidents[idx].decision.change_id.clone() else {
             return;
         };
@@ -777,6 +785,9 @@ impl Engine {
                     "comparison": if g.holdout.is_some() { "treatment_vs_holdout" } else { "observational" },
                 });
                 self.guards.open(g);
+                if !self.owns_change(&c.change_id) {
+                    return;
+                }
                 self.audit(
                     None,
                     Some(&c.change_id),
@@ -804,8 +815,7 @@ impl Engine {
     fn close_guard(&mut self, gi: usize, at: i64, why: &str) {
         self.guards.close(gi);
         let g = &self.guards.all[gi];
-        let mut verdicts = serde_json::Map::new();
-        let mut worst = "passed";
+        let mut verdicts: Vec<(usize, serde_json::Value)> = Vec::new();
         for (mi, w) in g.metrics.iter().enumerate() {
             let v = if w.breached {
                 "breached"
@@ -822,11 +832,6 @@ impl Engine {
             } else {
                 "no_data"
             };
-            if v == "breached" {
-                worst = "breached";
-            } else if v == "untrustworthy_split" && worst == "passed" {
-                worst = "untrustworthy_split";
-            }
             let mut e = json!({"verdict": v});
             if let Some(c) = &w.comparison {
                 e["treatment_vs_holdout"] = json!(c.evidence());
@@ -835,19 +840,45 @@ impl Engine {
                 e["observational"] = json!({"effect": round3(r), "ci95": [round3(lo), round3(hi)],
                     "windows": w.observational.windows, "coverage": w.coverage});
             }
-            verdicts.insert(self.schema.metrics[mi].name().to_string(), e);
+            verdicts.push((mi, e));
         }
-        let change_id = g.change_id.clone();
-        let srm = g.srm.map(|s| s.evidence());
-        *self.stats.guard_verdicts.entry(worst).or_default() += 1;
-        self.audit(
-            None,
-            Some(&change_id),
-            "guard_closed",
-            Actor::system("guard"),
-            json!({"verdict": worst, "why": why, "closed_at": fmt_time(at), "metrics": verdicts, "split": srm}),
-            json!({"alpha": self.cfg.guards.alpha}),
-        );
+        let (change_id, opened_ms) = (g.change_id.clone(), g.opened_ms);
+        match self.stage {
+            super::Stage::Merge { partitions } => {
+                // Each metric's verdict is its owner's: they gather on the change's partition.
+                let own = self.change_partition(&change_id, partitions);
+                let mut parts: Vec<i32> = self.metric_part.clone();
+                parts.sort_unstable();
+                parts.dedup();
+                for x in parts.into_iter().filter(|x| self.owned.contains(x)) {
+                    let metrics = verdicts
+                        .iter()
+                        .filter(|(mi, _)| self.metric_part[*mi] == x)
+                        .map(|(mi, e)| (self.schema.metrics[*mi].name().to_string(), e.to_string()))
+                        .collect();
+                    self.outputs
+                        .push(Output::Partial(Box::new(crate::repartition::Routed {
+                            partition: own,
+                            key: change_id.clone(),
+                            partial: crate::repartition::Partial::WatchClosed {
+                                change_id: change_id.clone(),
+                                opened_ms,
+                                part: x,
+                                at_ms: at,
+                                why: why.to_string(),
+                                metrics,
+                            },
+                        })));
+                }
+            }
+            _ => {
+                let metrics = verdicts
+                    .into_iter()
+                    .map(|(mi, e)| (self.schema.metrics[mi].name().to_string(), e))
+                    .collect();
+                self.write_watch_closed(&change_id, at, why, metrics);
+            }
+        }
         let open: Vec<usize> = self
             .incidents
             .iter()
@@ -903,7 +934,15 @@ impl Engine {
         let mut breaches: Vec<(usize, usize)> = Vec::new();
         let mut srms: Vec<usize> = Vec::new();
         let mut closing: Vec<usize> = Vec::new();
+        // Two stages: this engine decides the metrics it merges, from the exposure read with them.
+        let owned: Vec<bool> = (0..self.schema.metrics.len())
+            .map(|mi| self.owns_metric(mi))
+            .collect();
         for &gi in &open {
+            let exposure: Vec<[f64; 2]> = (0..self.schema.metrics.len())
+                .map(|mi| self.guard_exposure(gi, Some(mi)))
+                .collect();
+            let split = self.guard_exposure(gi, None);
             let g = &mut self.guards.all[gi];
             if let Some(ch) = self.registry.get(&g.change_id) {
                 g.rescope(ch, &list);
@@ -911,6 +950,9 @@ impl Engine {
             let watching = start >= g.opened_ms;
             for (mi, mw) in g.metrics.iter_mut().enumerate() {
                 let m = &self.schema.metrics[mi];
+                if !owned[mi] {
+                    continue;
+                }
                 if watching {
                     let mut any = false;
                     for &si in &mw.in_scope {
@@ -936,7 +978,7 @@ impl Engine {
                     let mut x = mw.arms[a];
                     if m.per_window {
                         // A count without exposure: per exposure event of the arm.
-                        x.den = g.exposure[a];
+                        x.den = exposure[mi][a];
                     }
                     x
                 };
@@ -966,8 +1008,8 @@ impl Engine {
             }
             if let Some(q) = g.holdout {
                 g.srm = seqtest::srm(
-                    g.exposure[TREATMENT],
-                    g.exposure[HOLDOUT],
+                    split[TREATMENT],
+                    split[HOLDOUT],
                     q,
                     self.cfg.guards.srm_alpha,
                 );
@@ -991,6 +1033,85 @@ impl Engine {
         for gi in closing {
             self.close_guard(gi, end, "the watch period ended");
         }
+    }
+
+    /// The watch's closing record: every metric's verdict, and the worst of them.
+    fn write_watch_closed(
+        &mut self,
+        change_id: &str,
+        at: i64,
+        why: &str,
+        verdicts: serde_json::Map<String, serde_json::Value>,
+    ) {
+        let mut worst = "passed";
+        for e in verdicts.values() {
+            match e["verdict"].as_str() {
+                Some("breached") => worst = "breached",
+                Some("untrustworthy_split") if worst == "passed" => worst = "untrustworthy_split",
+                _ => {}
+            }
+        }
+        let srm = self
+            .latest_guard(change_id)
+            .and_then(|g| g.srm)
+            .map(|s| s.evidence());
+        *self.stats.guard_verdicts.entry(worst).or_default() += 1;
+        self.audit(
+            None,
+            Some(change_id),
+            "guard_closed",
+            Actor::system("guard"),
+            json!({"verdict": worst, "why": why, "closed_at": fmt_time(at), "metrics": verdicts, "split": srm}),
+            json!({"alpha": self.cfg.guards.alpha}),
+        );
+    }
+
+    /// Stage 2, on the change's owner: one metric partition's verdicts on a closed watch. The
+    /// closing record is written when every partition with a metric has reported (a report
+    /// read again is ignored).
+    pub(super) fn gather_watch_closed(
+        &mut self,
+        report: crate::guard::WatchReport,
+    ) -> Result<(), Reject> {
+        for (name, _) in &report.metrics {
+            self.metric_named(name)?;
+        }
+        let part = report.parts[0];
+        let k = match self
+            .watch_reports
+            .iter()
+            .position(|r| r.change_id == report.change_id && r.opened_ms == report.opened_ms)
+        {
+            Some(k) if self.watch_reports[k].parts.contains(&part) => return Ok(()),
+            Some(k) => {
+                let r = &mut self.watch_reports[k];
+                r.parts.push(part);
+                r.metrics.extend(report.metrics);
+                k
+            }
+            None => {
+                self.watch_reports.push(report);
+                self.watch_reports.len() - 1
+            }
+        };
+        self.dirty = true;
+        let r = &self.watch_reports[k];
+        if !self.metric_part.iter().all(|x| r.parts.contains(x)) {
+            return Ok(());
+        }
+        let r = self.watch_reports.swap_remove(k);
+        let verdicts = r
+            .metrics
+            .into_iter()
+            .map(|(m, e)| {
+                (
+                    m,
+                    serde_json::from_str(&e).unwrap_or(serde_json::Value::Null),
+                )
+            })
+            .collect();
+        self.write_watch_closed(&r.change_id, r.at_ms, &r.why, verdicts);
+        Ok(())
     }
 
     fn guard_incident(
@@ -1033,6 +1154,11 @@ impl Engine {
     fn raise_srm(&mut self, gi: usize, end: i64) {
         let g = &self.guards.all[gi];
         let Some(s) = g.srm else { return };
+        if !self.owns_change(&g.change_id) {
+            // Every owner distrusts the split alike; the change's owner raises the incident.
+            self.guards.all[gi].srm_flagged = true;
+            return;
+        }
         let mut inc = self.guard_incident(gi, "exposure_split", "srm", "warning", end);
         let sd = (s.expected_holdout * (1.0 - s.expected_holdout)
             / (s.treatment + s.holdout).max(1.0))

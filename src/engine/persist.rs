@@ -30,6 +30,7 @@ struct PersistedIncident {
     explained_by_outage: bool,
     recovery: Recovery,
     deadline_ms: Option<i64>,
+    held: bool,
 }
 
 /// Everything a checkpoint holds. Large parts are moved out of the engine for encoding and
@@ -47,6 +48,7 @@ struct Persisted {
     pending_rollbacks: HashMap<String, String>,
     emitted_rollbacks: HashSet<String>,
     granted: HashMap<String, String>,
+    watch_reports: Vec<crate::guard::WatchReport>,
     dedup: Dedup,
     audit_seq: u64,
     guards: Guards,
@@ -112,6 +114,7 @@ impl Engine {
                 explained_by_outage: i.explained_by_outage,
                 recovery: i.recovery,
                 deadline_ms: i.decision.deadline_ms,
+                held: i.held,
             })
             .collect();
         let skip = self.audit_log.len().saturating_sub(AUDIT_RECORDS_KEPT);
@@ -127,6 +130,7 @@ impl Engine {
             pending_rollbacks: std::mem::take(&mut self.pending_rollbacks),
             emitted_rollbacks: std::mem::take(&mut self.emitted_rollbacks),
             granted: std::mem::take(&mut self.granted),
+            watch_reports: std::mem::take(&mut self.watch_reports),
             dedup: std::mem::replace(&mut self.dedup, Dedup::empty(0)),
             audit_seq: self.audit_seq,
             guards: std::mem::take(&mut self.guards),
@@ -155,6 +159,7 @@ impl Engine {
         self.pending_rollbacks = p.pending_rollbacks;
         self.emitted_rollbacks = p.emitted_rollbacks;
         self.granted = p.granted;
+        self.watch_reports = p.watch_reports;
         self.dedup = p.dedup;
         self.guards = p.guards;
         self.sprawl = p.sprawl;
@@ -181,6 +186,7 @@ impl Engine {
                 i.explained_by_outage = pi.explained_by_outage;
                 i.recovery = pi.recovery;
                 i.decision.deadline_ms = pi.deadline_ms;
+                i.held = pi.held;
                 i
             })
             .collect();
@@ -286,10 +292,7 @@ impl Engine {
                 message: "inconsistent state: a reference out of range".into(),
             });
         }
-        let ours = |e: &Engine, metric: usize, dims: &[(String, String)], share: bool| {
-            let values: Vec<&str> = dims.iter().map(|(_, v)| v.as_str()).collect();
-            parts.contains(&e.partition_of(metric, &values, share, partitions))
-        };
+        let ours = |e: &Engine, metric: usize| parts.contains(&e.partition_of(metric, partitions));
         let mut incidents = p.incidents;
         let mut moved: HashMap<usize, usize> = HashMap::new();
         let mut take_incident = |e: &mut Engine, k: usize, series_idx: Option<usize>| -> usize {
@@ -303,6 +306,7 @@ impl Engine {
             i.explained_by_outage = pi.explained_by_outage;
             i.recovery = pi.recovery;
             i.decision.deadline_ms = pi.deadline_ms;
+            i.held = pi.held;
             let idx = match e.incident_ids.get(&i.id) {
                 Some(&old) => {
                     e.incidents[old] = i;
@@ -321,7 +325,7 @@ impl Engine {
         let by_index: HashMap<usize, u64> = p.index.iter().map(|(k, &i)| (i, *k)).collect();
         let resume = p.closed_upto;
         for (j, mut s) in p.series.into_iter().enumerate() {
-            if !ours(self, s.metric, &s.dims, false) {
+            if !ours(self, s.metric) {
                 continue;
             }
             let m = &self.schema.metrics[s.metric];
@@ -356,7 +360,7 @@ impl Engine {
         }
         let by_share: HashMap<usize, u64> = p.share_index.iter().map(|(k, &i)| (i, *k)).collect();
         for (j, mut s) in p.shares.into_iter().enumerate() {
-            if !ours(self, s.metric, &s.dims, true) {
+            if !ours(self, s.metric) {
                 continue;
             }
             let Some(&key) = by_share.get(&j) else {
@@ -371,6 +375,44 @@ impl Engine {
                 }
             }
             done.series += 1;
+        }
+        // Watches: what each learnt for the metrics and the change partitions taken over. Every
+        // instance keeps a copy of every watch (changes are broadcast), so a copy is only
+        // missing where this instance never saw the change: nothing to take it into then.
+        let splits: Vec<bool> = p
+            .guards
+            .all
+            .iter()
+            .map(|g| parts.contains(&self.change_partition(&g.change_id, partitions)))
+            .collect();
+        for (pg, split) in p.guards.all.iter().zip(splits) {
+            let Some(lg) = self
+                .guards
+                .all
+                .iter_mut()
+                .rev()
+                .find(|g| g.change_id == pg.change_id && g.opened_ms == pg.opened_ms)
+            else {
+                continue;
+            };
+            let metric_part = &self.metric_part;
+            lg.take_over(
+                pg,
+                |mi| metric_part.get(mi).is_some_and(|x| parts.contains(x)),
+                |x| parts.contains(&x),
+                split,
+            );
+        }
+        // Watches closing on a change partition taken over: the verdicts gathered so far.
+        for r in p.watch_reports {
+            if parts.contains(&self.change_partition(&r.change_id, partitions))
+                && !self
+                    .watch_reports
+                    .iter()
+                    .any(|x| x.change_id == r.change_id && x.opened_ms == r.opened_ms)
+            {
+                self.watch_reports.push(r);
+            }
         }
         // The decider's partition: what it granted and the breaker's count go with it.
         if parts.contains(&crate::repartition::DECIDER) {

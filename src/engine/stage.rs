@@ -28,6 +28,11 @@ impl Engine {
     /// Makes this engine one stage of the two-stage aggregation. Call once, before any input.
     pub fn set_stage(&mut self, stage: Stage) {
         self.stage = stage;
+        if let Stage::Aggregate { partitions } | Stage::Merge { partitions } = stage {
+            self.metric_part = (0..self.schema.metrics.len())
+                .map(|m| self.metric_partition(m, partitions))
+                .collect();
+        }
         match stage {
             Stage::Single => {}
             // Series are created per batch and handed on: only stage 2 limits them.
@@ -65,42 +70,57 @@ impl Engine {
     /// Stage 2: whether series `si` (or share series `si`, with `share`) belongs to a
     /// repartition partition another instance owns now. Its windows are not closed here: no
     /// partials arrive for it, and empty windows would read as a tracking outage.
-    pub(super) fn foreign(&mut self, si: usize, share: bool) -> bool {
-        let Stage::Merge { partitions } = self.stage else {
-            return false;
-        };
-        let cache = if share {
-            &self.share_part
+    pub(super) fn foreign(&self, si: usize, share: bool) -> bool {
+        let metric = if share {
+            self.shares[si].metric
         } else {
-            &self.series_part
+            self.series[si].metric
         };
-        let part = match cache.get(si) {
-            Some(&p) => p,
+        !self.owns_metric(metric)
+    }
+
+    /// Stage 2: whether the series of `metric` are merged here (always, with one stage).
+    pub(super) fn owns_metric(&self, metric: usize) -> bool {
+        let Stage::Merge { partitions } = self.stage else {
+            return true;
+        };
+        self.owned.contains(&self.partition_of(metric, partitions))
+    }
+
+    /// Stage 2: whether this engine speaks for change `change_id` as a whole (its watch's
+    /// opening and closing records, the split check's incident): the owner of the change's
+    /// repartition partition. Always, with one stage.
+    pub(super) fn owns_change(&self, change_id: &str) -> bool {
+        let Stage::Merge { partitions } = self.stage else {
+            return true;
+        };
+        self.owned
+            .contains(&self.change_partition(change_id, partitions))
+    }
+
+    /// The exposure watch `gi` reads for `metric`, or for its split check (`None`). With two
+    /// stages each repartition partition reads the whole exposure (see
+    /// `ChangeGuard::exposure_at`): a metric's is read on its own partition, the split check's
+    /// on the change's, or else on the first partition held here that reads it.
+    pub(super) fn guard_exposure(&self, gi: usize, metric: Option<usize>) -> [f64; 2] {
+        let g = &self.guards.all[gi];
+        let Stage::Merge { partitions } = self.stage else {
+            return g.exposure;
+        };
+        let part = match metric {
+            Some(mi) => self.partition_of(mi, partitions),
             None => {
-                let (metric, values) = if share {
-                    let s = &self.shares[si];
-                    (
-                        s.metric,
-                        s.dims.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>(),
-                    )
-                } else {
-                    let s = &self.series[si];
-                    (s.metric, s.dims.iter().map(|(_, v)| v.as_str()).collect())
-                };
-                let p = self.partition_of(metric, &values, share, partitions);
-                let cache = if share {
-                    &mut self.share_part
-                } else {
-                    &mut self.series_part
-                };
-                // Filled in index order: every series before `si` is cached already.
-                if cache.len() == si {
-                    cache.push(p);
+                let own = self.change_partition(&g.change_id, partitions);
+                match self.owned.contains(&own) {
+                    true => own,
+                    false => match self.metric_part.iter().find(|x| self.owned.contains(x)) {
+                        Some(&x) => x,
+                        None => own,
+                    },
                 }
-                p
             }
         };
-        !self.owned.contains(&part)
+        g.exposure_on(part)
     }
 
     /// Series counted as tracked here (stage 2: those of owned partitions).
@@ -129,8 +149,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Where a series goes: a hash of its metric's name and dimension values (names, not
-    /// indices, so instances agree whatever the order of their configurations).
+    /// A series' record key on the repartition topic: a hash of its metric's name and dimension
+    /// values (names, not indices, so instances agree whatever the order of their
+    /// configurations).
     pub(super) fn route_key(&self, metric: usize, values: &[&str], share: bool) -> u64 {
         let mut h = SipHasher13::new_with_keys(self.schema.series_key.0, self.schema.series_key.1);
         h.write(self.schema.metrics[metric].cfg.name.as_bytes());
@@ -144,7 +165,7 @@ impl Engine {
 
     /// The repartition partition of what is kept per change (its guard's treatment/holdout
     /// sums, and so its guard incidents).
-    fn change_partition(&self, change_id: &str, partitions: i32) -> i32 {
+    pub(super) fn change_partition(&self, change_id: &str, partitions: i32) -> i32 {
         let mut h = SipHasher13::new_with_keys(self.schema.series_key.0, self.schema.series_key.1);
         h.write(change_id.as_bytes());
         (h.finish() % partitions.max(1) as u64) as i32
@@ -155,11 +176,7 @@ impl Engine {
     fn incident_partition(&self, idx: usize, partitions: i32) -> i32 {
         let inc = &self.incidents[idx];
         match (inc.series_idx, inc.decision.change_id.clone()) {
-            (Some(si), _) => {
-                let s = &self.series[si];
-                let values: Vec<&str> = s.dims.iter().map(|(_, v)| v.as_str()).collect();
-                self.partition_of(s.metric, &values, false, partitions)
-            }
+            (Some(si), _) => self.partition_of(self.series[si].metric, partitions),
             (None, Some(c)) => self.change_partition(&c, partitions),
             (None, None) => DECIDER,
         }
@@ -273,6 +290,10 @@ impl Engine {
         {
             self.pending_rollbacks.remove(&change_id);
         }
+        if self.incidents[idx].held {
+            self.publish_held(idx, at_ms, decided_by, verdict);
+            return;
+        }
         match verdict {
             // Unless a person vetoed it here meanwhile (the veto is on its way to the decider).
             Verdict::Grant
@@ -327,6 +348,42 @@ impl Engine {
         }
     }
 
+    /// Stage 2: a new incident whose policy said "roll back" waited for the decider's answer
+    /// (`Engine::raise`). Its decision becomes what one instance's would have been, and only
+    /// then are its alert and decision record published: one instance knows at once whether
+    /// the change's rollback is already pending, or vetoed, and trips the breaker after
+    /// recording the decision.
+    fn publish_held(&mut self, idx: usize, at_ms: i64, decided_by: Actor, verdict: Verdict) {
+        let inc = &mut self.incidents[idx];
+        inc.held = false;
+        self.dirty = true;
+        let change_id = inc.decision.change_id.clone().unwrap_or_default();
+        match &verdict {
+            Verdict::Already { .. } => {
+                inc.decision.action = DecisionAction::RollbackAlreadyRequested;
+                inc.decision.reason =
+                    format!("rollback of {change_id} already requested and pending");
+            }
+            Verdict::Vetoed { why } => {
+                inc.decision.action = DecisionAction::Vetoed;
+                inc.decision.set_deadline(None);
+                inc.decision.reason =
+                    format!("{why}; this incident is recorded against the veto, not acted on");
+                self.vetoed.insert(change_id.clone(), why.clone());
+            }
+            Verdict::Grant | Verdict::Breaker { .. } => {}
+        }
+        self.publish_decision(idx);
+        match verdict {
+            Verdict::Grant => self.emit_rollback(idx, at_ms, decided_by),
+            Verdict::Breaker { why, counts } => {
+                let counts = serde_json::from_str(&counts).unwrap_or(serde_json::Value::Null);
+                self.trip_breaker(idx, at_ms, &change_id, &why, counts);
+            }
+            Verdict::Already { .. } | Verdict::Vetoed { .. } => {}
+        }
+    }
+
     /// Stage 2: tells the decider that a person vetoed the rollback of `change_id`.
     pub(super) fn tell_decider_veto(&mut self, change_id: &str, reason: &str) {
         if !matches!(self.stage, Stage::Merge { .. }) {
@@ -342,15 +399,24 @@ impl Engine {
         })));
     }
 
-    /// The repartition partition of a series (or share series) among `partitions`.
-    pub(super) fn partition_of(
-        &self,
-        metric: usize,
-        values: &[&str],
-        share: bool,
-        partitions: i32,
-    ) -> i32 {
-        (self.route_key(metric, values, share) % partitions.max(1) as u64) as i32
+    /// The repartition partition of every series (and share series) of `metric`: one owner
+    /// merges a whole metric. Its evidence reads across the metric's series (a segment's share
+    /// of the total's excess, whether a drop is explained by a tracking outage on another of
+    /// its series, the scope's in-scope series), so with one owner per metric it is computed
+    /// from exactly what one instance would see. Stage 2's work is per series and window, not
+    /// per event (that is stage 1's, spread by input partition), so a metric per owner is
+    /// the unit that keeps results equal at little cost in balance.
+    pub(super) fn partition_of(&self, metric: usize, partitions: i32) -> i32 {
+        match self.metric_part.get(metric) {
+            Some(&p) => p,
+            None => self.metric_partition(metric, partitions),
+        }
+    }
+
+    fn metric_partition(&self, metric: usize, partitions: i32) -> i32 {
+        let mut h = SipHasher13::new_with_keys(self.schema.series_key.0, self.schema.series_key.1);
+        h.write(self.schema.metrics[metric].cfg.name.as_bytes());
+        (h.finish() % partitions.max(1) as u64) as i32
     }
 
     /// The repartition partition and record key of a series (or share series).
@@ -360,7 +426,7 @@ impl Engine {
         let Stage::Aggregate { partitions } = self.stage else {
             return (0, String::new());
         };
-        ((k % partitions.max(1) as u64) as i32, format!("{k:016x}"))
+        (self.partition_of(metric, partitions), format!("{k:016x}"))
     }
 
     /// Stage 1: moves every partial sum read since the last call into the outputs (then the
@@ -427,32 +493,51 @@ impl Engine {
             }
         }
         self.share_index.clear();
+        // A watch's sums go where they are read: each metric's arms to its metric's owner (its
+        // breaches, and the holdout evidence on its incidents, are decided there), the exposure
+        // to each of those and to the change's own partition (the split check).
+        let mut parts: Vec<i32> = self.metric_part.clone();
+        parts.sort_unstable();
+        parts.dedup();
         for g in std::mem::take(&mut self.guards).all {
-            let metrics: Vec<(String, u8, f64, f64, f64)> = g
-                .metrics
-                .iter()
-                .enumerate()
-                .flat_map(|(mi, m)| {
-                    m.arms
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, a)| a.num != 0.0 || a.den != 0.0)
-                        .map(move |(arm, a)| (mi, arm as u8, a.num, a.den, a.sumsq))
-                })
-                .map(|(mi, arm, n, d, q)| (self.schema.metrics[mi].cfg.name.clone(), arm, n, d, q))
-                .collect();
-            if metrics.is_empty() && g.exposure == [0.0; 2] {
+            if g.exposure == [0.0; 2]
+                && g.metrics
+                    .iter()
+                    .all(|m| m.arms.iter().all(|a| a.num == 0.0 && a.den == 0.0))
+            {
                 continue;
             }
-            out.push(Routed {
-                partition: self.change_partition(&g.change_id, partitions),
-                key: g.change_id.clone(),
-                partial: Partial::Arms {
-                    change_id: g.change_id,
-                    exposure: g.exposure,
-                    metrics,
-                },
-            });
+            let own = self.change_partition(&g.change_id, partitions);
+            for &x in parts.iter().chain((!parts.contains(&own)).then_some(&own)) {
+                let metrics: Vec<(String, u8, f64, f64, f64)> = g
+                    .metrics
+                    .iter()
+                    .enumerate()
+                    .filter(|(mi, _)| self.metric_part[*mi] == x)
+                    .flat_map(|(mi, m)| {
+                        m.arms
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, a)| a.num != 0.0 || a.den != 0.0)
+                            .map(move |(arm, a)| (mi, arm as u8, a.num, a.den, a.sumsq))
+                    })
+                    .map(|(mi, arm, n, d, q)| {
+                        (self.schema.metrics[mi].cfg.name.clone(), arm, n, d, q)
+                    })
+                    .collect();
+                if metrics.is_empty() && g.exposure == [0.0; 2] {
+                    continue;
+                }
+                out.push(Routed {
+                    partition: x,
+                    key: g.change_id.clone(),
+                    partial: Partial::Arms {
+                        change_id: g.change_id.clone(),
+                        exposure: g.exposure,
+                        metrics,
+                    },
+                });
+            }
         }
         // Segment series start again with the next batch; totals stay (their slots are empty).
         let fixed = self
@@ -499,7 +584,7 @@ impl Engine {
         r
     }
 
-    fn metric_named(&self, name: &str) -> Result<usize, Reject> {
+    pub(super) fn metric_named(&self, name: &str) -> Result<usize, Reject> {
         self.schema
             .metrics
             .iter()
@@ -636,9 +721,7 @@ impl Engine {
                     a.den += den;
                     a.sumsq += sumsq;
                 }
-                let g = &mut self.guards.all[gi];
-                g.exposure[0] += exposure[0];
-                g.exposure[1] += exposure[1];
+                self.guards.all[gi].add_exposure_at(part, exposure);
             }
             Partial::Change(b) => {
                 let c = decode_change(&b, self.schema.max_bytes)?;
@@ -685,6 +768,21 @@ impl Engine {
                 }
                 self.decide(change_id, incident_id, reply, at_ms, decided_by);
             }
+            Partial::WatchClosed {
+                change_id,
+                opened_ms,
+                part,
+                at_ms,
+                why,
+                metrics,
+            } => self.gather_watch_closed(crate::guard::WatchReport {
+                change_id,
+                opened_ms,
+                at_ms,
+                why,
+                parts: vec![part],
+                metrics,
+            })?,
             Partial::Verdict {
                 change_id,
                 incident_id,
@@ -756,18 +854,33 @@ mod tests {
     use std::collections::VecDeque;
 
     const HOUR: i64 = 3_600_000;
-    const PARTS: i32 = 4;
+    const PARTS: i32 = 6;
 
-    /// Rollback requests (change ids) and incidents blamed on `change` with a rollback
-    /// decision, of one single-stage engine and of two stage-2 engines (engine 0 owns the even
-    /// repartition partitions, engine 1 the odd ones) fed by one stage-1 engine, on the same
-    /// traffic with one harmful change in three countries.
-    fn run(change: &str) -> (Vec<String>, Vec<String>, usize, [usize; 2]) {
+    /// What one single-stage engine, and two stage-2 engines fed by one stage-1 engine, decided
+    /// on the same traffic with one harmful change in three countries.
+    struct Run {
+        /// Rollback requests (change ids).
+        rollbacks: [Vec<String>; 2],
+        /// Incidents blamed on the change with a rollback decision: of the single engine, and
+        /// of each stage-2 engine.
+        blamed: (usize, [usize; 2]),
+        /// Every alert as published (sorted), and every audit record as (action, incident,
+        /// change) (sorted; their times are the wall clock's).
+        alerts: [Vec<String>; 2],
+        audits: [Vec<(String, String, String, String)>; 2],
+    }
+
+    /// Engine 0 owns the repartition partition of the conversion metric, engine 1 every other
+    /// one (that of the support tickets, among them): the change's incidents are on both.
+    fn run(change: &str) -> Run {
         let mut cfg =
             Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
         cfg.detection.warmup_windows = 48;
         cfg.guards.sprawl.enabled = false;
         cfg.guards.pressure.enabled = false;
+        // The change's watch closes inside the run: its closing record gathers every metric's
+        // verdict from that metric's owner.
+        cfg.guards.watch_secs = 3600;
         let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
         let (start, end) = (change_ms - 5 * HOUR, change_ms + 2 * HOUR);
         let mut single = Engine::new(&cfg).unwrap();
@@ -775,9 +888,16 @@ mod tests {
         s1.set_stage(Stage::Aggregate { partitions: PARTS });
         s1.assign_sources(&[0], start);
         let mut owners = [Engine::new(&cfg).unwrap(), Engine::new(&cfg).unwrap()];
+        let part_of = |name: &str| {
+            let mi = s1.metric_named(name).unwrap();
+            s1.partition_of(mi, PARTS)
+        };
+        let conversion = part_of("conversion_rate");
+        assert_ne!(conversion, part_of("support_tickets_per_session"));
+        let owner = |p: i32| usize::from(p != conversion);
         for (i, e) in owners.iter_mut().enumerate() {
             e.set_stage(Stage::Merge { partitions: PARTS });
-            let mine: Vec<i32> = (0..PARTS).filter(|p| *p as usize % 2 == i).collect();
+            let mine: Vec<i32> = (0..PARTS).filter(|p| owner(*p) == i).collect();
             e.assign_repartitions(&mine, 1, start);
         }
         let mut sim = Sim::new(
@@ -788,7 +908,33 @@ mod tests {
             },
             start,
         );
-        let (mut one, mut two) = (Vec::new(), Vec::new());
+        let mut rollbacks: [Vec<String>; 2] = Default::default();
+        let mut alerts: [Vec<String>; 2] = Default::default();
+        let mut audits: [Vec<(String, String, String, String)>; 2] = Default::default();
+        let mut keep = |k: usize, o: Output, queue: &mut VecDeque<Routed>| match o {
+            Output::Partial(r) => queue.push_back(*r),
+            Output::Rollback(q) => rollbacks[k].push(q.data.change_id),
+            Output::Alert(a) => {
+                // Everything but the wall-clock time it was sent at, and "local gain, global
+                // loss": it sets the incident's metric beside the change's target metric, which
+                // another instance may own (computed only where both are owned; see README).
+                let mut v = serde_json::to_value(&a).unwrap();
+                let o = v.as_object_mut().unwrap();
+                o.remove("emitted_at");
+                o.remove("local_gain_global_loss");
+                alerts[k].push(v.to_string())
+            }
+            Output::Audit(r) => audits[k].push((
+                r.action.to_string(),
+                r.incident_id.unwrap_or_default(),
+                r.change_id.unwrap_or_default(),
+                // A watch's records whole (the verdict of every metric, wherever merged).
+                match r.action.starts_with("guard_") {
+                    true => r.evidence.to_string(),
+                    false => String::new(),
+                },
+            )),
+        };
         let mut evs: Vec<Vec<u8>> = Vec::new();
         let mut changed = false;
         while sim.now_ms() < end {
@@ -819,21 +965,15 @@ mod tests {
                 .collect();
             // The repartition topic: stage 2's own records (questions, answers) go round too.
             while let Some(r) = queue.pop_front() {
-                let e = &mut owners[r.partition as usize % 2];
+                let e = &mut owners[owner(r.partition)];
                 e.process_partial(r.partition, &r.partial.encode(), now)
                     .unwrap();
                 for o in e.take_outputs() {
-                    match o {
-                        Output::Partial(r) => queue.push_back(*r),
-                        Output::Rollback(q) => two.push(q.data.change_id),
-                        _ => {}
-                    }
+                    keep(1, o, &mut queue);
                 }
             }
             for o in single.take_outputs() {
-                if let Output::Rollback(q) = o {
-                    one.push(q.data.change_id);
-                }
+                keep(0, o, &mut queue);
             }
         }
         let blamed = |e: &Engine| {
@@ -849,12 +989,18 @@ mod tests {
                 })
                 .count()
         };
-        (
-            one,
-            two,
-            blamed(&single),
-            [blamed(&owners[0]), blamed(&owners[1])],
-        )
+        for x in alerts.iter_mut() {
+            x.sort();
+        }
+        for x in audits.iter_mut() {
+            x.sort();
+        }
+        Run {
+            rollbacks,
+            blamed: (blamed(&single), [blamed(&owners[0]), blamed(&owners[1])]),
+            alerts,
+            audits,
+        }
     }
 
     #[test]
@@ -941,12 +1087,23 @@ mod tests {
 
     #[test]
     fn a_change_is_rolled_back_once_however_its_incidents_are_spread() {
-        let (one, two, n_single, n_two) = run("chg-spread");
+        let r = run("chg-spread");
+        let (n_single, n_two) = r.blamed;
         // Several incidents blame the change, on both stage-2 engines: without the decider each
         // engine would request the rollback.
         assert!(n_single >= 2, "one engine: {n_single} incidents");
         assert!(n_two[0] >= 1 && n_two[1] >= 1, "two engines: {n_two:?}");
-        assert_eq!(one, ["chg-spread"]);
-        assert_eq!(two, one);
+        assert_eq!(r.rollbacks[0], ["chg-spread"]);
+        assert_eq!(r.rollbacks[1], r.rollbacks[0]);
+        // And everything else decided is the same: every alert with its evidence (segments,
+        // candidates, treatment or observational comparison, outage explanation), and every
+        // audit record once (a watch's opening and closing are the change owner's to write).
+        assert!(!r.alerts[0].is_empty());
+        for (a, b) in r.alerts[0].iter().zip(&r.alerts[1]) {
+            assert_eq!(a, b, "first differing alert");
+        }
+        assert_eq!(r.alerts[0].len(), r.alerts[1].len());
+        assert!(r.audits[0].iter().any(|a| a.0 == "guard_closed"));
+        assert_eq!(r.audits[0], r.audits[1]);
     }
 }
