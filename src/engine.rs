@@ -39,7 +39,7 @@ mod persist;
 mod stage;
 use fasthash::{FastState, KeyMap, KeySet};
 pub use persist::{offsets_of, Imported, Offsets, Restored};
-pub use stage::Stage;
+pub use stage::{Held, Stage};
 
 /// Dimensions read from the `dims` object, across all metrics.
 const MAX_OBJ_DIMS: usize = 16;
@@ -335,9 +335,9 @@ pub struct Incident {
     /// same metric (e.g. the total, when one country's events stopped).
     #[serde(skip)]
     pub explained_by_outage: bool,
-    /// Stage 2: its alert and decision record wait for the decider's answer.
+    /// Stage 2: its alert and records wait for answers from other owners.
     #[serde(skip)]
-    pub held: bool,
+    pub held: Option<Box<Held>>,
     #[serde(skip)]
     recovery: Recovery,
 }
@@ -393,7 +393,7 @@ impl Incident {
             trail: Vec::new(),
             silenced_until_ms: None,
             explained_by_outage: false,
-            held: false,
+            held: None,
             recovery: Recovery::new(0.0),
         }
     }
@@ -525,6 +525,11 @@ pub struct Engine {
     /// Stage 2, on the owner of the decider partition: change id -> the incident whose
     /// rollback request it granted, until the change is rolled back.
     granted: HashMap<String, String>,
+    /// Stage 2, on a metric's owner: each watch's effect on the metrics merged here, as of the
+    /// windows it changed in (a short history), and other owners' questions about windows not
+    /// closed here yet: their incidents' "local gain, global loss".
+    gain_hist: Vec<stage::GainPoint>,
+    gain_asks: Vec<stage::GainAsk>,
     /// Stage 2, on a change's owner: closed watches whose metrics' verdicts are still coming in.
     watch_reports: Vec<crate::guard::WatchReport>,
     outputs: Vec<Output>,
@@ -708,6 +713,8 @@ impl Engine {
             emitted_rollbacks: HashSet::new(),
             granted: HashMap::new(),
             watch_reports: Vec::new(),
+            gain_hist: Vec::new(),
+            gain_asks: Vec::new(),
             outputs: Vec::new(),
             stats: EngineStats::default(),
             dedup: Dedup::empty(lateness_ms + window_ms),
@@ -1500,7 +1507,8 @@ impl Engine {
         }
         let end = (w + 1) * self.schema.window_ms;
         self.close_shares(w);
-        self.close_guards(w);
+        let watched = self.close_guards(w);
+        self.note_gains(w, &watched);
         self.check_sprawl(end);
         self.check_pressure(end);
         self.run_deadlines(end);
@@ -1760,7 +1768,7 @@ impl Engine {
         // after the decider's answer) go in the same request.
         for (k, o) in self.incidents.iter().enumerate() {
             let firing_then = (o.detected_ms < at_ms || (o.detected_ms == at_ms && k < idx))
-                && o.resolved_ms.is_none_or(|r| r > at_ms);
+                && o.resolved_ms.map_or(true, |r| r > at_ms);
             if o.id != inc.id
                 && firing_then
                 && o.decision.change_id.as_deref() == Some(change_id.as_str())

@@ -120,6 +120,21 @@ pub enum Partial {
         why: String,
         metrics: Vec<(String, String)>,
     },
+    /// Stage 2, to the owner of metric `target`: the effect on it of the watch on `change_id`,
+    /// as it stood once window `upto` was closed, for the "local gain, global loss" of incident
+    /// `incident_id`, whose owner reads the answer on partition `reply`.
+    GainAsk {
+        change_id: String,
+        target: String,
+        upto: i64,
+        incident_id: String,
+        reply: i32,
+    },
+    /// The answer to a [`Partial::GainAsk`].
+    GainAnswer {
+        incident_id: String,
+        effect: Option<GainEffect>,
+    },
     /// The decider's answer to an [`Partial::Ask`] (which it repeats).
     Verdict {
         change_id: String,
@@ -129,6 +144,10 @@ pub enum Partial {
         verdict: Verdict,
     },
 }
+
+/// A watch's effect on a metric: relative effect, its 95% interval, and whether treatment was
+/// compared with a holdout (or else observed against the forecast).
+pub type GainEffect = (f64, f64, f64, bool);
 
 /// What the decider answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -300,9 +300,7 @@ async fn play(
         }
     };
     // Every alert whole, evidence included (segments, candidates and their evidence, the
-    // decision), but for the wall-clock time it was sent at and "local gain, global loss",
-    // which sets the incident's metric beside the change's target metric: another instance
-    // may own that one (see the README's scale-out notes).
+    // decision, "local gain, global loss"), but for the wall-clock time it was sent at.
     let mut alerts: Vec<String> = outs
         .iter()
         .filter(|o| o.topic == t.alerts)
@@ -310,7 +308,6 @@ async fn play(
             let mut v = o.json();
             let m = v.as_object_mut().expect("an alert is an object");
             m.remove("emitted_at");
-            m.remove("local_gain_global_loss");
             v.to_string()
         })
         .collect();

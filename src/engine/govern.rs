@@ -10,6 +10,7 @@ use serde_json::json;
 use super::*;
 use crate::control::{ControlError, DecisionCall, Outcome, Verb};
 use crate::guard::{ChangeGuard, PressureFinding, SprawlFinding, HOLDOUT, TREATMENT};
+use crate::repartition::GainEffect;
 use crate::seqtest::{self, ArmStats, MsprtConfig};
 
 /// Events per arm before treatment and holdout are compared (the test is valid earlier, but
@@ -99,6 +100,32 @@ impl Engine {
             .find(|g| g.change_id == change_id)
     }
 
+    /// The metric a change is meant to move (its own `target_metric`, or its kind's in the
+    /// policy), by index.
+    pub(super) fn gain_target(&self, change_id: &str) -> Option<usize> {
+        let ch = self.registry.get(change_id)?;
+        let target = ch.target_metric.clone().or_else(|| {
+            ch.kind
+                .as_ref()
+                .and_then(|k| self.cfg.policy.target_metrics.get(k).cloned())
+        })?;
+        self.schema.metrics.iter().position(|m| m.name() == target)
+    }
+
+    /// The latest watch's effect of `change_id` on metric `ti`: relative effect, its 95%
+    /// interval, and by which comparison.
+    pub(super) fn target_effect(&self, change_id: &str, ti: usize) -> Option<GainEffect> {
+        let g = self.latest_guard(change_id)?;
+        let w = &g.metrics[ti];
+        match w.comparison.as_ref().filter(|_| !g.srm_flagged) {
+            Some(c) => Some((c.relative, c.rel_ci_low, c.rel_ci_high, true)),
+            None => {
+                let (r, l, h) = w.observational.effect()?;
+                Some((r, l, h, false))
+            }
+        }
+    }
+
     /// "Local gain, global loss": the change's target metric improved (interval clear of zero)
     /// while `metric` worsened by `effect` (relative, with its 95% half-width).
     fn local_gain(
@@ -107,33 +134,25 @@ impl Engine {
         metric: usize,
         effect: (f64, f64),
     ) -> Option<serde_json::Value> {
-        let ch = self.registry.get(change_id)?;
-        let target = ch.target_metric.clone().or_else(|| {
-            ch.kind
-                .as_ref()
-                .and_then(|k| self.cfg.policy.target_metrics.get(k).cloned())
-        })?;
-        let ti = self
-            .schema
-            .metrics
-            .iter()
-            .position(|m| m.name() == target)?;
+        let ti = self.gain_target(change_id)?;
         if ti == metric {
             return None;
         }
-        let g = self.latest_guard(change_id)?;
-        let w = &g.metrics[ti];
-        let (rel, lo, hi, how) = match w.comparison.as_ref().filter(|_| !g.srm_flagged) {
-            Some(c) => (
-                c.relative,
-                c.rel_ci_low,
-                c.rel_ci_high,
-                "treatment_vs_holdout",
-            ),
-            None => {
-                let (r, l, h) = w.observational.effect()?;
-                (r, l, h, "observational")
-            }
+        self.gain_json(ti, self.target_effect(change_id, ti)?, metric, effect)
+    }
+
+    /// The "local gain, global loss" evidence, given the target's effect.
+    pub(super) fn gain_json(
+        &self,
+        ti: usize,
+        (rel, lo, hi, holdout): GainEffect,
+        metric: usize,
+        effect: (f64, f64),
+    ) -> Option<serde_json::Value> {
+        let how = if holdout {
+            "treatment_vs_holdout"
+        } else {
+            "observational"
         };
         let improved = match self.schema.metrics[ti].cfg.direction {
             Direction::Drop => lo > 0.0,
@@ -143,6 +162,7 @@ impl Engine {
         if !improved {
             return None;
         }
+        let target = self.schema.metrics[ti].name();
         let gm = self.schema.metrics[metric].name();
         Some(json!({
             "target": {"metric": target, "effect": round3(rel), "ci95": [round3(lo), round3(hi)], "comparison": how},
@@ -214,8 +234,16 @@ impl Engine {
                     format!("{why}; this incident is recorded against the veto, not acted on");
             }
         }
+        // With two stages the change's target metric may be merged by another instance: its
+        // effect is asked of that one, as of the window one instance would have read it in.
+        let mut gain_wait = None;
         if let (Some(t), Some(mi), Some(e)) = (&top, inc.metric_idx, effect) {
-            inc.local_gain_global_loss = self.local_gain(&t.change_id, mi, e);
+            match self.gain_target(&t.change_id) {
+                Some(ti) if ti != mi && !self.owns_metric(ti) => {
+                    gain_wait = Some((t.change_id.clone(), ti, e))
+                }
+                _ => inc.local_gain_global_loss = self.local_gain(&t.change_id, mi, e),
+            }
         }
         let id = inc.id.clone();
         let suspect = inc.decision.change_id.clone();
@@ -236,22 +264,47 @@ impl Engine {
         ) {
             o.insert("local_gain_global_loss".into(), lg.clone());
         }
-        self.audit(
-            Some(&id),
-            suspect.as_deref(),
-            "detection",
-            Actor::system("detector"),
-            evidence,
-            det_policy,
-        );
+        match gain_wait {
+            Some((change_id, ti, e)) => {
+                // One instance reads a watch after closing the window before a series' alarm,
+                // and after closing the alarm's own window for a watch's breach.
+                let dw = at.div_euclid(self.schema.window_ms) - 1;
+                let upto = if self.incidents[idx].kind == "guardrail_breach" {
+                    dw
+                } else {
+                    dw - 1
+                };
+                self.incidents[idx].held = Some(Box::new(Held {
+                    gain: Some((e, ti, evidence.to_string(), det_policy.to_string())),
+                    ..Held::default()
+                }));
+                self.ask_gain(idx, &change_id, ti, upto);
+            }
+            None => {
+                self.audit(
+                    Some(&id),
+                    suspect.as_deref(),
+                    "detection",
+                    Actor::system("detector"),
+                    evidence,
+                    det_policy,
+                );
+            }
+        }
         if matches!(self.stage, super::Stage::Merge { .. })
             && self.incidents[idx].decision.action == DecisionAction::RollbackRequested
         {
             // With two stages, whether this is the change's first rollback is the decider's to
             // say: the alert and the decision's record wait for its answer, so that they say
             // what one instance's would (see `Engine::publish_held`).
-            self.incidents[idx].held = true;
+            self.incidents[idx]
+                .held
+                .get_or_insert_with(Box::default)
+                .decider = true;
             self.act_automatically(idx, at);
+            return idx;
+        }
+        if self.incidents[idx].held.is_some() {
             return idx;
         }
         self.publish_decision(idx);
@@ -904,9 +957,9 @@ impl Engine {
 
     /// After window `w`: every open watch takes the window's in-scope observations, checks its
     /// split and compares treatment with holdout.
-    pub(super) fn close_guards(&mut self, w: i64) {
+    pub(super) fn close_guards(&mut self, w: i64) -> Vec<String> {
         if self.guards.open.is_empty() {
-            return;
+            return Vec::new();
         }
         let wm = self.schema.window_ms;
         let (start, end) = (w * wm, (w + 1) * wm);
@@ -1033,6 +1086,9 @@ impl Engine {
         for gi in closing {
             self.close_guard(gi, end, "the watch period ended");
         }
+        open.iter()
+            .map(|&gi| self.guards.all[gi].change_id.clone())
+            .collect()
     }
 
     /// The watch's closing record: every metric's verdict, and the worst of them.

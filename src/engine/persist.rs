@@ -30,7 +30,7 @@ struct PersistedIncident {
     explained_by_outage: bool,
     recovery: Recovery,
     deadline_ms: Option<i64>,
-    held: bool,
+    held: Option<Box<super::Held>>,
 }
 
 /// Everything a checkpoint holds. Large parts are moved out of the engine for encoding and
@@ -49,6 +49,8 @@ struct Persisted {
     emitted_rollbacks: HashSet<String>,
     granted: HashMap<String, String>,
     watch_reports: Vec<crate::guard::WatchReport>,
+    gain_hist: Vec<super::stage::GainPoint>,
+    gain_asks: Vec<super::stage::GainAsk>,
     dedup: Dedup,
     audit_seq: u64,
     guards: Guards,
@@ -114,7 +116,7 @@ impl Engine {
                 explained_by_outage: i.explained_by_outage,
                 recovery: i.recovery,
                 deadline_ms: i.decision.deadline_ms,
-                held: i.held,
+                held: i.held.clone(),
             })
             .collect();
         let skip = self.audit_log.len().saturating_sub(AUDIT_RECORDS_KEPT);
@@ -131,6 +133,8 @@ impl Engine {
             emitted_rollbacks: std::mem::take(&mut self.emitted_rollbacks),
             granted: std::mem::take(&mut self.granted),
             watch_reports: std::mem::take(&mut self.watch_reports),
+            gain_hist: std::mem::take(&mut self.gain_hist),
+            gain_asks: std::mem::take(&mut self.gain_asks),
             dedup: std::mem::replace(&mut self.dedup, Dedup::empty(0)),
             audit_seq: self.audit_seq,
             guards: std::mem::take(&mut self.guards),
@@ -160,6 +164,8 @@ impl Engine {
         self.emitted_rollbacks = p.emitted_rollbacks;
         self.granted = p.granted;
         self.watch_reports = p.watch_reports;
+        self.gain_hist = p.gain_hist;
+        self.gain_asks = p.gain_asks;
         self.dedup = p.dedup;
         self.guards = p.guards;
         self.sprawl = p.sprawl;
@@ -306,7 +312,7 @@ impl Engine {
             i.explained_by_outage = pi.explained_by_outage;
             i.recovery = pi.recovery;
             i.decision.deadline_ms = pi.deadline_ms;
-            i.held = pi.held;
+            i.held = pi.held.clone();
             let idx = match e.incident_ids.get(&i.id) {
                 Some(&old) => {
                     e.incidents[old] = i;
@@ -403,6 +409,27 @@ impl Engine {
                 split,
             );
         }
+        // Metrics taken over: their effect history, and the questions about them.
+        let taken = |e: &Engine, mi: usize| parts.contains(&e.partition_of(mi, partitions));
+        let hist: Vec<_> = p
+            .gain_hist
+            .into_iter()
+            .filter(|g| g.metric < metrics && taken(self, g.metric))
+            .collect();
+        let keep: Vec<bool> = self
+            .gain_hist
+            .iter()
+            .map(|g| !taken(self, g.metric))
+            .collect();
+        let mut keep = keep.into_iter();
+        self.gain_hist.retain(|_| keep.next().unwrap_or(true));
+        self.gain_hist.extend(hist);
+        let asks: Vec<_> = p
+            .gain_asks
+            .into_iter()
+            .filter(|a| a.metric < metrics && taken(self, a.metric))
+            .collect();
+        self.gain_asks.extend(asks);
         // Watches closing on a change partition taken over: the verdicts gathered so far.
         for r in p.watch_reports {
             if parts.contains(&self.change_partition(&r.change_id, partitions))

@@ -3,7 +3,9 @@
 //! runs everything else.
 
 use super::*;
-use crate::repartition::{clock_id, clock_partition, Partial, Routed, Verdict, DECIDER};
+use crate::repartition::{
+    clock_id, clock_partition, GainEffect, Partial, Routed, Verdict, DECIDER,
+};
 
 /// Which part of the pipeline an engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +21,41 @@ pub enum Stage {
     /// the repartition partitions it owns.
     Merge { partitions: i32 },
 }
+
+/// Stage 2: what a new incident's alert and records wait for (`Engine::raise`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Held {
+    /// The decider's answer, when its policy said "roll back" (with who decided and when).
+    pub decider: bool,
+    pub verdict: Option<(Verdict, Actor, i64)>,
+    /// The change's effect on its target metric, owned elsewhere: the incident's own effect
+    /// and half-width, the target, and the detection record's evidence and policy (JSON) to
+    /// write once it is in.
+    pub gain: Option<((f64, f64), usize, String, String)>,
+}
+
+/// A watch's effect on a metric merged here, from window `w` on.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct GainPoint {
+    change_id: String,
+    pub(super) metric: usize,
+    w: i64,
+    effect: Option<GainEffect>,
+}
+
+/// Another owner's question about a window not closed here yet.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct GainAsk {
+    change_id: String,
+    pub(super) metric: usize,
+    upto: i64,
+    incident_id: String,
+    reply: i32,
+}
+
+/// Windows of effect history kept per watch and metric (older points are dropped, but for the
+/// latest before the horizon): an owner this far behind another is read as of the horizon.
+const GAIN_HISTORY_WINDOWS: i64 = 64;
 
 /// How long a change record's content is remembered, so that its broadcast copies on several
 /// repartition partitions apply once.
@@ -290,9 +327,13 @@ impl Engine {
         {
             self.pending_rollbacks.remove(&change_id);
         }
-        if self.incidents[idx].held {
-            self.publish_held(idx, at_ms, decided_by, verdict);
-            return;
+        if let Some(h) = self.incidents[idx].held.as_mut() {
+            if h.decider && h.verdict.is_none() {
+                h.verdict = Some((verdict, decided_by, at_ms));
+                self.dirty = true;
+                self.release_held(idx);
+                return;
+            }
         }
         match verdict {
             // Unless a person vetoed it here meanwhile (the veto is on its way to the decider).
@@ -355,8 +396,6 @@ impl Engine {
     /// recording the decision.
     fn publish_held(&mut self, idx: usize, at_ms: i64, decided_by: Actor, verdict: Verdict) {
         let inc = &mut self.incidents[idx];
-        inc.held = false;
-        self.dirty = true;
         let change_id = inc.decision.change_id.clone().unwrap_or_default();
         match &verdict {
             Verdict::Already { .. } => {
@@ -382,6 +421,149 @@ impl Engine {
             }
             Verdict::Already { .. } | Verdict::Vetoed { .. } => {}
         }
+    }
+
+    /// Stage 2: publishes a held incident once nothing it waits for is missing.
+    pub(super) fn release_held(&mut self, idx: usize) {
+        let ready = match &self.incidents[idx].held {
+            Some(h) => h.gain.is_none() && (!h.decider || h.verdict.is_some()),
+            None => false,
+        };
+        if !ready {
+            return;
+        }
+        let h = self.incidents[idx].held.take().expect("checked");
+        self.dirty = true;
+        match h.verdict {
+            Some((verdict, by, at)) => self.publish_held(idx, at, by, verdict),
+            None => self.publish_decision(idx),
+        }
+    }
+
+    /// Stage 2: asks the owner of metric `ti` for the effect of `change_id` on it as of window
+    /// `upto`, for incident `idx`.
+    pub(super) fn ask_gain(&mut self, idx: usize, change_id: &str, ti: usize, upto: i64) {
+        let Stage::Merge { partitions } = self.stage else {
+            return;
+        };
+        let reply = self.incident_partition(idx, partitions);
+        self.outputs.push(Output::Partial(Box::new(Routed {
+            partition: self.partition_of(ti, partitions),
+            key: change_id.to_string(),
+            partial: Partial::GainAsk {
+                change_id: change_id.to_string(),
+                target: self.schema.metrics[ti].cfg.name.clone(),
+                upto,
+                incident_id: self.incidents[idx].id.clone(),
+                reply,
+            },
+        })));
+    }
+
+    /// Stage 2, after closing window `w`: notes each watch's effect on the metrics merged here
+    /// where it changed, and answers the questions waiting for this window.
+    pub(super) fn note_gains(&mut self, w: i64, changes: &[String]) {
+        if !matches!(self.stage, Stage::Merge { .. }) {
+            return;
+        }
+        for c in changes {
+            for mi in 0..self.schema.metrics.len() {
+                if !self.owns_metric(mi) {
+                    continue;
+                }
+                let effect = self.target_effect(c, mi);
+                let last = self
+                    .gain_hist
+                    .iter()
+                    .rev()
+                    .find(|p| p.metric == mi && p.change_id == *c);
+                if last.map(|p| p.effect != effect).unwrap_or(true) {
+                    self.gain_hist.push(GainPoint {
+                        change_id: c.clone(),
+                        metric: mi,
+                        w,
+                        effect,
+                    });
+                }
+            }
+        }
+        // Drop points before the horizon that a later point of the same series, also before
+        // it, supersedes (walking back from the newest).
+        let horizon = w - GAIN_HISTORY_WINDOWS;
+        let mut seen: HashSet<(&str, usize)> = HashSet::new();
+        let keep: Vec<bool> = self
+            .gain_hist
+            .iter()
+            .rev()
+            .map(|p| p.w >= horizon || seen.insert((p.change_id.as_str(), p.metric)))
+            .collect();
+        let mut keep = keep.into_iter().rev();
+        self.gain_hist.retain(|_| keep.next().unwrap_or(true));
+        let (due, wait): (Vec<GainAsk>, Vec<GainAsk>) = std::mem::take(&mut self.gain_asks)
+            .into_iter()
+            .partition(|a| a.upto <= w);
+        self.gain_asks = wait;
+        for a in due {
+            self.answer_gain(a);
+        }
+    }
+
+    /// The effect of a watch on a metric merged here as it stood once window `upto` was
+    /// closed.
+    fn answer_gain(&mut self, a: GainAsk) {
+        let effect = self
+            .gain_hist
+            .iter()
+            .rev()
+            .find(|p| p.metric == a.metric && p.change_id == a.change_id && p.w <= a.upto)
+            .and_then(|p| p.effect);
+        self.outputs.push(Output::Partial(Box::new(Routed {
+            partition: a.reply,
+            key: a.change_id,
+            partial: Partial::GainAnswer {
+                incident_id: a.incident_id,
+                effect,
+            },
+        })));
+    }
+
+    /// Stage 2, on the incident's owner: the target's effect is in; the detection record is
+    /// written with its "local gain, global loss", and the incident is published unless it
+    /// still waits for the decider.
+    fn take_gain(&mut self, incident_id: &str, effect: Option<GainEffect>) {
+        let Some(&idx) = self.incident_ids.get(incident_id) else {
+            return;
+        };
+        let Some(gain) = self.incidents[idx]
+            .held
+            .as_mut()
+            .and_then(|h| h.gain.take())
+        else {
+            return;
+        };
+        let (own, ti, evidence, det_policy) = gain;
+        let metric = self.incidents[idx].metric_idx.unwrap_or(ti);
+        let lg = effect.and_then(|e| self.gain_json(ti, e, metric, own));
+        let mut evidence: serde_json::Value =
+            serde_json::from_str(&evidence).unwrap_or(serde_json::Value::Null);
+        if let (Some(lg), Some(o)) = (&lg, evidence.as_object_mut()) {
+            o.insert("local_gain_global_loss".into(), lg.clone());
+        }
+        let det_policy = serde_json::from_str(&det_policy).unwrap_or(serde_json::Value::Null);
+        self.incidents[idx].local_gain_global_loss = lg;
+        let (id, suspect) = (
+            self.incidents[idx].id.clone(),
+            self.incidents[idx].decision.change_id.clone(),
+        );
+        self.audit(
+            Some(&id),
+            suspect.as_deref(),
+            "detection",
+            Actor::system("detector"),
+            evidence,
+            det_policy,
+        );
+        self.release_held(idx);
     }
 
     /// Stage 2: tells the decider that a person vetoed the rollback of `change_id`.
@@ -768,6 +950,43 @@ impl Engine {
                 }
                 self.decide(change_id, incident_id, reply, at_ms, decided_by);
             }
+            Partial::GainAsk {
+                change_id,
+                target,
+                upto,
+                incident_id,
+                reply,
+            } => {
+                let Stage::Merge { partitions } = self.stage else {
+                    return Ok(());
+                };
+                if !(0..partitions).contains(&reply) {
+                    return Err(Reject::new(
+                        ErrorCode::InvalidField,
+                        format!("reply partition {reply} of {partitions}"),
+                    ));
+                }
+                let metric = self.metric_named(&target)?;
+                let a = GainAsk {
+                    change_id,
+                    metric,
+                    upto,
+                    incident_id,
+                    reply,
+                };
+                match self.closed_upto {
+                    // Windows before `closed_upto` are closed: `upto` is.
+                    Some(c) if upto < c => self.answer_gain(a),
+                    _ => {
+                        self.gain_asks.push(a);
+                        self.dirty = true;
+                    }
+                }
+            }
+            Partial::GainAnswer {
+                incident_id,
+                effect,
+            } => self.take_gain(&incident_id, effect),
             Partial::WatchClosed {
                 change_id,
                 opened_ms,
@@ -915,13 +1134,9 @@ mod tests {
             Output::Partial(r) => queue.push_back(*r),
             Output::Rollback(q) => rollbacks[k].push(q.data.change_id),
             Output::Alert(a) => {
-                // Everything but the wall-clock time it was sent at, and "local gain, global
-                // loss": it sets the incident's metric beside the change's target metric, which
-                // another instance may own (computed only where both are owned; see README).
+                // Everything but the wall-clock time it was sent at.
                 let mut v = serde_json::to_value(&a).unwrap();
-                let o = v.as_object_mut().unwrap();
-                o.remove("emitted_at");
-                o.remove("local_gain_global_loss");
+                v.as_object_mut().unwrap().remove("emitted_at");
                 alerts[k].push(v.to_string())
             }
             Output::Audit(r) => audits[k].push((
