@@ -246,7 +246,6 @@ impl Engine {
             }
         }
         let id = inc.id.clone();
-        let suspect = inc.decision.change_id.clone();
         let idx = self.incidents.len();
         self.incidents.push(inc);
         self.incident_ids.insert(id.clone(), idx);
@@ -280,16 +279,7 @@ impl Engine {
                 }));
                 self.ask_gain(idx, &change_id, ti, upto);
             }
-            None => {
-                self.audit(
-                    Some(&id),
-                    suspect.as_deref(),
-                    "detection",
-                    Actor::system("detector"),
-                    evidence,
-                    det_policy,
-                );
-            }
+            None => self.audit_detection(idx, evidence, det_policy),
         }
         if matches!(self.stage, super::Stage::Merge { .. })
             && self.incidents[idx].decision.action == DecisionAction::RollbackRequested
@@ -312,6 +302,25 @@ impl Engine {
             self.act_automatically(idx, at);
         }
         idx
+    }
+
+    /// The record of incident `idx`'s detection.
+    pub(super) fn audit_detection(
+        &mut self,
+        idx: usize,
+        evidence: serde_json::Value,
+        det_policy: serde_json::Value,
+    ) {
+        let inc = &self.incidents[idx];
+        let (id, suspect) = (inc.id.clone(), inc.decision.change_id.clone());
+        self.audit(
+            Some(&id),
+            suspect.as_deref(),
+            "detection",
+            Actor::system("detector"),
+            evidence,
+            det_policy,
+        );
     }
 
     /// A new incident's firing alert, and the record of its decision.
@@ -900,10 +909,11 @@ impl Engine {
             super::Stage::Merge { partitions } => {
                 // Each metric's verdict is its owner's: they gather on the change's partition.
                 let own = self.change_partition(&change_id, partitions);
-                let mut parts: Vec<i32> = self.metric_part.clone();
-                parts.sort_unstable();
-                parts.dedup();
-                for x in parts.into_iter().filter(|x| self.owned.contains(x)) {
+                for x in self
+                    .metric_partitions()
+                    .into_iter()
+                    .filter(|x| self.owned.contains(x))
+                {
                     let metrics = verdicts
                         .iter()
                         .filter(|(mi, _)| self.metric_part[*mi] == x)

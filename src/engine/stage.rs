@@ -551,18 +551,7 @@ impl Engine {
         }
         let det_policy = serde_json::from_str(&det_policy).unwrap_or(serde_json::Value::Null);
         self.incidents[idx].local_gain_global_loss = lg;
-        let (id, suspect) = (
-            self.incidents[idx].id.clone(),
-            self.incidents[idx].decision.change_id.clone(),
-        );
-        self.audit(
-            Some(&id),
-            suspect.as_deref(),
-            "detection",
-            Actor::system("detector"),
-            evidence,
-            det_policy,
-        );
+        self.audit_detection(idx, evidence, det_policy);
         self.release_held(idx);
     }
 
@@ -593,6 +582,29 @@ impl Engine {
             Some(&p) => p,
             None => self.metric_partition(metric, partitions),
         }
+    }
+
+    /// The repartition partitions that merge some metric, each once.
+    pub(super) fn metric_partitions(&self) -> Vec<i32> {
+        let mut parts = self.metric_part.clone();
+        parts.sort_unstable();
+        parts.dedup();
+        parts
+    }
+
+    /// Checks the partition a stage-2 question wants its answer on; `false`: not stage 2, so
+    /// the question is not for this engine.
+    fn reply_to(&self, reply: i32) -> Result<bool, Reject> {
+        let Stage::Merge { partitions } = self.stage else {
+            return Ok(false);
+        };
+        if !(0..partitions).contains(&reply) {
+            return Err(Reject::new(
+                ErrorCode::InvalidField,
+                format!("reply partition {reply} of {partitions}"),
+            ));
+        }
+        Ok(true)
     }
 
     fn metric_partition(&self, metric: usize, partitions: i32) -> i32 {
@@ -678,9 +690,7 @@ impl Engine {
         // A watch's sums go where they are read: each metric's arms to its metric's owner (its
         // breaches, and the holdout evidence on its incidents, are decided there), the exposure
         // to each of those and to the change's own partition (the split check).
-        let mut parts: Vec<i32> = self.metric_part.clone();
-        parts.sort_unstable();
-        parts.dedup();
+        let parts = self.metric_partitions();
         for g in std::mem::take(&mut self.guards).all {
             if g.exposure == [0.0; 2]
                 && g.metrics
@@ -939,14 +949,8 @@ impl Engine {
                 at_ms,
                 decided_by,
             } => {
-                let Stage::Merge { partitions } = self.stage else {
+                if !self.reply_to(reply)? {
                     return Ok(());
-                };
-                if !(0..partitions).contains(&reply) {
-                    return Err(Reject::new(
-                        ErrorCode::InvalidField,
-                        format!("reply partition {reply} of {partitions}"),
-                    ));
                 }
                 self.decide(change_id, incident_id, reply, at_ms, decided_by);
             }
@@ -957,14 +961,8 @@ impl Engine {
                 incident_id,
                 reply,
             } => {
-                let Stage::Merge { partitions } = self.stage else {
+                if !self.reply_to(reply)? {
                     return Ok(());
-                };
-                if !(0..partitions).contains(&reply) {
-                    return Err(Reject::new(
-                        ErrorCode::InvalidField,
-                        format!("reply partition {reply} of {partitions}"),
-                    ));
                 }
                 let metric = self.metric_named(&target)?;
                 let a = GainAsk {
