@@ -567,6 +567,12 @@ pub struct Engine {
     /// Stage 2: series taken over from another instance, and the first window this engine
     /// closes for them (the other closed those before).
     resume_at: HashMap<usize, i64>,
+    /// Stage 2: metrics taken over from a checkpoint that had closed fewer windows than this
+    /// engine, and the first window their series still have to close. Their partial sums from
+    /// there on are read again (not refused as late), and those windows are closed for them
+    /// alone, in order, before the next window: by then the taken-over partition's clocks,
+    /// which hold the watermark, have passed them.
+    behind: HashMap<usize, i64>,
 }
 
 /// Events expected in a window before their complete absence is read as a tracking outage
@@ -746,6 +752,7 @@ impl Engine {
             owned: Vec::new(),
             metric_part: Vec::new(),
             resume_at: HashMap::new(),
+            behind: HashMap::new(),
         };
         for mi in 0..eng.schema.metrics.len() {
             if eng.schema.metrics[mi].cfg.kind == MetricKind::Share {
@@ -1253,6 +1260,9 @@ impl Engine {
             );
             c = target - max_gap;
         }
+        if c < target && !self.behind.is_empty() {
+            self.catch_up(c);
+        }
         while c < target {
             self.close_window(c);
             c += 1;
@@ -1272,7 +1282,34 @@ impl Engine {
         }
     }
 
+    /// Stage 2: closes the windows before `upto` that metrics taken over behind this engine
+    /// still have open, for those metrics only (see `behind`).
+    fn catch_up(&mut self, upto: i64) {
+        let behind = std::mem::take(&mut self.behind);
+        let Some(from) = behind.values().copied().min() else {
+            return;
+        };
+        tracing::info!(
+            metrics = behind.len(),
+            from = %fmt_time(from * self.schema.window_ms),
+            windows = upto - from,
+            "closing the windows taken-over metrics had still open"
+        );
+        for w in from..upto {
+            let only: Vec<bool> = (0..self.schema.metrics.len())
+                .map(|mi| behind.get(&mi).is_some_and(|&f| f <= w))
+                .collect();
+            self.close_window_for(w, Some(&only));
+        }
+    }
+
     fn close_window(&mut self, w: i64) {
+        self.close_window_for(w, None);
+    }
+
+    /// Closes window `w` for every series, or (`only`) for the series of some metrics, whose
+    /// window it is later than the others': the rest of the engine closed it already.
+    fn close_window_for(&mut self, w: i64, only: Option<&[bool]>) {
         let start = w * self.schema.window_ms;
         let mut alarms: Vec<(usize, Alarm, Expect)> = Vec::new();
         let mut resolutions: Vec<(usize, &'static str)> = Vec::new();
@@ -1281,12 +1318,17 @@ impl Engine {
         // Slow drifts found at the end of a day, and drift incidents that ended.
         let mut drifts: Vec<(usize, crate::trend::DriftAlarm)> = Vec::new();
         let mut drift_ends: Vec<(usize, bool)> = Vec::new();
-        self.stats.windows_closed += 1;
-        self.windows_since_view += 1;
+        if only.is_none() {
+            self.stats.windows_closed += 1;
+            self.windows_since_view += 1;
+        }
         // The API's view (watermark, series histories) moves with every closed window.
         self.dirty = true;
         for si in 0..self.series.len() {
             if self.foreign(si, false) {
+                continue;
+            }
+            if only.is_some_and(|o| !o[self.series[si].metric]) {
                 continue;
             }
             if !self.resume_at.is_empty() {
@@ -1506,8 +1548,12 @@ impl Engine {
             self.open_incident(si, w, a, e);
         }
         let end = (w + 1) * self.schema.window_ms;
-        self.close_shares(w);
-        let watched = self.close_guards(w);
+        self.close_shares(w, only);
+        let watched = self.close_guards(w, only);
+        if only.is_some() {
+            // What follows reads the whole engine, which has passed this window already.
+            return;
+        }
         self.note_gains(w, &watched);
         self.check_sprawl(end);
         self.check_pressure(end);

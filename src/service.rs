@@ -241,7 +241,7 @@ async fn pipeline(
             format!("{base_txn}-stage2")
         }
     };
-    let (mv_tx, mv_rx) = std::sync::mpsc::channel();
+    let (mv_tx, mut mv_rx) = tokio::sync::mpsc::unbounded_channel();
     let consumer = source::consumer(&k, state.clone(), mv_tx)?;
     let delivery = cfg.kafka.delivery;
     let txn_id = (delivery == Delivery::ExactlyOnce).then_some(txn_base);
@@ -354,11 +354,20 @@ async fn pipeline(
     idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = stop_rx.clone();
     let mut last_flush = Instant::now();
+    let held = HoldRevocations::new(&consumer);
+    // Movements read ahead of their turn (a revocation waits for the message read with it).
+    let mut moved: Vec<source::Movement> = Vec::new();
     loop {
         let step = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
             Some(cmd) = ctl_rx.recv() => Step::Control(cmd),
+            // A rebalance served inside `recv` is handled at once, not with the next message:
+            // a held revocation keeps the group waiting until it is released.
+            Some(mv) = mv_rx.recv() => {
+                moved.push(mv);
+                Step::Message(None)
+            }
             m = consumer.recv() => Step::Message(Some(m)),
             _ = tokio::time::sleep(FLUSH_EVERY), if !batch.is_empty() => Step::Message(None),
             _ = idle_tick.tick() => Step::Idle,
@@ -398,7 +407,11 @@ async fn pipeline(
             }
         };
         let mut sought = Vec::new();
+        let mut revoked: Vec<(String, i32)> = Vec::new();
         while let Ok(mv) = mv_rx.try_recv() {
+            moved.push(mv);
+        }
+        for mv in moved.drain(..) {
             match mv {
                 source::Movement::Assigned(parts) => {
                     let events: Vec<i32> = parts
@@ -418,21 +431,11 @@ async fn pipeline(
                     } else {
                         engine.assign_sources(&events, now_ms());
                     }
+                    keeper.resume_returned(&consumer, &parts);
                     sought.extend(keeper.seek_restored(&consumer, &parts));
                 }
-                source::Movement::Revoked(parts) => {
-                    for (t, p) in &parts {
-                        if *t == events_topic && part == Part::Merge {
-                            engine.forget_repartition(*p);
-                            keeper.hand_over(*p);
-                        } else if *t == events_topic {
-                            engine.forget_source(*p);
-                        }
-                        keeper.positions.remove(&(t.clone(), *p));
-                        keeper.seek_to.remove(&(t.clone(), *p));
-                        batch.forget(*t == events_topic, *p);
-                    }
-                }
+                // Still assigned until released, after the message read with it.
+                source::Movement::Revoked(parts) => revoked.extend(parts),
             }
         }
         match msg {
@@ -516,6 +519,34 @@ async fn pipeline(
             }
             None => {}
         }
+        if !revoked.is_empty() {
+            // Everything read from the revoked partitions is delivered and committed (with a
+            // checkpoint, for stage 2's next owner) before they go.
+            flusher
+                .flush(&mut engine, &mut batch, &mut stop, &mut keeper, true)
+                .await?;
+            last_flush = Instant::now();
+            if delivery == Delivery::AtLeastOnce {
+                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                    tracing::debug!(error = %e, "commit before a revocation");
+                }
+            }
+            for (t, p) in &revoked {
+                if *t == events_topic && part == Part::Merge {
+                    engine.forget_repartition(*p);
+                    keeper.hand_over(*p);
+                } else if *t == events_topic {
+                    engine.forget_source(*p);
+                }
+                if let Some(o) = keeper.positions.remove(&(t.clone(), *p)) {
+                    keeper.revoked_at.insert((t.clone(), *p), o);
+                }
+                keeper.seek_to.remove(&(t.clone(), *p));
+                batch.forget(*t == events_topic, *p);
+            }
+            consumer.context().release_revoked(&consumer);
+            continue;
+        }
         let due =
             engine.has_outputs() || batch.count >= BATCH_MAX || last_flush.elapsed() >= FLUSH_EVERY;
         if due && !batch.is_empty() {
@@ -538,6 +569,8 @@ async fn pipeline(
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
     }
+    // Closing: a revocation held when the loop stopped goes after the final batch.
+    drop(held);
     tracing::info!(
         events = engine.stats.events,
         pipeline = part.name(),
@@ -549,6 +582,25 @@ async fn pipeline(
         incidents: engine.incidents.len(),
         rollbacks_requested: engine.stats.rollbacks_requested,
     })
+}
+
+/// Holds revocations for the processing loop (see `SourceContext::hold_revocations`) while it
+/// lives. However the loop ends (stopped, an error, its task dropped as in a crash test), they
+/// go at once again and a held one is let go: the consumer's close waits for them.
+struct HoldRevocations<'a>(&'a StreamConsumer<source::SourceContext>);
+
+impl<'a> HoldRevocations<'a> {
+    fn new(consumer: &'a StreamConsumer<source::SourceContext>) -> Self {
+        consumer.context().hold_revocations(true);
+        HoldRevocations(consumer)
+    }
+}
+
+impl Drop for HoldRevocations<'_> {
+    fn drop(&mut self) {
+        self.0.context().hold_revocations(false);
+        self.0.context().release_revoked(self.0);
+    }
 }
 
 /// What woke the loop.
@@ -887,6 +939,11 @@ struct StateKeeper {
     /// Next offset to read per (topic, partition), for every partition whose input the
     /// engine's state holds.
     positions: BTreeMap<(String, i32), i64>,
+    /// Where this instance had delivered up to in partitions revoked from it. A partition that
+    /// comes back is read on from there when the group's committed offset is behind it (a
+    /// commit refused while the group rebalanced), not from the committed offset: what was
+    /// delivered is not delivered twice.
+    revoked_at: HashMap<(String, i32), i64>,
     /// Positions moved since the last checkpoint.
     moved: bool,
     /// Restored positions to seek to when their partition is assigned.
@@ -907,6 +964,7 @@ impl StateKeeper {
             interval: Duration::from_secs(cfg.state.checkpoint_interval_secs),
             last: Instant::now(),
             positions: BTreeMap::new(),
+            revoked_at: HashMap::new(),
             moved: false,
             seek_to: HashMap::new(),
             shared: None,
@@ -1255,6 +1313,46 @@ impl StateKeeper {
                 }
             }
             Err(e) => reject(&e, checkpoint::FILE_NAME),
+        }
+    }
+
+    /// Partitions assigned back to this instance after a revocation, which no checkpoint
+    /// placed: read on from where this instance had delivered, if the group's committed offset
+    /// is behind it (see `revoked_at`).
+    fn resume_returned(
+        &mut self,
+        consumer: &StreamConsumer<source::SourceContext>,
+        parts: &[(String, i32)],
+    ) {
+        let back: Vec<((String, i32), i64)> = parts
+            .iter()
+            .filter_map(|tp| self.revoked_at.remove(tp).map(|o| (tp.clone(), o)))
+            .filter(|(tp, _)| !self.seek_to.contains_key(tp))
+            .collect();
+        if back.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::with_capacity(back.len());
+        for ((t, p), _) in &back {
+            tpl.add_partition(t, *p);
+        }
+        let committed = match consumer.committed_offsets(tpl, Duration::from_secs(15)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read committed offsets; reading on from them");
+                return;
+            }
+        };
+        for ((t, p), o) in back {
+            let behind = match committed.find_partition(&t, p).map(|e| e.offset()) {
+                Some(Offset::Offset(c)) => c < o,
+                _ => true,
+            };
+            if behind {
+                tracing::info!(topic = %t, partition = p, offset = o, "partition back: reading on from what this instance delivered, past the committed offset");
+                self.positions.insert((t.clone(), p), o);
+                self.seek_to.insert((t, p), o);
+            }
         }
     }
 

@@ -17,10 +17,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::TopicPartitionList;
 
 use crate::api::ApiState;
@@ -71,8 +74,8 @@ pub enum SourceError {
     },
 }
 
-/// Partition movements as (topic, partition), passed from librdkafka's callback thread to the
-/// processing loop (which owns the engine).
+/// Partition movements as (topic, partition), passed from the rebalance callback (served inside
+/// the consumer's poll) to the processing loop (which owns the engine).
 #[derive(Debug, Clone)]
 pub enum Movement {
     Assigned(Vec<(String, i32)>),
@@ -96,7 +99,14 @@ pub struct ClientProblem {
 pub struct SourceContext {
     pub state: Arc<ApiState>,
     pub events_topic: String,
-    pub movements: std::sync::mpsc::Sender<Movement>,
+    pub movements: tokio::sync::mpsc::UnboundedSender<Movement>,
+    /// While the processing loop runs, revoked partitions stay assigned until it has ended its
+    /// batch ([`SourceContext::release_revoked`]): what it read from them is delivered and its
+    /// offsets committed while they are still this member's, so their next owner does not read
+    /// it again. An at-least-once re-read of a stage-1 batch would be summed twice downstream.
+    hold_revocations: AtomicBool,
+    /// The revocation waiting for the loop.
+    pending_revoke: Mutex<Option<TopicPartitionList>>,
     /// The last TLS or authentication failure (they make the startup check fail fast).
     security_problem: Mutex<Option<ClientProblem>>,
     /// The last other client error (connection refused, ...), for the startup message.
@@ -115,12 +125,14 @@ impl SourceContext {
     pub fn new(
         state: Arc<ApiState>,
         events_topic: String,
-        movements: std::sync::mpsc::Sender<Movement>,
+        movements: tokio::sync::mpsc::UnboundedSender<Movement>,
     ) -> SourceContext {
         SourceContext {
             state,
             events_topic,
             movements,
+            hold_revocations: AtomicBool::new(false),
+            pending_revoke: Mutex::new(None),
             security_problem: Mutex::new(None),
             last_problem: Mutex::new(None),
             assigned_events: Mutex::new(Vec::new()),
@@ -157,6 +169,26 @@ impl SourceContext {
     /// The last other client error librdkafka reported, if any.
     pub fn last_problem(&self) -> Option<ClientProblem> {
         self.last_problem.lock().unwrap().clone()
+    }
+
+    /// Makes revocations wait for [`SourceContext::release_revoked`] (`true`, while the loop
+    /// runs) or go at once (`false`: closing, where nothing would release them).
+    pub fn hold_revocations(&self, hold: bool) {
+        self.hold_revocations.store(hold, Ordering::Release);
+    }
+
+    /// Lets a held revocation go: the partitions are unassigned and the group can rebalance.
+    pub fn release_revoked<C: Consumer<SourceContext>>(&self, consumer: &C) {
+        let Some(tpl) = self.pending_revoke.lock().unwrap().take() else {
+            return;
+        };
+        let r = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_unassign(&tpl),
+            _ => consumer.unassign(),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "unassigning revoked partitions");
+        }
     }
 
     fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -273,6 +305,56 @@ impl SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    /// rdkafka's rebalance, except that a revocation is held while the loop runs (see
+    /// `hold_revocations`). librdkafka waits for the unassignment before it rejoins the group,
+    /// and the application may make it later, outside this callback.
+    fn rebalance(
+        &self,
+        c: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(c.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let r = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.pre_rebalance(c, &Rebalance::Assign(tpl));
+                let r = if cooperative {
+                    c.incremental_assign(tpl)
+                } else {
+                    c.assign(tpl)
+                };
+                self.post_rebalance(c, &Rebalance::Assign(tpl));
+                r
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(c, &Rebalance::Revoke(tpl));
+                if self.hold_revocations.load(Ordering::Acquire) {
+                    *self.pending_revoke.lock().unwrap() = Some(tpl.clone());
+                    return;
+                }
+                let r = if cooperative {
+                    c.incremental_unassign(tpl)
+                } else {
+                    c.unassign()
+                };
+                self.post_rebalance(c, &Rebalance::Revoke(tpl));
+                r
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                self.pre_rebalance(c, &Rebalance::Error(KafkaError::Rebalance(code)));
+                if cooperative {
+                    c.incremental_unassign(tpl)
+                } else {
+                    c.unassign()
+                }
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "applying a rebalance");
+        }
+    }
+
     fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -419,7 +501,7 @@ fn expand_env(
 pub fn consumer(
     k: &KafkaConfig,
     state: Arc<ApiState>,
-    movements: std::sync::mpsc::Sender<Movement>,
+    movements: tokio::sync::mpsc::UnboundedSender<Movement>,
 ) -> Result<StreamConsumer<SourceContext>, SourceError> {
     let mut c = base_config(k);
     c.set("group.id", &k.group_id)

@@ -8,7 +8,7 @@ use crate::share::MixTest;
 
 impl Engine {
     /// Closes window `w` of every share series: learn, test, open or resolve incidents.
-    pub(super) fn close_shares(&mut self, w: i64) {
+    pub(super) fn close_shares(&mut self, w: i64, only: Option<&[bool]>) {
         if self.shares.is_empty() {
             return;
         }
@@ -22,6 +22,9 @@ impl Engine {
                 continue;
             }
             let mi = self.shares[i].metric;
+            if only.is_some_and(|o| !o[mi]) {
+                continue;
+            }
             let m = &self.schema.metrics[mi];
             let alpha = m.det.false_alarms_per_series_week / windows_per_week;
             let min_psi = m.cfg.min_psi.unwrap_or(0.1);

@@ -967,7 +967,9 @@ impl Engine {
 
     /// After window `w`: every open watch takes the window's in-scope observations, checks its
     /// split and compares treatment with holdout.
-    pub(super) fn close_guards(&mut self, w: i64) -> Vec<String> {
+    /// With `only`, the window is closed late for those metrics (taken over behind this
+    /// engine): their sums and tests only; splits and watch ends were judged when it closed.
+    pub(super) fn close_guards(&mut self, w: i64, only: Option<&[bool]>) -> Vec<String> {
         if self.guards.open.is_empty() {
             return Vec::new();
         }
@@ -999,7 +1001,7 @@ impl Engine {
         let mut closing: Vec<usize> = Vec::new();
         // Two stages: this engine decides the metrics it merges, from the exposure read with them.
         let owned: Vec<bool> = (0..self.schema.metrics.len())
-            .map(|mi| self.owns_metric(mi))
+            .map(|mi| self.owns_metric(mi) && only.map_or(true, |o| o[mi]))
             .collect();
         for &gi in &open {
             let exposure: Vec<[f64; 2]> = (0..self.schema.metrics.len())
@@ -1068,6 +1070,9 @@ impl Engine {
                         breaches.push((gi, mi));
                     }
                 }
+            }
+            if only.is_some() {
+                continue;
             }
             if let Some(q) = g.holdout {
                 g.srm = seqtest::srm(

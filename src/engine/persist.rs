@@ -330,6 +330,17 @@ impl Engine {
         let mut done = Imported::default();
         let by_index: HashMap<usize, u64> = p.index.iter().map(|(k, &i)| (i, *k)).collect();
         let resume = p.closed_upto;
+        // Closed fewer windows than this engine: those are closed here once their partial sums
+        // have been read again.
+        if let (Some(c), Some(mine)) = (resume, self.closed_upto) {
+            if c < mine {
+                let taken: Vec<usize> = (0..metrics).filter(|&mi| ours(self, mi)).collect();
+                for mi in taken {
+                    let f = self.behind.entry(mi).or_insert(c);
+                    *f = (*f).min(c);
+                }
+            }
+        }
         for (j, mut s) in p.series.into_iter().enumerate() {
             if !ours(self, s.metric) {
                 continue;

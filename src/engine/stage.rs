@@ -792,9 +792,10 @@ impl Engine {
             })
     }
 
-    fn check_open(&self, w: i64) -> Result<(), Reject> {
+    /// Whether partial sums for window `w` of metric `mi` can still be merged.
+    fn check_open(&self, w: i64, mi: usize) -> Result<(), Reject> {
         match self.closed_upto {
-            Some(c) if w < c => Err(Reject::new(
+            Some(c) if w < c && !self.behind.get(&mi).is_some_and(|&f| w >= f) => Err(Reject::new(
                 ErrorCode::TooLate,
                 format!(
                     "partial sums for window {} arrived after it closed (watermark {}); \
@@ -826,7 +827,7 @@ impl Engine {
                 hll,
             } => {
                 let mi = self.metric_named(&metric)?;
-                self.check_open(w)?;
+                self.check_open(w, mi)?;
                 if hll
                     .as_ref()
                     .map(|r| r.len() != crate::window::HLL_REGISTERS)
@@ -854,7 +855,7 @@ impl Engine {
                 counts,
             } => {
                 let mi = self.metric_named(&metric)?;
-                self.check_open(w)?;
+                self.check_open(w, mi)?;
                 let m = &self.schema.metrics[mi];
                 // Empty dims: the metric's total mix.
                 if m.share_of.is_none() || (!dims.is_empty() && dims.len() != m.dims.len()) {
@@ -1089,7 +1090,11 @@ mod tests {
 
     /// Engine 0 owns the repartition partition of the conversion metric, engine 1 every other
     /// one (that of the support tickets, among them): the change's incidents are on both.
-    fn run(change: &str) -> Run {
+    ///
+    /// With `handover_ms`, engine 0 falls one batch behind at that time (its input waits on
+    /// the topic), writes its checkpoint and leaves; engine 1, one window ahead of it, takes
+    /// its partition over from the checkpoint and reads the partition on from there.
+    fn run(change: &str, handover_ms: Option<i64>) -> Run {
         let mut cfg =
             Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
         cfg.detection.warmup_windows = 48;
@@ -1112,6 +1117,11 @@ mod tests {
         let conversion = part_of("conversion_rate");
         assert_ne!(conversion, part_of("support_tickets_per_session"));
         let owner = |p: i32| usize::from(p != conversion);
+        // The repartition topic: every record by partition, and what each engine has read.
+        let mut log: Vec<Vec<Vec<u8>>> = vec![Vec::new(); PARTS as usize];
+        let mut read = [[0usize; PARTS as usize]; 2];
+        let mut owner_of: Vec<usize> = (0..PARTS).map(owner).collect();
+        let mut lagging = false;
         for (i, e) in owners.iter_mut().enumerate() {
             e.set_stage(Stage::Merge { partitions: PARTS });
             let mine: Vec<i32> = (0..PARTS).filter(|p| owner(*p) == i).collect();
@@ -1161,6 +1171,27 @@ mod tests {
             }
             let to = sim.now_ms() + 5 * 60_000;
             let now = to + 1000;
+            if lagging {
+                // Engine 0 leaves with its checkpoint, one batch behind engine 1.
+                lagging = false;
+                let at = read[0][conversion as usize];
+                let offsets = vec![("repartition".to_string(), conversion, at as i64)];
+                let bytes = owners[0].checkpoint(offsets, now);
+                let path = std::path::Path::new("handover.ckpt");
+                let loaded =
+                    crate::checkpoint::unframe(path, &bytes, owners[0].state_fingerprint())
+                        .unwrap();
+                let behind = owners[0].closed_upto.unwrap();
+                assert!(behind < owners[1].closed_upto.unwrap(), "the survivor is ahead");
+                owners[1]
+                    .import_partitions(path, &loaded, &[conversion])
+                    .unwrap();
+                owners[1].assign_repartitions(&[conversion], 1, now);
+                owner_of[conversion as usize] = 1;
+                read[1][conversion as usize] = at;
+            } else if handover_ms.is_some_and(|h| sim.now_ms() >= h) && owner_of.contains(&0) {
+                lagging = true;
+            }
             evs.clear();
             sim.advance(to, &mut |_, v| evs.push(v.to_vec()));
             evs.push(format!(r#"{{"type":"heartbeat","ts":{}}}"#, to - 1).into_bytes());
@@ -1177,12 +1208,28 @@ mod tests {
                 })
                 .collect();
             // The repartition topic: stage 2's own records (questions, answers) go round too.
-            while let Some(r) = queue.pop_front() {
-                let e = &mut owners[owner(r.partition)];
-                e.process_partial(r.partition, &r.partial.encode(), now)
-                    .unwrap();
-                for o in e.take_outputs() {
-                    keep(1, o, &mut queue);
+            // A partition taken over is read on from the checkpoint's offset.
+            loop {
+                if let Some(r) = queue.pop_front() {
+                    log[r.partition as usize].push(r.partial.encode());
+                }
+                for x in 0..PARTS as usize {
+                    let k = owner_of[x];
+                    if lagging && k == 0 {
+                        continue;
+                    }
+                    while read[k][x] < log[x].len() {
+                        owners[k]
+                            .process_partial(x as i32, &log[x][read[k][x]], now)
+                            .unwrap();
+                        read[k][x] += 1;
+                        for o in owners[k].take_outputs() {
+                            keep(1, o, &mut queue);
+                        }
+                    }
+                }
+                if queue.is_empty() {
+                    break;
                 }
             }
             for o in single.take_outputs() {
@@ -1300,7 +1347,7 @@ mod tests {
 
     #[test]
     fn a_change_is_rolled_back_once_however_its_incidents_are_spread() {
-        let r = run("chg-spread");
+        let r = run("chg-spread", None);
         let (n_single, n_two) = r.blamed;
         // Several incidents blame the change, on both stage-2 engines: without the decider each
         // engine would request the rollback.
@@ -1317,6 +1364,24 @@ mod tests {
         }
         assert_eq!(r.alerts[0].len(), r.alerts[1].len());
         assert!(r.audits[0].iter().any(|a| a.0 == "guard_closed"));
+        assert_eq!(r.audits[0], r.audits[1]);
+    }
+
+    /// A stage-2 instance that leaves one window behind the other: the survivor takes its
+    /// partition over and closes, for that partition's metric, the window it had closed
+    /// already for its own (reading its partial sums again, not refusing them as late).
+    /// Everything decided is still what one engine decides.
+    #[test]
+    fn a_metric_taken_over_behind_the_watermark_closes_the_windows_it_missed() {
+        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
+        let r = run("chg-behind", Some(change_ms - 2 * HOUR));
+        assert_eq!(r.rollbacks[0], ["chg-behind"]);
+        assert_eq!(r.rollbacks[1], r.rollbacks[0]);
+        assert!(!r.alerts[0].is_empty());
+        for (a, b) in r.alerts[0].iter().zip(&r.alerts[1]) {
+            assert_eq!(a, b, "first differing alert");
+        }
+        assert_eq!(r.alerts[0].len(), r.alerts[1].len());
         assert_eq!(r.audits[0], r.audits[1]);
     }
 }
