@@ -176,10 +176,13 @@ struct Level {
 /// Hour-of-day buckets come first in the bitmap, day-of-week buckets after them.
 const HOURS: usize = 24;
 const DAYS: usize = 7;
-/// A day-of-week bucket weighs in linearly over its first DAY_RAMP_WINDOWS windows, on top of
-/// its mass-based trust: the few first windows of a day (one hour, at night, thin) say little
-/// about the whole day beyond their own sampling error, as hours differ in how they follow it.
-const DAY_RAMP_WINDOWS: f64 = 36.0;
+/// A day-of-week bucket weighs in linearly over its first DAY_RAMP_WINDOWS windows (21 hours of
+/// 5-minute windows; `Season::n` saturates there), on top of its mass-based trust. A day's
+/// factor is its windows against the hour buckets', which rest on a dozen windows each in the
+/// first week: trusted after a few hours, as the hour buckets are, the first Tuesday's factor
+/// carried the noise of Monday's night hours (~5%, the smallest effect worth an alert) to the
+/// whole day and raised three false alarms in the standard scenario.
+const DAY_RAMP_WINDOWS: f64 = 255.0;
 
 /// Shrinkage of a season bucket towards the overall level: the bucket's weight is
 /// mass / (mass + BUCKET_PRIOR_MASS), so a bucket is trusted once it rests on this many events
@@ -558,8 +561,10 @@ impl Baseline {
 
     /// Forget quickly: used when an incident outlives `incident_max_secs` and its level is
     /// accepted as the new normal.
+    /// The day-of-week factors are kept: they are relative to the level, which is what moved.
     pub fn relearn(&mut self) {
-        for b in self.buckets.iter_mut() {
+        let hours = (self.present & ((1u32 << HOURS) - 1)).count_ones() as usize;
+        for b in self.buckets[..hours].iter_mut() {
             b.n = b.n.min(2);
             b.set_mass(b.mass().min(5.0));
         }
