@@ -177,11 +177,10 @@ struct Level {
 const HOURS: usize = 24;
 const DAYS: usize = 7;
 /// A day-of-week bucket weighs in linearly over its first DAY_RAMP_WINDOWS windows (21 hours of
-/// 5-minute windows; `Season::n` saturates there), on top of its mass-based trust. A day's
-/// factor is its windows against the hour buckets', which rest on a dozen windows each in the
-/// first week: trusted after a few hours, as the hour buckets are, the first Tuesday's factor
-/// carried the noise of Monday's night hours (~5%, the smallest effect worth an alert) to the
-/// whole day and raised three false alarms in the standard scenario.
+/// 5-minute windows; `Season::n` saturates there), on top of its mass-based trust: its first
+/// windows rest on a few night hours. Trusted within three hours, and from the first week on,
+/// the first Tuesday's factor (Tuesday against Monday's hour buckets alone) carried their noise
+/// to the rest of the day and raised false alarms in the standard scenario; see `week_seen`.
 const DAY_RAMP_WINDOWS: f64 = 255.0;
 
 /// Shrinkage of a season bucket towards the overall level: the bucket's weight is
@@ -350,6 +349,15 @@ impl Baseline {
         Some(Level { level, day, hour })
     }
 
+    /// Every day of the week has learnt. A day's factor is relative to the other days, so
+    /// none weighs in on a forecast before (a first week forecasts from the hours of the day
+    /// alone): against Monday's hour buckets alone, the first Tuesday's factor is mostly their
+    /// noise. The hour buckets still learn without the factors as they are, so that a first
+    /// weekend does not stay in them as a dip for the next days' factors to learn against.
+    fn week_seen(&self) -> bool {
+        self.present >> HOURS == (1 << DAYS) - 1
+    }
+
     /// Trust in a day-of-week bucket: the hour buckets' mass-based weight (a gauge's mass is
     /// in windows), ramped in over the day's first DAY_RAMP_WINDOWS windows.
     fn day_weight(&self, d: &Season) -> f64 {
@@ -379,7 +387,8 @@ impl Baseline {
     /// The forecast for the window starting at `start_ms`, or None before any data.
     pub fn expect(&self, start_ms: i64) -> Option<Expect> {
         let l = self.level(start_ms)?;
-        Some(self.expect_rate(self.with_day(l.level, l.day)))
+        let day = l.day.filter(|_| self.week_seen());
+        Some(self.expect_rate(self.with_day(l.level, day)))
     }
 
     fn expect_rate(&self, rate: f64) -> Expect {
@@ -624,6 +633,9 @@ fn ewma(old: f32, x: f64, alpha: f64) -> f32 {
 mod tests {
     use super::*;
 
+    /// Weeks of 5-minute windows the hour-of-week tests learn.
+    const WEEKS: i64 = 2;
+
     #[test]
     fn season_bucket_keeps_the_trust_weight() {
         assert_eq!(std::mem::size_of::<Season>(), 11);
@@ -851,7 +863,7 @@ mod tests {
 
     /// Hour-of-week, factorised: a daily peak at 10:00 and a weekend dip (Saturday at 60%,
     /// Sunday at 50% of a weekday, every hour alike). After two weeks the forecast has both:
-    /// the weekday and weekend peaks and nights within 5%, from 31 buckets at most.
+    /// the weekday and weekend peaks and nights within 5%, from 31 buckets.
     #[test]
     fn hour_of_week_learns_a_weekend_dip_as_a_factor() {
         const DAY: i64 = 86_400_000;
@@ -869,7 +881,7 @@ mod tests {
                 }
         };
         let mut b = Baseline::new(Family::Poisson, Seasonality::HourOfWeek, 24.0);
-        for w in 0..(14 * 288) {
+        for w in 0..(WEEKS * 7 * 288) {
             let t = monday + w * 300_000;
             b.learn(
                 t,
@@ -894,8 +906,10 @@ mod tests {
     }
 
     /// Means take the day of the week as an offset: a level 2 higher at weekends, on an hourly
-    /// pattern, is forecast after two weeks as a weekend offset within 0.15 of the per-event
-    /// sd (learnt against the hour buckets' own levels, not the first days' lag).
+    /// pattern, is forecast after two weeks with a weekend offset within 0.3 of the per-event
+    /// sd. It is learnt against the hour buckets' own levels, not the first days' lag (which
+    /// put Monday 1.3 high); what is left is the first Sunday, learnt against hour buckets that
+    /// still held part of the first Saturday (1.7 after two weeks, 1.8 after three).
     #[test]
     fn hour_of_week_mean_is_additive() {
         const DAY: i64 = 86_400_000;
@@ -906,7 +920,7 @@ mod tests {
             10.0 + hour as f64 * 0.5 + if dow >= 5 { 2.0 } else { 0.0 }
         };
         let mut b = Baseline::new(Family::Gaussian, Seasonality::HourOfWeek, 24.0);
-        for w in 0..(14 * 288) {
+        for w in 0..(WEEKS * 7 * 288) {
             let t = monday + w * 300_000;
             let m = mean(t);
             // 20 observations of sd 1 around the mean.
@@ -928,35 +942,51 @@ mod tests {
             for day in [19, 20] {
                 let (weekend, want) = at(day, hour);
                 // The hours' levels are shrunk towards the overall level by their trust (0.93
-                // at this volume), as with `hour_of_day`: 0.07 x their distance from it.
+                // at this volume), as with `hour_of_day`: 0.07 x their distance from it; and
+                // Sunday's offset is short, as above.
                 assert!(
-                    (weekend - want).abs() < 0.4,
+                    (weekend - want).abs() < 0.5,
                     "day {day} {hour}h: {weekend} vs {want}"
                 );
                 let dip = weekend - weekday;
-                assert!((dip - 2.0).abs() < 0.15, "day {day} {hour}h: {dip}");
+                assert!((dip - 2.0).abs() < 0.3, "day {day} {hour}h: {dip}");
             }
             assert!((weekday - want_weekday).abs() < 0.4, "{hour}h: {weekday}");
         }
     }
 
-    /// A new day-of-week bucket is ramped in: one window of a day with half the volume moves
-    /// the next window's forecast by far less than the half a trusted factor would.
+    /// Before the whole week has been seen, day-of-week factors do not weigh in: a first week
+    /// forecasts from the hours of the day alone (a day's factor is relative to the other days,
+    /// and a Tuesday against Monday's hours alone is noise), and the factors do once it has.
     #[test]
-    fn day_of_week_factor_ramps_in() {
+    fn day_of_week_factors_wait_for_a_whole_week() {
         let monday = 1_791_158_400_000i64;
-        let mut b = Baseline::new(Family::Poisson, Seasonality::HourOfWeek, 24.0);
-        let obs = |x: f64| Obs {
-            num: x,
+        let mut how = Baseline::new(Family::Poisson, Seasonality::HourOfWeek, 24.0);
+        let obs = |t: i64| Obs {
+            // Sundays at half the volume.
+            num: if (t - monday) / 86_400_000 % 7 == 6 {
+                100.0
+            } else {
+                200.0
+            },
             den: 1.0,
             sumsq: 0.0,
         };
-        for w in 0..288 {
-            b.learn(monday + w * 300_000, obs(200.0));
+        for w in 0..(6 * 288) {
+            let t = monday + w * 300_000;
+            assert!(!how.week_seen(), "window {w}");
+            if let Some(l) = how.level(t) {
+                assert_eq!(how.expect(t), Some(how.expect_rate(l.level)), "window {w}");
+            }
+            how.learn(t, obs(t));
         }
-        let tue = monday + 86_400_000;
-        b.learn(tue, obs(100.0));
-        let e = b.expect(tue + 300_000).unwrap().rate;
-        assert!(e > 180.0, "{e}");
+        for w in (6 * 288)..(7 * 288) {
+            let t = monday + w * 300_000;
+            how.learn(t, obs(t));
+        }
+        assert!(how.week_seen());
+        let next_sunday = monday + 13 * 86_400_000 + 12 * 3_600_000;
+        let e = how.expect(next_sunday).unwrap().rate;
+        assert!((e - 100.0).abs() < 10.0, "{e}");
     }
 }
