@@ -8,7 +8,8 @@
 //! * young: a ratio, a count (with exposure) and a mean metric; every series gets events in 16
 //!   consecutive 5-minute windows, of which 14 or 15 close, so rings, detectors and history are
 //!   in use and the baselines have learnt their first windows (the baseline learns a window
-//!   `LEARN_LAG` = 12 windows after it closed), all in one season bucket.
+//!   `LEARN_LAG` = 12 windows after it closed), all in one season bucket (and one day-of-week
+//!   bucket with `hour_of_week`).
 //! * steady: the ratio metric after a week and two hours: events in the first window of every
 //!   hour, so every season bucket of every series has learnt (what an established series holds).
 //!

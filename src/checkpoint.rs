@@ -24,7 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub const MAGIC: [u8; 8] = *b"GRDCKPT\0";
 /// Bumped whenever the payload's shape changes: an older file is reported, not misread.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 const HEADER_LEN: usize = 8 + 2 + 8 + 8 + 8 + 4;
 /// The file name inside the state directory.
 pub const FILE_NAME: &str = "engine.ckpt";
@@ -459,6 +459,9 @@ mod tests {
         let mut old = good.clone();
         old[8] = 0;
         old[9] = 0;
+        assert_eq!(reason(&old, 42), "version");
+        // The previous format (168 hour-of-week buckets, a 192-bit bitmap) is not misread.
+        old[8..10].copy_from_slice(&4u16.to_le_bytes());
         assert_eq!(reason(&old, 42), "version");
         // A payload of the wrong shape with a valid frame.
         let wrong = frame(&[0xff, 0xff, 0xff], 42, 7);
