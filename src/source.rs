@@ -308,12 +308,7 @@ impl ConsumerContext for SourceContext {
     /// rdkafka's rebalance, except that a revocation is held while the loop runs (see
     /// `hold_revocations`). librdkafka waits for the unassignment before it rejoins the group,
     /// and the application may make it later, outside this callback.
-    fn rebalance(
-        &self,
-        c: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
+    fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(c.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let r = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {

@@ -358,9 +358,8 @@ impl Engine {
                 match self.index.get(&key) {
                     Some(&si) => si,
                     None => {
-                        self.series
-                            .push(make_series(&self.schema, s.metric, Vec::new(), 0));
-                        let si = self.series.len() - 1;
+                        let fresh = make_series(&self.schema, s.metric, Vec::new(), 0);
+                        let si = push_series(&mut self.series, fresh);
                         self.index.insert(key, si);
                         self.schema.metrics[s.metric].series_count += 1;
                         si

@@ -1047,8 +1047,7 @@ impl Engine {
         }
         let named: Vec<(String, String)> = m.cfg.dims.iter().cloned().zip(dims.to_vec()).collect();
         let s = make_series(&self.schema, mi, named, w);
-        self.series.push(s);
-        let si = self.series.len() - 1;
+        let si = push_series(&mut self.series, s);
         self.index.insert(key, si);
         self.schema.metrics[mi].series_count += 1;
         Ok(Some(si))
@@ -1182,7 +1181,10 @@ mod tests {
                     crate::checkpoint::unframe(path, &bytes, owners[0].state_fingerprint())
                         .unwrap();
                 let behind = owners[0].closed_upto.unwrap();
-                assert!(behind < owners[1].closed_upto.unwrap(), "the survivor is ahead");
+                assert!(
+                    behind < owners[1].closed_upto.unwrap(),
+                    "the survivor is ahead"
+                );
                 owners[1]
                     .import_partitions(path, &loaded, &[conversion])
                     .unwrap();
