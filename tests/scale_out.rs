@@ -388,9 +388,10 @@ async fn two_instances_two_stage_decide_exactly_as_one_instance() {
 /// The same on a real broker (Tansu: consumer groups and committed offsets as Kafka keeps them;
 /// no transactions, so at_least_once).
 ///
-/// Ignored: it still fails in some runs here (1 of 2 in the last tries). The two-stage run reads
-/// all 189,179 events once and closes every window, and every series is owned after the
-/// handover. Yet the survivor then opens no incident, where one instance opens two.
+/// Ignored: it still fails in some runs here (of the five runs made after the fixes below, the
+/// clean leave failed once and the crash once). Each time the survivor raises nothing at all
+/// (no alert, where one instance raises two), although the clean run reads all 189,179 events
+/// once and every series is owned after the handover.
 ///
 /// What was found and fixed:
 /// - A stage-1 batch in flight at a revocation was delivered by its reader and read again by
