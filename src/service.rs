@@ -1052,11 +1052,7 @@ impl StateKeeper {
         if wanted.is_empty() {
             return;
         }
-        let mut tpl = TopicPartitionList::new();
-        for x in &wanted {
-            tpl.add_partition(topic, *x);
-        }
-        let committed = match consumer.committed_offsets(tpl, Duration::from_secs(15)) {
+        let committed = match committed_of(consumer, wanted.iter().map(|x| (topic, *x))) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read committed offsets; taking over without state");
@@ -1332,11 +1328,10 @@ impl StateKeeper {
         if back.is_empty() {
             return;
         }
-        let mut tpl = TopicPartitionList::with_capacity(back.len());
-        for ((t, p), _) in &back {
-            tpl.add_partition(t, *p);
-        }
-        let committed = match consumer.committed_offsets(tpl, Duration::from_secs(15)) {
+        let committed = match committed_of(
+            consumer,
+            back.iter().map(|((t, p), _)| (t.as_str(), *p)),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read committed offsets; reading on from them");
@@ -1393,6 +1388,18 @@ impl StateKeeper {
     }
 }
 
+/// The group's committed offsets for `parts` (topic, partition).
+fn committed_of<'a>(
+    consumer: &StreamConsumer<source::SourceContext>,
+    parts: impl Iterator<Item = (&'a str, i32)>,
+) -> rdkafka::error::KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in parts {
+        tpl.add_partition(t, p);
+    }
+    consumer.committed_offsets(tpl, Duration::from_secs(15))
+}
+
 /// True if the group's committed offsets are exactly `offs` (so the transaction that went with
 /// a pending checkpoint committed).
 fn committed_at(
@@ -1402,11 +1409,7 @@ fn committed_at(
     if offs.is_empty() {
         return false;
     }
-    let mut tpl = TopicPartitionList::with_capacity(offs.len());
-    for (t, p, _) in offs {
-        tpl.add_partition(t, *p);
-    }
-    let Ok(got) = consumer.committed_offsets(tpl, Duration::from_secs(15)) else {
+    let Ok(got) = committed_of(consumer, offs.iter().map(|(t, p, _)| (t.as_str(), *p))) else {
         return false;
     };
     offs.iter().all(|(t, p, o)| {
