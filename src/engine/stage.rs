@@ -1087,6 +1087,23 @@ mod tests {
         audits: [Vec<(String, String, String, String)>; 2],
     }
 
+    impl Run {
+        /// The stage-2 engines decided what the single engine did: one rollback of `change`,
+        /// every alert with its evidence (segments, candidates, treatment or observational
+        /// comparison, outage explanation), and every audit record once (a watch's opening and
+        /// closing are the change owner's to write).
+        fn decided_as_one(&self, change: &str) {
+            assert_eq!(self.rollbacks[0], [change]);
+            assert_eq!(self.rollbacks[1], self.rollbacks[0]);
+            assert!(!self.alerts[0].is_empty());
+            for (a, b) in self.alerts[0].iter().zip(&self.alerts[1]) {
+                assert_eq!(a, b, "first differing alert");
+            }
+            assert_eq!(self.alerts[0].len(), self.alerts[1].len());
+            assert_eq!(self.audits[0], self.audits[1]);
+        }
+    }
+
     /// Engine 0 owns the repartition partition of the conversion metric, engine 1 every other
     /// one (that of the support tickets, among them): the change's incidents are on both.
     ///
@@ -1355,18 +1372,8 @@ mod tests {
         // engine would request the rollback.
         assert!(n_single >= 2, "one engine: {n_single} incidents");
         assert!(n_two[0] >= 1 && n_two[1] >= 1, "two engines: {n_two:?}");
-        assert_eq!(r.rollbacks[0], ["chg-spread"]);
-        assert_eq!(r.rollbacks[1], r.rollbacks[0]);
-        // And everything else decided is the same: every alert with its evidence (segments,
-        // candidates, treatment or observational comparison, outage explanation), and every
-        // audit record once (a watch's opening and closing are the change owner's to write).
-        assert!(!r.alerts[0].is_empty());
-        for (a, b) in r.alerts[0].iter().zip(&r.alerts[1]) {
-            assert_eq!(a, b, "first differing alert");
-        }
-        assert_eq!(r.alerts[0].len(), r.alerts[1].len());
         assert!(r.audits[0].iter().any(|a| a.0 == "guard_closed"));
-        assert_eq!(r.audits[0], r.audits[1]);
+        r.decided_as_one("chg-spread");
     }
 
     /// A stage-2 instance that leaves one window behind the other: the survivor takes its
@@ -1376,14 +1383,6 @@ mod tests {
     #[test]
     fn a_metric_taken_over_behind_the_watermark_closes_the_windows_it_missed() {
         let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
-        let r = run("chg-behind", Some(change_ms - 2 * HOUR));
-        assert_eq!(r.rollbacks[0], ["chg-behind"]);
-        assert_eq!(r.rollbacks[1], r.rollbacks[0]);
-        assert!(!r.alerts[0].is_empty());
-        for (a, b) in r.alerts[0].iter().zip(&r.alerts[1]) {
-            assert_eq!(a, b, "first differing alert");
-        }
-        assert_eq!(r.alerts[0].len(), r.alerts[1].len());
-        assert_eq!(r.audits[0], r.audits[1]);
+        run("chg-behind", Some(change_ms - 2 * HOUR)).decided_as_one("chg-behind");
     }
 }
