@@ -243,6 +243,11 @@ impl Baseline {
     }
 
     /// Windows this baseline has learnt from.
+    /// The EWMA weight floor (from the half-life).
+    pub fn alpha_min(&self) -> f64 {
+        self.alpha_min
+    }
+
     pub fn learnt(&self) -> u32 {
         self.learnt
     }

@@ -157,7 +157,7 @@ impl KafkaConfig {
 }
 
 /// `[scale]`: several instances in one consumer group.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScaleConfig {
     /// Two-stage aggregation (`guardrail::repartition`): stage 1 sums each instance's input
@@ -169,6 +169,21 @@ pub struct ScaleConfig {
     pub two_stage: bool,
     /// Consumer group of stage 2 (the repartition topic); default `{kafka.group_id}-merge`.
     pub merge_group_id: Option<String>,
+    /// Longest wall-clock time a new incident's alert waits for answers from other owners
+    /// (the decider's verdict on a rollback, the change's effect on a target metric merged
+    /// elsewhere). Past it the alert goes out with what is known: without the "local gain,
+    /// global loss" evidence, and with the rollback still left to the decider's verdict.
+    pub hold_max_secs: u64,
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        ScaleConfig {
+            two_stage: false,
+            merge_group_id: None,
+            hold_max_secs: 120,
+        }
+    }
 }
 
 impl ScaleConfig {
@@ -827,6 +842,16 @@ impl Config {
                 ),
             ));
         }
+        if self.scale.hold_max_secs == 0 || self.scale.hold_max_secs > 86_400 {
+            errs.push(at(
+                find_key(text, "hold_max_secs").unwrap_or(top),
+                "scale.hold_max_secs".into(),
+                format!(
+                    "must be between 1 and 86400, got {}",
+                    self.scale.hold_max_secs
+                ),
+            ));
+        }
         if self.scale.two_stage {
             for (on, key) in [
                 (self.guards.sprawl.enabled, "guards.sprawl.enabled"),
@@ -1341,6 +1366,15 @@ severity = "critical"
         let c = Config::from_str_named(&off, "t.toml").unwrap();
         assert_eq!(c.scale.merge_group(&c.kafka), "guardrail-merge");
         assert_eq!(c.kafka.topics.repartition, "guardrail.repartition");
+        assert_eq!(c.scale.hold_max_secs, 120);
+        let never = format!("[scale]\nhold_max_secs = 0\n{MIN}");
+        let s = Config::from_str_named(&never, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.contains("scale.hold_max_secs") && s.contains("got 0"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -216,6 +216,8 @@ pub struct Series {
     pub volume: f32,
     /// Daily level against a long reference: slow drifts.
     pub trend: crate::trend::Trend,
+    /// Gauge metrics: the fit of their windows' row extremes (`extreme.rs`).
+    extremes: Option<Box<crate::extreme::Extremes>>,
 }
 
 impl Series {
@@ -424,6 +426,8 @@ pub struct EngineStats {
     pub missing_value: u64,
     pub missing_user: u64,
     pub series_overflow: u64,
+    /// Stage 2: alerts published after `[scale] hold_max_secs` without an owner's answer.
+    pub holds_expired: u64,
     pub windows_closed: u64,
     pub changes: u64,
     /// Changes by action: applied, rolled back, superseded.
@@ -1080,11 +1084,15 @@ impl Engine {
                 x.den += dd;
                 x.sumsq += dsq;
             }
+            let gauge = m.cfg.kind == MetricKind::Gauge;
             let add = |s: &mut Series| {
                 let a = s.ring.slot(w);
                 a.num += dn;
                 a.den += dd;
                 a.sumsq += dsq;
+                if gauge {
+                    a.extremes(dn);
+                }
                 if let Some(h) = user {
                     s.ring.add_user(w, h);
                 }
@@ -1239,14 +1247,32 @@ impl Engine {
 
     /// Closes every window with index < `target`.
     fn close_until(&mut self, target: i64) {
-        let Some(mut c) = self.closed_upto else {
-            self.closed_upto = Some(target);
-            for s in self.series.iter_mut() {
-                if s.first_window == i64::MIN {
-                    s.first_window = target;
+        let mut c = match self.closed_upto {
+            Some(c) => c,
+            None => {
+                // The first watermark. Windows before it that already hold data are closed
+                // too: stage 2 hears its last clock only after partial sums for earlier
+                // windows have arrived on the partitions heard first, and skipping them
+                // would lose those windows (and delay the warm-up by as many).
+                let earliest = self
+                    .series
+                    .iter()
+                    .map(|s| s.first_window)
+                    .filter(|&f| f != i64::MIN)
+                    .min();
+                for s in self.series.iter_mut() {
+                    if s.first_window == i64::MIN {
+                        s.first_window = target;
+                    }
+                }
+                match earliest {
+                    Some(f) if f < target => f,
+                    _ => {
+                        self.closed_upto = Some(target);
+                        return;
+                    }
                 }
             }
-            return;
         };
         // A gap longer than two weeks is skipped rather than closed window by window.
         let max_gap = 2 * 7 * 86_400_000 / self.schema.window_ms;
@@ -1481,6 +1507,12 @@ impl Engine {
                         if let Some(a) = st.alarm {
                             alarms.push((si, a, e));
                             learn = false;
+                        } else if let Some(a) =
+                            extreme_alarm(m, s, w, &agg, &obs, &e, self.schema.window_ms)
+                        {
+                            score = score.max(a.statistic.min(2.0));
+                            alarms.push((si, a, e));
+                            learn = false;
                         } else if st.suspicious {
                             learn = false;
                         }
@@ -1494,7 +1526,25 @@ impl Engine {
             // clipped at 3 sd, so a spike moves it little, while a recurring pattern (a daily
             // burst) or a new regime is learnt instead of staying an incident, and its spread
             // includes the volatile windows a quiet-only estimate would leave out.
+            tracing::trace!(
+                target: "guardrail::window",
+                metric = %m.cfg.name, dims = ?s.dims, w, num = obs.num, den = obs.den,
+                expected = e.map(|e| e.rate).unwrap_or(f64::NAN), learnt = s.baseline.learnt(),
+                score, learn, incident = s.incident.is_some(), first = s.first_window,
+                learn_from = s.learn_from, stage = ?self.stage,
+                "window closed for a series"
+            );
             let gauge = m.cfg.kind == MetricKind::Gauge;
+            // A gauge's row extremes are learnt from every window it tests or could test
+            // (after the one-window test above, so a window is tested against its past only).
+            if let (Some(x), Some(e), false) = (s.extremes.as_mut(), e, in_dq || outage.is_some()) {
+                x.learn(
+                    agg.max as f64,
+                    agg.min as f64,
+                    e.rate,
+                    s.baseline.alpha_min(),
+                );
+            }
             let lw = w - if gauge { GAUGE_LEARN_LAG } else { LEARN_LAG };
             if (learn || gauge) && lw >= s.first_window && (gauge || lw >= s.learn_from) {
                 if let Some(h) = s.hist_at(lw, w) {
@@ -1960,7 +2010,7 @@ impl Engine {
     }
 
     /// Marks an incident resolved at event time `end` and emits its resolved alert.
-    fn resolve_incident(
+    pub(super) fn resolve_incident(
         &mut self,
         idx: usize,
         end: i64,
@@ -1969,6 +2019,14 @@ impl Engine {
     ) {
         let inc = &mut self.incidents[idx];
         if inc.status == IncidentStatus::Resolved {
+            return;
+        }
+        if let Some(h) = inc.held.as_mut() {
+            // Its firing alert is not out yet (stage 2): the resolution follows it.
+            if h.resolution.is_none() {
+                h.resolution = Some((end, resolution, policy.to_string()));
+                self.dirty = true;
+            }
             return;
         }
         inc.status = IncidentStatus::Resolved;
@@ -2143,6 +2201,54 @@ impl Engine {
     }
 }
 
+/// The row-extreme test of a gauge window (`extreme.rs`), when its CUSUM did not fire: an
+/// alarm at the window itself when its largest (smallest) row is beyond the Gumbel tail of past
+/// windows' extremes at the metric's per-window false-alarm probability.
+fn extreme_alarm(
+    m: &MetricDef,
+    s: &Series,
+    w: i64,
+    agg: &crate::window::Agg,
+    obs: &Obs,
+    e: &Expect,
+    window_ms: i64,
+) -> Option<Alarm> {
+    let x = s.extremes.as_deref()?;
+    if (x.learnt() as u32) < m.det.warmup_windows {
+        return None;
+    }
+    let sides = match m.cfg.direction {
+        Direction::Drop => [true, false],
+        Direction::Spike => [false, true],
+        Direction::Both => [true, true],
+    };
+    let n = sides.iter().filter(|&&b| b).count();
+    let alpha = crate::extreme::alpha_per_window(
+        m.det.false_alarms_per_series_week,
+        (window_ms / 1000) as u64,
+        n,
+    );
+    let day = 86_400_000 / window_ms.max(1);
+    if 86_400_000 % window_ms.max(1) == 0 && x.recurs_daily(day as u32) {
+        return None;
+    }
+    let a = x.test(agg.max as f64, agg.min as f64, e.rate, sides, alpha)?;
+    Some(Alarm {
+        side: if a.side == crate::extreme::UP {
+            Side::Up
+        } else {
+            Side::Down
+        },
+        onset_window: w,
+        sum_observed: obs.num,
+        sum_expected: e.rate * obs.den,
+        sum_den: obs.den,
+        tuned_effect: a.z,
+        // 1 at the threshold, as the CUSUM's score.
+        statistic: a.p.max(1e-300).ln() / alpha.ln(),
+    })
+}
+
 /// Whether a metric's series keep the sums of squares of their windows: the baseline of a mean
 /// learns the within-window variance from them (a gauge's windows are one value each).
 fn keeps_sumsq(m: &MetricDef) -> bool {
@@ -2208,6 +2314,7 @@ fn make_series(
             },
             m.det.false_alarms_per_series_week,
         ),
+        extremes: (m.cfg.kind == MetricKind::Gauge).then(Box::default),
     }
 }
 
@@ -2322,6 +2429,75 @@ detection = { min_volume_per_window = 1, min_expected_events = 1, min_effect_sd 
             .map(|i| i.onset_ms)
             .collect();
         assert_eq!(onsets, vec![T0 + spike_w * 300_000], "{onsets:?}");
+    }
+
+    /// Onsets of the `shift` incidents on 600 windows of 24 Gaussian rows with one spike of 8
+    /// sd in window 400, with one engine or through the two-stage aggregation (each window's
+    /// sums drained to stage 2 as it ends).
+    fn one_row_spike_onsets(two_stages: bool) -> Vec<i64> {
+        use rand::{rngs::SmallRng, Rng, SeedableRng};
+        let metrics = r#"
+[[metrics]]
+name = "cpu"
+kind = "gauge"
+numerator = { type = "measurement" }
+detection = { min_volume_per_window = 1, min_expected_events = 1, min_effect_sd = 2.0, seasonality = "none" }
+"#;
+        let mut e = engine(metrics);
+        let mut s2 = engine(metrics);
+        if two_stages {
+            e.set_stage(Stage::Aggregate { partitions: 2 });
+            e.assign_sources(&[0], T0);
+            s2.set_stage(Stage::Merge { partitions: 2 });
+            s2.assign_repartitions(&[0, 1], 1, T0);
+        }
+        let mut rng = SmallRng::seed_from_u64(5);
+        let normal = statrs::distribution::Normal::new(50.0, 1.0).unwrap();
+        for w in 0..600i64 {
+            for k in 0..24i64 {
+                let v: f64 = rng.sample(normal) + if w == 400 && k == 7 { 8.0 } else { 0.0 };
+                let ts = T0 + w * 300_000 + k * 12_500;
+                e.process_event_from(0, &ev("measurement", ts, &format!(r#","value":{v}"#)), ts)
+                    .unwrap();
+            }
+            if two_stages {
+                let now = T0 + (w + 1) * 300_000;
+                e.drain_partials(now);
+                let out: Vec<Output> = e.take_outputs().collect();
+                for o in out {
+                    if let Output::Partial(r) = o {
+                        s2.process_partial(r.partition, &r.partial.encode(), now)
+                            .unwrap();
+                    }
+                }
+            }
+        }
+        let detector = if two_stages {
+            &s2
+        } else {
+            e.finish();
+            &e
+        };
+        detector
+            .incidents
+            .iter()
+            .filter(|i| i.kind == "shift")
+            .map(|i| i.onset_ms)
+            .collect()
+    }
+
+    /// A one-row spike of 8 sd among 24 rows moves the window's mean by 1/3 sd of a row (1.6
+    /// sd between windows): the CUSUM does not see it, the row-extreme test does.
+    #[test]
+    fn a_gauge_fires_on_a_one_row_spike() {
+        assert_eq!(one_row_spike_onsets(false), vec![T0 + 400 * 300_000]);
+    }
+
+    /// The same through the two-stage aggregation: the window's row extremes travel with its
+    /// partial sums, so stage 2 sees the spike too.
+    #[test]
+    fn a_gauge_fires_on_a_one_row_spike_with_two_stages() {
+        assert_eq!(one_row_spike_onsets(true), vec![T0 + 400 * 300_000]);
     }
 
     #[test]

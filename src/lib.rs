@@ -50,6 +50,7 @@ pub mod demo;
 pub mod detect;
 pub mod engine;
 pub mod event;
+pub mod extreme;
 pub mod guard;
 pub mod nab;
 pub mod policy;

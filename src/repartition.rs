@@ -38,7 +38,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Format version, the first byte of every record.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 
 /// Record key of markers (which are sent after the partials of their batch).
 pub const MARKER_KEY: &str = "~marker";
@@ -67,6 +67,8 @@ pub enum Partial {
         sumsq: f64,
         /// HyperLogLog registers (distinct metrics).
         hll: Option<Vec<u8>>,
+        /// The window's largest and smallest row (`gauge` metrics, `extreme.rs`).
+        extremes: Option<(f32, f32)>,
     },
     /// Category counts of one `share` series' window.
     Share {
@@ -223,6 +225,7 @@ mod tests {
                 den: 40.0,
                 sumsq: 0.0,
                 hll: Some(vec![1, 2, 3]),
+                extremes: Some((9.5, -1.0)),
             },
             Partial::Share {
                 metric: "mix".into(),

@@ -377,6 +377,7 @@ async fn pipeline(
             Step::Idle => {
                 // Input silent: deadlines still come due (see Engine::advance_idle).
                 engine.advance_idle(now_ms());
+                engine.release_overdue_holds(now_ms());
                 // Stage 1 tells stage 2 which of its partitions are silent (markers), or
                 // stage 2 would hold their windows open for good.
                 let markers = part == Part::Aggregate && batch.is_empty();

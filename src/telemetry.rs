@@ -26,6 +26,7 @@ pub struct Telemetry {
     unselected: IntCounter,
     missing_value: IntCounterVec,
     series_overflow: IntCounter,
+    holds_expired: IntCounter,
     windows_closed: IntCounter,
     changes: IntCounterVec,
     alerts: IntCounterVec,
@@ -492,6 +493,11 @@ impl Telemetry {
                 "guardrail_series_overflow_total",
                 "Events not tracked in a segment series because the metric reached max_series_per_metric (still counted in its total).",
             ),
+            holds_expired: counter(
+                &r,
+                "guardrail_holds_expired_total",
+                "Stage 2: alerts published after [scale] hold_max_secs without another owner's answer (the decider's verdict, a target metric's effect).",
+            ),
             windows_closed: counter(&r, "guardrail_windows_closed_total", "Event-time windows closed."),
             changes: {
                 let c = counter_vec(
@@ -587,6 +593,8 @@ impl Telemetry {
             .inc_by(s.missing_user - prev.missing_user);
         self.series_overflow
             .inc_by(s.series_overflow - prev.series_overflow);
+        self.holds_expired
+            .inc_by(s.holds_expired - prev.holds_expired);
         self.windows_closed
             .inc_by(s.windows_closed - prev.windows_closed);
         for (i, a) in ["applied", "rolled_back", "superseded"].iter().enumerate() {

@@ -15,6 +15,10 @@ pub struct Agg {
     pub num: f64,
     pub den: f64,
     pub sumsq: f64,
+    /// Largest and smallest value added (`gauge` metrics' row extremes, `extreme.rs`);
+    /// -inf / +inf when none was (stage 2 merges them from the partial sums).
+    pub max: f32,
+    pub min: f32,
 }
 
 impl Agg {
@@ -23,7 +27,17 @@ impl Agg {
         num: 0.0,
         den: 0.0,
         sumsq: 0.0,
+        max: f32::NEG_INFINITY,
+        min: f32::INFINITY,
     };
+
+    /// Adds one value to the row extremes.
+    #[inline]
+    pub fn extremes(&mut self, v: f64) {
+        let v = v as f32;
+        self.max = self.max.max(v);
+        self.min = self.min.min(v);
+    }
 
     pub fn obs(&self) -> Obs {
         Obs {
@@ -142,11 +156,23 @@ impl Ring {
     }
 
     /// Adds partial sums (and a sketch's registers) to window `w`.
-    pub fn merge(&mut self, w: i64, num: f64, den: f64, sumsq: f64, regs: Option<&[u8]>) {
+    pub fn merge(
+        &mut self,
+        w: i64,
+        num: f64,
+        den: f64,
+        sumsq: f64,
+        extremes: Option<(f32, f32)>,
+        regs: Option<&[u8]>,
+    ) {
         let a = self.slot(w);
         a.num += num;
         a.den += den;
         a.sumsq += sumsq;
+        if let Some((max, min)) = extremes {
+            a.max = a.max.max(max);
+            a.min = a.min.min(min);
+        }
         let i = self.slot_index(w);
         if let (Some(s), Some(r)) = (self.sketches.as_mut(), regs) {
             s[i].merge(r);
@@ -280,6 +306,19 @@ mod tests {
         r.slot(13).num = 7.0;
         assert_eq!(r.take(11).0.num, 2.0);
         assert_eq!(r.take(13).0.num, 7.0);
+    }
+
+    #[test]
+    fn a_window_keeps_its_row_extremes_until_taken() {
+        let mut r = Ring::new(2, false);
+        for v in [3.0, -1.5, 7.25, 2.0] {
+            r.slot(4).extremes(v);
+        }
+        let (a, _) = r.take(4);
+        assert_eq!((a.max, a.min), (7.25, -1.5));
+        // A recycled slot starts empty again.
+        let (a, _) = r.take(6);
+        assert_eq!((a.max, a.min), (f32::NEG_INFINITY, f32::INFINITY));
     }
 
     #[test]

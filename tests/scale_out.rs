@@ -238,6 +238,31 @@ async fn play(
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    if std::env::var_os("SCALE_OUT_DUMP").is_some() {
+        for i in &fleet {
+            let (_, body) = common::http_get(&format!("{}/metrics", i.http)).await;
+            for l in body.lines().filter(|l| {
+                !l.starts_with('#')
+                    && [
+                        "windows_closed",
+                        "watermark",
+                        "rejected",
+                        "incidents",
+                        "outputs_produced",
+                        "handovers",
+                        "series_tracked",
+                        "dead",
+                        "guardrail_series_",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+            }) {
+                eprintln!("DUMP {} {l}", i.http);
+            }
+            let (_, inc) = common::http_get(&format!("{}/api/incidents", i.http)).await;
+            eprintln!("DUMP {} incidents {inc}", i.http);
+        }
+    }
     let mut series = 0.0;
     for i in &fleet {
         series += metric(i, "guardrail_series_tracked").await;
@@ -385,35 +410,37 @@ async fn two_instances_two_stage_decide_exactly_as_one_instance() {
     same(&one, &left);
 }
 
-/// The same on a real broker (Tansu: consumer groups and committed offsets as Kafka keeps them;
-/// no transactions, so at_least_once).
+/// The same on a real broker (Tansu: consumer groups and committed offsets as Kafka keeps them,
+/// eager rebalances; no transactions, so at_least_once).
 ///
-/// Ignored: it still fails in some runs here (of the five runs made after the fixes below, the
-/// clean leave failed once and the crash once). Each time the survivor raises nothing at all
-/// (no alert, where one instance raises two), although the clean run reads all 189,179 events
-/// once and every series is owned after the handover.
+/// Ignored: it still fails in some runs. Before the fixes below, 4 of 7 runs failed (the
+/// survivor raised no alert at all); after them, 2 of 12 (one clean leave with the same two
+/// alerts but a slightly different baseline: expected 0.09740 vs 0.09726 for conversion FR,
+/// cause not found; one crash where the conversion alert was missing, see below).
 ///
 /// What was found and fixed:
 /// - A stage-1 batch in flight at a revocation was delivered by its reader and read again by
-///   the partition's next one (its offsets could no longer be stored): revocations are now
-///   held until the batch is delivered and committed, and a partition that comes back is read
-///   on from what was delivered. On the embedded broker the handover run read 191,293 or
-///   199,911 events before, 189,179 now.
+///   the partition's next one: revocations are held until the batch is delivered and
+///   committed, and a partition that comes back is read on from what was delivered.
 /// - A taken-over checkpoint that had closed fewer windows than the survivor left those
-///   windows unclosed for its series (their partial sums refused as late): they are now read
-///   again and closed (`engine::stage::tests::a_metric_taken_over_behind_the_watermark_closes_the_windows_it_missed`).
-/// - An instance dropped in process (the crash below) with a revocation held never closed its
-///   consumer: the hold is now released when the loop ends, however it ends.
+///   windows unclosed for its series: they are read again and closed (`catch_up`).
+/// - The cause of "no alert at all": stage 2's first watermark comes when its last clock is
+///   heard from, which on a real broker (a stage-1 reader assigned late reads a large first
+///   batch) can be a few windows after partial sums for earlier windows arrived. Those
+///   windows were skipped, so the baseline learnt two windows fewer, the warm-up ended later
+///   and the drop was learnt instead of detected. They are closed now
+///   (`engine::stage::tests::stage_two_closes_the_windows_before_its_first_watermark`).
 ///
-/// What is known of what is left: the imports cover the right partitions; no partial is
-/// refused; the survivor's baseline for conversion FR absorbs the drop (its detector never
-/// crosses). After a crash under at_least_once there is a second, known effect: the survivor's
-/// stage 1 reads the dead instance's uncommitted events again and sends their sums a second
-/// time, so some windows are double counted; exactly_once avoids this on Kafka.
-/// The embedded-broker test above passes every time. Run this one with
-/// `cargo test --test scale_out -- --ignored --nocapture`.
+/// Left: in the failing crash run the survivor took partitions 2 and 3 over from the dead
+/// instance's last periodic checkpoint (closed up to 14:10) and caught up 14:10-14:25; window
+/// 14:15 was closed with 14 of 233 sessions where the dead instance had closed it with 40 of
+/// 450 a moment before it died (14:10 and 14:20 matched exactly). Part of that window's sums
+/// went missing between the checkpoint and the re-read; not explained yet.
+/// Found with `SCALE_OUT_DUMP=1 RUST_LOG=guardrail=info,guardrail::window=trace`, which prints
+/// every series' windows as closed (observed, expected, learnt) and each instance's counters.
+/// Run with `cargo test --test scale_out tansu -- --include-ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky on Tansu: after a handover the survivor sometimes detects nothing (see above)"]
+#[ignore = "flaky on Tansu: 2 of 12 runs still differ from one instance (see above)"]
 async fn two_stage_on_tansu_decides_as_one_instance_through_a_handover() {
     let Some(broker) = Tansu::start(Storage::Memory) else {
         return;

@@ -275,6 +275,7 @@ impl Engine {
                 };
                 self.incidents[idx].held = Some(Box::new(Held {
                     gain: Some((e, ti, evidence.to_string(), det_policy.to_string())),
+                    since_ms: self.last_event_wall_ms,
                     ..Held::default()
                 }));
                 self.ask_gain(idx, &change_id, ti, upto);
@@ -287,9 +288,15 @@ impl Engine {
             // With two stages, whether this is the change's first rollback is the decider's to
             // say: the alert and the decision's record wait for its answer, so that they say
             // what one instance's would (see `Engine::publish_held`).
+            let since_ms = self.last_event_wall_ms;
             self.incidents[idx]
                 .held
-                .get_or_insert_with(Box::default)
+                .get_or_insert_with(|| {
+                    Box::new(Held {
+                        since_ms,
+                        ..Held::default()
+                    })
+                })
                 .decider = true;
             self.act_automatically(idx, at);
             return idx;

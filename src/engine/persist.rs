@@ -63,6 +63,11 @@ struct Persisted {
     shares: Vec<crate::share::ShareSeries>,
     share_index: super::KeyMap<usize>,
     share_cats: Vec<crate::share::Categories>,
+    /// Stage 2: series taken over whose state had closed more windows than this engine (see
+    /// `Engine::resume_at`), and metrics taken over behind it (see `Engine::behind`). Saved so
+    /// that a restart during a catch-up neither closes a window twice nor skips one.
+    resume_at: HashMap<usize, i64>,
+    behind: HashMap<usize, i64>,
 }
 
 /// What a restore brought back.
@@ -147,6 +152,8 @@ impl Engine {
             shares: std::mem::take(&mut self.shares),
             share_index: std::mem::take(&mut self.share_index),
             share_cats: std::mem::take(&mut self.share_cats),
+            resume_at: self.resume_at.clone(),
+            behind: self.behind.clone(),
         };
         let payload = checkpoint::encode(&p);
         self.put_back(p, false);
@@ -182,6 +189,8 @@ impl Engine {
         self.closed_upto = p.closed_upto;
         self.audit_seq = p.audit_seq;
         self.last_event_wall_ms = p.last_event_wall_ms;
+        self.resume_at = p.resume_at;
+        self.behind = p.behind;
         self.incidents = p
             .incidents
             .into_iter()
@@ -226,6 +235,8 @@ impl Engine {
         }
         if p.index.values().any(|&i| i >= p.series.len())
             || p.share_index.values().any(|&i| i >= p.shares.len())
+            || p.resume_at.keys().any(|&i| i >= p.series.len())
+            || p.behind.keys().any(|&m| m >= metrics)
         {
             return Err(inconsistent("series index out of range"));
         }
@@ -329,15 +340,21 @@ impl Engine {
         };
         let mut done = Imported::default();
         let by_index: HashMap<usize, u64> = p.index.iter().map(|(k, &i)| (i, *k)).collect();
-        let resume = p.closed_upto;
+        // Up to which window each taken series' state has closed: the checkpoint's watermark,
+        // less where that engine was itself still catching a metric up, more where it had
+        // taken a series over from state ahead of it.
+        let metric_closed = |mi: usize| -> Option<i64> {
+            let c = p.closed_upto?;
+            Some(p.behind.get(&mi).map_or(c, |&f| f.min(c)))
+        };
         // Closed fewer windows than this engine: those are closed here once their partial sums
-        // have been read again.
-        if let (Some(c), Some(mine)) = (resume, self.closed_upto) {
-            if c < mine {
-                let taken: Vec<usize> = (0..metrics).filter(|&mi| ours(self, mi)).collect();
-                for mi in taken {
-                    let f = self.behind.entry(mi).or_insert(c);
-                    *f = (*f).min(c);
+        // have been read again. (A series' own point is never lower than its metric's.)
+        let taken: Vec<usize> = (0..metrics).filter(|&mi| ours(self, mi)).collect();
+        for mi in taken {
+            if let (Some(d), Some(mine)) = (metric_closed(mi), self.closed_upto) {
+                if d < mine {
+                    let f = self.behind.entry(mi).or_insert(d);
+                    *f = (*f).min(d);
                 }
             }
         }
@@ -368,9 +385,11 @@ impl Engine {
             };
             s.incident = s.incident.map(|k| take_incident(self, k, Some(si)));
             s.trend.incident = s.trend.incident.map(|k| take_incident(self, k, Some(si)));
+            let mi = s.metric;
             self.series[si] = s;
-            if let Some(c) = resume {
-                self.resume_at.insert(si, c);
+            if let Some(c) = metric_closed(mi) {
+                let d = p.resume_at.get(&j).map_or(c, |&r| r.max(c));
+                self.resume_at.insert(si, d);
             }
             done.series += 1;
         }

@@ -32,6 +32,12 @@ pub struct Held {
     /// and half-width, the target, and the detection record's evidence and policy (JSON) to
     /// write once it is in.
     pub gain: Option<((f64, f64), usize, String, String)>,
+    /// Wall-clock time the hold began (see `[scale] hold_max_secs`).
+    pub since_ms: i64,
+    /// The incident ended while its firing alert was held: its end (event time), resolution
+    /// and the rule's record (JSON), carried out once the firing alert is out, so that no
+    /// reader sees `resolved` before `firing`.
+    pub resolution: Option<(i64, String, String)>,
 }
 
 /// A watch's effect on a metric merged here, from window `w` on.
@@ -423,6 +429,64 @@ impl Engine {
         }
     }
 
+    /// Stage 2: publishes the incidents held longer than `[scale] hold_max_secs` of wall
+    /// time with what is known, so that an owner that does not answer (unassigned for long,
+    /// or far behind) delays no alert for good. The detection record is written without the
+    /// target's effect, saying why; a rollback stays the decider's to grant, carried out when
+    /// its verdict comes (`apply_verdict`). Called by the service on a timer.
+    pub fn release_overdue_holds(&mut self, now_wall_ms: i64) {
+        let max_ms = self.cfg.scale.hold_max_secs as i64 * 1000;
+        let overdue: Vec<usize> = (0..self.incidents.len())
+            .filter(|&k| {
+                self.incidents[k]
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| now_wall_ms.saturating_sub(h.since_ms) >= max_ms)
+            })
+            .collect();
+        for idx in overdue {
+            let Some(h) = self.incidents[idx].held.as_mut() else {
+                continue;
+            };
+            let waits_decider = h.decider && h.verdict.is_none();
+            if waits_decider {
+                h.decider = false;
+            }
+            let gain = h.gain.take();
+            let missing = match (waits_decider, gain.is_some()) {
+                (true, true) => "the decider's verdict and the target's effect",
+                (true, false) => "the decider's verdict",
+                (false, _) => "the target's effect",
+            };
+            if let Some((_, ti, evidence, det_policy)) = gain {
+                let mut evidence: serde_json::Value =
+                    serde_json::from_str(&evidence).unwrap_or(serde_json::Value::Null);
+                if let Some(o) = evidence.as_object_mut() {
+                    o.insert(
+                        "local_gain_global_loss_missing".into(),
+                        format!(
+                            "no answer from the owner of {} within {} s",
+                            self.schema.metrics[ti].cfg.name, self.cfg.scale.hold_max_secs
+                        )
+                        .into(),
+                    );
+                }
+                let det_policy =
+                    serde_json::from_str(&det_policy).unwrap_or(serde_json::Value::Null);
+                self.audit_detection(idx, evidence, det_policy);
+            }
+            self.stats.holds_expired += 1;
+            tracing::warn!(
+                incident = %self.incidents[idx].id,
+                missing,
+                hold_max_secs = self.cfg.scale.hold_max_secs,
+                "alert published without waiting longer for other owners"
+            );
+            self.dirty = true;
+            self.release_held(idx);
+        }
+    }
+
     /// Stage 2: publishes a held incident once nothing it waits for is missing.
     pub(super) fn release_held(&mut self, idx: usize) {
         let ready = match &self.incidents[idx].held {
@@ -437,6 +501,10 @@ impl Engine {
         match h.verdict {
             Some((verdict, by, at)) => self.publish_held(idx, at, by, verdict),
             None => self.publish_decision(idx),
+        }
+        if let Some((end, resolution, policy)) = h.resolution {
+            let policy = serde_json::from_str(&policy).unwrap_or(serde_json::Value::Null);
+            self.resolve_incident(idx, end, resolution, policy);
         }
     }
 
@@ -659,6 +727,7 @@ impl Engine {
                         den: a.den,
                         sumsq: a.sumsq,
                         hll,
+                        extremes: (a.max >= a.min).then_some((a.max, a.min)),
                     },
                 });
             }
@@ -825,6 +894,7 @@ impl Engine {
                 den,
                 sumsq,
                 hll,
+                extremes,
             } => {
                 let mi = self.metric_named(&metric)?;
                 self.check_open(w, mi)?;
@@ -843,9 +913,11 @@ impl Engine {
                 };
                 self.series[si]
                     .ring
-                    .merge(w, num, den, sumsq, hll.as_deref());
-                if w < self.series[si].first_window {
-                    self.series[si].first_window = w;
+                    .merge(w, num, den, sumsq, extremes, hll.as_deref());
+                // (A total, made before any window, starts unset: its first sums set it.)
+                let f = &mut self.series[si].first_window;
+                if *f == i64::MIN || w < *f {
+                    *f = w;
                 }
             }
             Partial::Share {
@@ -1109,8 +1181,12 @@ mod tests {
     ///
     /// With `handover_ms`, engine 0 falls one batch behind at that time (its input waits on
     /// the topic), writes its checkpoint and leaves; engine 1, one window ahead of it, takes
-    /// its partition over from the checkpoint and reads the partition on from there.
-    fn run(change: &str, handover_ms: Option<i64>) -> Run {
+    /// its partition over from the checkpoint and reads the partition on from there. With
+    /// `eager`, the survivor also gives up its own partitions at the
+    /// handover and takes them back from its own checkpoint, as an eager rebalance does (every
+    /// partition is revoked, then all are assigned); with `restart`, it restarts from its
+    /// checkpoint right after the takeover, before it has caught the metric up.
+    fn run(change: &str, handover_ms: Option<i64>, eager: bool, restart: bool) -> Run {
         let mut cfg =
             Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
         cfg.detection.warmup_windows = 48;
@@ -1202,11 +1278,41 @@ mod tests {
                     behind < owners[1].closed_upto.unwrap(),
                     "the survivor is ahead"
                 );
+                if eager {
+                    let own: Vec<i32> = (0..PARTS).filter(|&x| owner_of[x as usize] == 1).collect();
+                    let offsets = own
+                        .iter()
+                        .map(|&x| ("repartition".to_string(), x, read[1][x as usize] as i64))
+                        .collect();
+                    let bytes = owners[1].checkpoint(offsets, now);
+                    for &x in &own {
+                        owners[1].forget_repartition(x);
+                    }
+                    let all: Vec<i32> = (0..PARTS).collect();
+                    owners[1].assign_repartitions(&all, 1, now);
+                    let mine =
+                        crate::checkpoint::unframe(path, &bytes, owners[1].state_fingerprint())
+                            .unwrap();
+                    owners[1].import_partitions(path, &mine, &own).unwrap();
+                } else {
+                    owners[1].assign_repartitions(&[conversion], 1, now);
+                }
                 owners[1]
                     .import_partitions(path, &loaded, &[conversion])
                     .unwrap();
-                owners[1].assign_repartitions(&[conversion], 1, now);
                 owner_of[conversion as usize] = 1;
+                if restart {
+                    let bytes = owners[1].checkpoint(Vec::new(), now);
+                    let saved =
+                        crate::checkpoint::unframe(path, &bytes, owners[1].state_fingerprint())
+                            .unwrap();
+                    let mut fresh = Engine::new(&cfg).unwrap();
+                    fresh.set_stage(Stage::Merge { partitions: PARTS });
+                    fresh.restore(path, &saved).unwrap();
+                    let all: Vec<i32> = (0..PARTS).collect();
+                    fresh.assign_repartitions(&all, 1, now);
+                    owners[1] = fresh;
+                }
                 read[1][conversion as usize] = at;
             } else if handover_ms.is_some_and(|h| sim.now_ms() >= h) && owner_of.contains(&0) {
                 lagging = true;
@@ -1366,7 +1472,7 @@ mod tests {
 
     #[test]
     fn a_change_is_rolled_back_once_however_its_incidents_are_spread() {
-        let r = run("chg-spread", None);
+        let r = run("chg-spread", None, false, false);
         let (n_single, n_two) = r.blamed;
         // Several incidents blame the change, on both stage-2 engines: without the decider each
         // engine would request the rollback.
@@ -1383,6 +1489,249 @@ mod tests {
     #[test]
     fn a_metric_taken_over_behind_the_watermark_closes_the_windows_it_missed() {
         let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
-        run("chg-behind", Some(change_ms - 2 * HOUR)).decided_as_one("chg-behind");
+        run("chg-behind", Some(change_ms - 2 * HOUR), false, false).decided_as_one("chg-behind");
+    }
+
+    /// Stage 2's first watermark comes when its last clock is heard from, after partial sums
+    /// for earlier windows have arrived: those windows are closed, as one engine closes them,
+    /// not skipped.
+    #[test]
+    fn stage_two_closes_the_windows_before_its_first_watermark() {
+        let cfg =
+            Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
+        let start = crate::event::parse_time_str("2026-11-04T10:00:00Z").unwrap();
+        let end = start + HOUR / 2;
+        let mut single = Engine::new(&cfg).unwrap();
+        let mut s1 = Engine::new(&cfg).unwrap();
+        s1.set_stage(Stage::Aggregate { partitions: 2 });
+        s1.assign_sources(&[0], start);
+        let mut s2 = Engine::new(&cfg).unwrap();
+        s2.set_stage(Stage::Merge { partitions: 2 });
+        s2.assign_repartitions(&[0, 1], 1, start);
+        let mut sim = Sim::new(Scenario::default(), start);
+        let mut evs: Vec<Vec<u8>> = Vec::new();
+        sim.advance(end, &mut |_, v| evs.push(v.to_vec()));
+        evs.push(format!(r#"{{"type":"heartbeat","ts":{}}}"#, end - 1).into_bytes());
+        let now = end + 1000;
+        for v in &evs {
+            let _ = single.process_event_from(0, v, now);
+            let _ = s1.process_event_from(0, v, now);
+        }
+        // One drain for the half hour: every window's sums, then the markers.
+        s1.drain_partials(now);
+        for o in s1.take_outputs() {
+            if let Output::Partial(r) = o {
+                s2.process_partial(r.partition, &r.partial.encode(), now)
+                    .unwrap();
+            }
+        }
+        assert_eq!(s2.closed_upto, single.closed_upto);
+        let mi = s2.metric_named("conversion_rate").unwrap();
+        // Sessions in the closed windows of the conversion total and of one segment.
+        let seen = |e: &Engine, dims: &[&str]| {
+            let s = e
+                .series
+                .iter()
+                .find(|s| {
+                    s.metric == mi
+                        && s.dims
+                            .iter()
+                            .map(|(_, v)| v.as_str())
+                            .eq(dims.iter().copied())
+                })
+                .unwrap();
+            s.hist.iter().map(|h| h.den as f64).sum::<f64>()
+        };
+        for dims in [&[][..], &["FR"][..]] {
+            let sessions = seen(&single, dims);
+            assert!(sessions > 0.0);
+            assert_eq!(
+                seen(&s2, dims),
+                sessions,
+                "every window with data closed: {dims:?}"
+            );
+        }
+    }
+
+    /// An owner that never answers delays no alert for good: past `hold_max_secs` the alert
+    /// goes out with what is known, and the rollback waits for the decider's verdict, carried
+    /// out when it comes.
+    #[test]
+    fn a_held_alert_goes_out_after_hold_max_secs_and_the_verdict_is_carried_out_later() {
+        let mut cfg =
+            Config::from_str_named(crate::demo::DEFAULT_CONFIG, "config/guardrail.toml").unwrap();
+        cfg.detection.warmup_windows = 48;
+        cfg.guards.sprawl.enabled = false;
+        cfg.guards.pressure.enabled = false;
+        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
+        let (start, end) = (change_ms - 5 * HOUR, change_ms + 2 * HOUR);
+        // A partition count that puts the target metric apart from the conversion's.
+        let probe = Engine::new(&cfg).unwrap();
+        let (ctr, mi) = (
+            probe.metric_named("click_through_rate").unwrap(),
+            probe.metric_named("conversion_rate").unwrap(),
+        );
+        let parts = (PARTS..64)
+            .find(|&n| probe.partition_of(ctr, n) != probe.partition_of(mi, n))
+            .unwrap();
+        let mut s1 = Engine::new(&cfg).unwrap();
+        s1.set_stage(Stage::Aggregate { partitions: parts });
+        s1.assign_sources(&[0], start);
+        let mut s2 = Engine::new(&cfg).unwrap();
+        s2.set_stage(Stage::Merge { partitions: parts });
+        // The change's target metric is merged elsewhere, by an owner that never answers.
+        let elsewhere = s1.partition_of(ctr, parts);
+        let mine: Vec<i32> = (0..parts).filter(|&x| x != elsewhere).collect();
+        s2.assign_repartitions(&mine, 1, start);
+        let mut sim = Sim::new(
+            Scenario {
+                seed: 31,
+                peak_sessions_per_min: 400.0,
+                ..Default::default()
+            },
+            start,
+        );
+        // Stage 2's own questions (to the decider, to the target's owner) go unanswered.
+        let mut unanswered: Vec<Routed> = Vec::new();
+        let mut alerts: Vec<Alert> = Vec::new();
+        let mut rollbacks = 0;
+        let mut evs: Vec<Vec<u8>> = Vec::new();
+        let mut now = start;
+        let mut changed = false;
+        while sim.now_ms() < end {
+            if !changed && sim.now_ms() >= change_ms {
+                changed = true;
+                let (record, effect) = harmful_change(
+                    "chg-held",
+                    change_ms,
+                    "agent",
+                    &["FR", "BE", "DE"],
+                    0.6,
+                    4.0,
+                );
+                s1.forward_change(record.as_bytes()).unwrap();
+                sim.scenario_mut().effects.push(effect);
+            }
+            let to = sim.now_ms() + 5 * 60_000;
+            now = to + 1000;
+            evs.clear();
+            sim.advance(to, &mut |_, v| evs.push(v.to_vec()));
+            evs.push(format!(r#"{{"type":"heartbeat","ts":{}}}"#, to - 1).into_bytes());
+            for v in &evs {
+                let _ = s1.process_event_from(0, v, now);
+            }
+            s1.drain_partials(now);
+            let batch: Vec<Output> = s1.take_outputs().collect();
+            for o in batch {
+                if let Output::Partial(r) = o {
+                    if r.partition != elsewhere {
+                        s2.process_partial(r.partition, &r.partial.encode(), now)
+                            .unwrap();
+                    }
+                }
+            }
+            for o in s2.take_outputs() {
+                match o {
+                    Output::Partial(r) => unanswered.push(*r),
+                    Output::Alert(a) => alerts.push(*a),
+                    Output::Rollback(_) => rollbacks += 1,
+                    _ => {}
+                }
+            }
+        }
+        let held = |e: &Engine| e.incidents.iter().filter(|i| i.held.is_some()).count();
+        assert!(held(&s2) > 0, "incidents wait for answers");
+        assert_eq!(rollbacks, 0);
+        let waiting: Vec<String> = s2
+            .incidents
+            .iter()
+            .filter(|i| i.held.is_some())
+            .map(|i| i.id.clone())
+            .collect();
+        assert!(!alerts.iter().any(|a| waiting.contains(&a.incident_id)));
+        // One of them ends while held: its resolution waits for its firing alert.
+        let ended = s2.incident_ids[&waiting[0]];
+        s2.resolve_incident(
+            ended,
+            now,
+            "recovered".into(),
+            serde_json::json!({"rule": "test"}),
+        );
+        assert!(!s2
+            .take_outputs()
+            .any(|o| matches!(o, Output::Alert(_) | Output::Audit(_))));
+        assert_eq!(s2.incidents[ended].status, IncidentStatus::Firing);
+        let since: Vec<i64> = s2
+            .incidents
+            .iter()
+            .filter_map(|i| i.held.as_ref().map(|h| h.since_ms))
+            .collect();
+        let (first, last) = (*since.iter().min().unwrap(), *since.iter().max().unwrap());
+        assert!(
+            first > start,
+            "held since the wall-clock time it was raised"
+        );
+        s2.release_overdue_holds(first + 119_999);
+        assert_eq!(s2.take_outputs().count(), 0, "not yet overdue");
+        s2.release_overdue_holds(last + 120_000);
+        assert_eq!(held(&s2), 0);
+        assert!(s2.stats.holds_expired > 0);
+        let mut audits = Vec::new();
+        for o in s2.take_outputs() {
+            match o {
+                Output::Alert(a) => alerts.push(*a),
+                Output::Rollback(_) => rollbacks += 1,
+                Output::Audit(r) => audits.push(r),
+                _ => {}
+            }
+        }
+        for id in &waiting {
+            assert!(alerts.iter().any(|a| &a.incident_id == id));
+        }
+        let order: Vec<&str> = alerts
+            .iter()
+            .filter(|a| a.incident_id == waiting[0])
+            .map(|a| a.status)
+            .collect();
+        assert_eq!(order, ["firing", "resolved"]);
+        assert_eq!(s2.incidents[ended].status, IncidentStatus::Resolved);
+        assert!(alerts.iter().any(|a| waiting.contains(&a.incident_id)
+            && a.decision.as_ref().map(|d| d.action) == Some(DecisionAction::RollbackRequested)));
+        assert_eq!(rollbacks, 0, "the rollback is the decider's to grant");
+        assert!(audits.iter().any(|r| r.action == "detection"
+            && r.evidence.get("local_gain_global_loss_missing").is_some()));
+        // The questions arrive at last: the decider grants, and its owner carries it out.
+        let mut queue: VecDeque<Routed> = unanswered.into();
+        while let Some(r) = queue.pop_front() {
+            if r.partition == elsewhere {
+                continue;
+            }
+            s2.process_partial(r.partition, &r.partial.encode(), now + 130_000)
+                .unwrap();
+            for o in s2.take_outputs() {
+                match o {
+                    Output::Partial(r) => queue.push_back(*r),
+                    Output::Rollback(_) => rollbacks += 1,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(rollbacks, 1);
+    }
+
+    /// A restart in the middle of a catch-up: the checkpoint carries which windows the
+    /// taken-over metric still has to close, and which its series closed already.
+    #[test]
+    fn a_restart_before_the_catch_up_still_closes_the_windows_it_missed() {
+        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
+        run("chg-restart", Some(change_ms - 2 * HOUR), false, true).decided_as_one("chg-restart");
+    }
+
+    /// An eager rebalance: the survivor's own partitions are revoked and assigned again with
+    /// the leaver's, and their state comes back from the survivor's own checkpoint.
+    #[test]
+    fn a_survivor_that_takes_its_own_partitions_back_decides_as_one() {
+        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
+        run("chg-eager", Some(change_ms - 2 * HOUR), true, false).decided_as_one("chg-eager");
     }
 }
