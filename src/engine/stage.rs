@@ -534,27 +534,33 @@ impl Engine {
         if !matches!(self.stage, Stage::Merge { .. }) {
             return;
         }
-        for c in changes {
-            for mi in 0..self.schema.metrics.len() {
-                if !self.owns_metric(mi) {
-                    continue;
-                }
-                let effect = self.target_effect(c, mi);
-                let last = self
-                    .gain_hist
-                    .iter()
-                    .rev()
-                    .find(|p| p.metric == mi && p.change_id == *c);
-                if last.map(|p| p.effect != effect).unwrap_or(true) {
-                    self.gain_hist.push(GainPoint {
-                        change_id: c.clone(),
-                        metric: mi,
-                        w,
-                        effect,
-                    });
+        // Each series' latest point, indexed once per window: the history holds a few points
+        // per watch and metric, and a scan per pair would be quadratic in the watches.
+        let mut fresh = Vec::new();
+        {
+            let mut last: HashMap<(&str, usize), Option<GainEffect>> =
+                HashMap::with_capacity(self.gain_hist.len());
+            for p in &self.gain_hist {
+                last.insert((p.change_id.as_str(), p.metric), p.effect);
+            }
+            let owned: Vec<usize> = (0..self.schema.metrics.len())
+                .filter(|&mi| self.owns_metric(mi))
+                .collect();
+            for c in changes {
+                for &mi in &owned {
+                    let effect = self.target_effect(c, mi);
+                    if last.get(&(c.as_str(), mi)) != Some(&effect) {
+                        fresh.push(GainPoint {
+                            change_id: c.clone(),
+                            metric: mi,
+                            w,
+                            effect,
+                        });
+                    }
                 }
             }
         }
+        self.gain_hist.extend(fresh);
         // Drop points before the horizon that a later point of the same series, also before
         // it, supersedes (walking back from the newest).
         let horizon = w - GAIN_HISTORY_WINDOWS;
