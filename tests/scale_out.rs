@@ -416,9 +416,11 @@ async fn two_instances_two_stage_decide_exactly_as_one_instance() {
 /// eager rebalances; no transactions, so at_least_once).
 ///
 /// Ignored: it still fails in some runs. Before the fixes below, 4 of 7 runs failed (the
-/// survivor raised no alert at all); after them, 2 of 12 (one clean leave with the same two
-/// alerts but a slightly different baseline: expected 0.09740 vs 0.09726 for conversion FR,
-/// cause not found; one crash where the conversion alert was missing, see below).
+/// survivor raised no alert at all); after them, 2 of 12 failed on one machine, and 22 of 22
+/// passed on another the next round (9 of them beside a build). The two failures: one clean
+/// leave with the same two alerts but a slightly different baseline (expected 0.09740 vs
+/// 0.09726 for conversion FR, cause not found); one crash where the conversion alert was
+/// missing (see below).
 ///
 /// What was found and fixed:
 /// - A stage-1 batch in flight at a revocation was delivered by its reader and read again by
