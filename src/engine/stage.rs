@@ -1488,14 +1488,20 @@ mod tests {
         r.decided_as_one("chg-spread");
     }
 
+    /// `run` with a handover two hours before the change, whose decisions must be one
+    /// engine's.
+    fn hand_over_two_hours_before_the_change(change: &str, eager: bool, restart: bool) {
+        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
+        run(change, Some(change_ms - 2 * HOUR), eager, restart).decided_as_one(change);
+    }
+
     /// A stage-2 instance that leaves one window behind the other: the survivor takes its
     /// partition over and closes, for that partition's metric, the window it had closed
     /// already for its own (reading its partial sums again, not refusing them as late).
     /// Everything decided is still what one engine decides.
     #[test]
     fn a_metric_taken_over_behind_the_watermark_closes_the_windows_it_missed() {
-        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
-        run("chg-behind", Some(change_ms - 2 * HOUR), false, false).decided_as_one("chg-behind");
+        hand_over_two_hours_before_the_change("chg-behind", false, false);
     }
 
     /// Stage 2's first watermark comes when its last clock is heard from, after partial sums
@@ -1729,15 +1735,13 @@ mod tests {
     /// taken-over metric still has to close, and which its series closed already.
     #[test]
     fn a_restart_before_the_catch_up_still_closes_the_windows_it_missed() {
-        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
-        run("chg-restart", Some(change_ms - 2 * HOUR), false, true).decided_as_one("chg-restart");
+        hand_over_two_hours_before_the_change("chg-restart", false, true);
     }
 
     /// An eager rebalance: the survivor's own partitions are revoked and assigned again with
     /// the leaver's, and their state comes back from the survivor's own checkpoint.
     #[test]
     fn a_survivor_that_takes_its_own_partitions_back_decides_as_one() {
-        let change_ms = crate::event::parse_time_str("2026-11-04T14:00:00Z").unwrap();
-        run("chg-eager", Some(change_ms - 2 * HOUR), true, false).decided_as_one("chg-eager");
+        hand_over_two_hours_before_the_change("chg-eager", true, false);
     }
 }
