@@ -207,14 +207,20 @@ mod tests {
         assert!(x.test(max, min, 10.0, [true, false], alpha).is_none());
     }
 
-    /// The spike alerted on is learnt clipped: the fit barely moves.
-    #[test]
-    fn a_spike_is_learnt_clipped() {
+    /// 100 calm windows: maxima 12-12.8, minima 7.2-8, around a level of 10.
+    fn calm() -> Extremes {
         let mut x = Extremes::default();
         for i in 0..100 {
             let j = (i % 5) as f64 * 0.2;
             x.learn(12.0 + j, 8.0 - j, 10.0, 1.0 / 52.0);
         }
+        x
+    }
+
+    /// The spike alerted on is learnt clipped: the fit barely moves.
+    #[test]
+    fn a_spike_is_learnt_clipped() {
+        let mut x = calm();
         let before = x;
         x.learn(1000.0, 8.0, 10.0, 1.0 / 52.0);
         assert!(
@@ -228,11 +234,7 @@ mod tests {
     /// recurring on the next day, not before and not after.
     #[test]
     fn a_daily_burst_recurs() {
-        let mut x = Extremes::default();
-        for i in 0..100 {
-            let j = (i % 5) as f64 * 0.2;
-            x.learn(12.0 + j, 8.0 - j, 10.0, 1.0 / 52.0);
-        }
+        let mut x = calm();
         assert!(!x.recurs_daily(12));
         x.learn(100.0, 8.0, 10.0, 1.0 / 52.0);
         for k in 1..16 {

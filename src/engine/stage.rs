@@ -1182,6 +1182,18 @@ mod tests {
         }
     }
 
+    /// The simulated traffic the stage tests play, from `start`.
+    fn traffic(start: i64) -> Sim {
+        Sim::new(
+            Scenario {
+                seed: 31,
+                peak_sessions_per_min: 400.0,
+                ..Default::default()
+            },
+            start,
+        )
+    }
+
     /// Engine 0 owns the repartition partition of the conversion metric, engine 1 every other
     /// one (that of the support tickets, among them): the change's incidents are on both.
     ///
@@ -1225,14 +1237,7 @@ mod tests {
             let mine: Vec<i32> = (0..PARTS).filter(|p| owner(*p) == i).collect();
             e.assign_repartitions(&mine, 1, start);
         }
-        let mut sim = Sim::new(
-            Scenario {
-                seed: 31,
-                peak_sessions_per_min: 400.0,
-                ..Default::default()
-            },
-            start,
-        );
+        let mut sim = traffic(start);
         let mut rollbacks: [Vec<String>; 2] = Default::default();
         let mut alerts: [Vec<String>; 2] = Default::default();
         let mut audits: [Vec<(String, String, String, String)>; 2] = Default::default();
@@ -1595,14 +1600,7 @@ mod tests {
         let elsewhere = s1.partition_of(ctr, parts);
         let mine: Vec<i32> = (0..parts).filter(|&x| x != elsewhere).collect();
         s2.assign_repartitions(&mine, 1, start);
-        let mut sim = Sim::new(
-            Scenario {
-                seed: 31,
-                peak_sessions_per_min: 400.0,
-                ..Default::default()
-            },
-            start,
-        );
+        let mut sim = traffic(start);
         // Stage 2's own questions (to the decider, to the target's owner) go unanswered.
         let mut unanswered: Vec<Routed> = Vec::new();
         let mut alerts: Vec<Alert> = Vec::new();
