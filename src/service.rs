@@ -678,6 +678,8 @@ impl Flusher<'_> {
             alertmanager,
             ..
         } = *self;
+        // Under continuous input the idle tick never comes: holds time out here too.
+        engine.release_overdue_holds(now_ms());
         // Stage 1: the batch's partial sums, then the markers that let stage 2 close windows.
         engine.drain_partials(now_ms());
         let mut out: Vec<Encoded> = engine

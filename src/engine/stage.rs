@@ -433,7 +433,8 @@ impl Engine {
     /// time with what is known, so that an owner that does not answer (unassigned for long,
     /// or far behind) delays no alert for good. The detection record is written without the
     /// target's effect, saying why; a rollback stays the decider's to grant, carried out when
-    /// its verdict comes (`apply_verdict`). Called by the service on a timer.
+    /// its verdict comes (`apply_verdict`). Called by the service with every batch and, when
+    /// the input is silent, on its idle tick.
     pub fn release_overdue_holds(&mut self, now_wall_ms: i64) {
         let max_ms = self.cfg.scale.hold_max_secs as i64 * 1000;
         let overdue: Vec<usize> = (0..self.incidents.len())
