@@ -5,6 +5,10 @@
 //! the snapshot and never touch the engine, so the hot path takes no lock per event. Control
 //! calls become [`Command`]s on the engine's control channel and wait for its answer.
 //!
+//! Several instances: an incident, its page or a control call that this instance does not hold
+//! is asked of the peers (`[scale] peers`, [`crate::peer`]), and the incident list and a
+//! change's audit trail are gathered from them, so any instance answers for the whole group.
+//!
 //! Access: everything under `/api/` needs `Authorization: Bearer <token>` of a configured actor
 //! whose role grants the permission ([`authorize`]). With no actors configured, reads stay open
 //! (as before roles existed) and control calls are refused.
@@ -16,7 +20,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -27,6 +31,8 @@ use crate::auth::{Auth, Identity, Permission};
 use crate::control::{Command, ControlError, ControlSender, DecisionCall, Verb};
 use crate::engine::{Engine, HistoryPoint, Incident};
 use crate::event::fmt_time;
+use crate::peer::{path_segment, Answer, Found, Peers};
+use crate::sink::AuditRecord;
 use crate::telemetry::Telemetry;
 
 /// How long a control call waits for the engine (queueing included) before answering 503.
@@ -98,6 +104,9 @@ pub struct ApiState {
     /// The configured actors; set once at service start. Unset or empty: reads are open and
     /// control calls answer 403.
     pub auth: OnceLock<Arc<Auth>>,
+    /// The other instances' APIs; set once at service start. Unset or empty: every answer
+    /// comes from this instance's own state.
+    pub peers: OnceLock<Arc<Peers>>,
 }
 
 impl ApiState {
@@ -109,6 +118,7 @@ impl ApiState {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             control: OnceLock::new(),
             auth: OnceLock::new(),
+            peers: OnceLock::new(),
         })
     }
 
@@ -122,6 +132,23 @@ impl ApiState {
                 "api: install called more than once; keeping the first actors and control channel"
             );
         }
+    }
+
+    /// Sets the peer instances to ask for what this one does not hold. Call once, before
+    /// serving.
+    pub fn set_peers(&self, peers: Peers) {
+        if self.peers.set(Arc::new(peers)).is_err() {
+            tracing::warn!("api: set_peers called more than once; keeping the first peers");
+        }
+    }
+
+    /// The peers to ask on behalf of this request: none if it came from a peer itself (so
+    /// requests never loop) or if no peers are configured.
+    fn peers_for(&self, headers: &HeaderMap) -> Option<&Peers> {
+        self.peers
+            .get()
+            .map(|p| &**p)
+            .filter(|p| !p.is_empty() && !Peers::is_forwarded(headers))
     }
 
     pub fn set_ready(&self, ready: bool, reason: &str) {
@@ -352,11 +379,25 @@ async fn list_incidents(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Permission::Read)?;
-    let snap = s.snap();
-    Ok(
-        Json(serde_json::json!({"incidents": snap.incidents, "watermark": snap.watermark}))
-            .into_response(),
-    )
+    let watermark = s.snap().watermark.clone();
+    let (incidents, peers) = group_incidents(&s, &headers, "/api/incidents").await;
+    Ok(incident_list(watermark, incidents, peers))
+}
+
+/// A list of the group's incidents: `partial` when some peer could not be asked.
+fn incident_list(
+    watermark: Option<String>,
+    incidents: Vec<serde_json::Value>,
+    peers: Vec<PeerReport>,
+) -> Response {
+    let partial = peers.iter().any(|p| p.status != "ok");
+    Json(serde_json::json!({
+        "incidents": incidents,
+        "watermark": watermark,
+        "peers": peers,
+        "partial": partial,
+    }))
+    .into_response()
 }
 
 async fn get_incident(
@@ -368,8 +409,153 @@ async fn get_incident(
     let snap = s.snap();
     match snap.incidents.iter().find(|i| i.incident.id == id) {
         Some(i) => Ok(Json(i).into_response()),
-        None => Ok(not_found(&id)),
+        None => {
+            let path = format!("/api/incidents/{}", path_segment(&id));
+            Ok(from_peers(
+                &s,
+                &headers,
+                Method::GET,
+                &path,
+                Bytes::new(),
+                not_found_error(&id),
+            )
+            .await)
+        }
     }
+}
+
+/// Asks the peers for what this instance does not hold (`missing` is its own 404) and relays
+/// the answer of the one that has it. Nobody has it: 404. Not found, but some peers could not
+/// be asked: 503 (it may well exist; try again).
+async fn from_peers(
+    s: &ApiState,
+    headers: &HeaderMap,
+    method: Method,
+    path: &str,
+    body: Bytes,
+    missing: ApiError,
+) -> Response {
+    let Some(peers) = s.peers_for(headers) else {
+        return missing.into_response();
+    };
+    let auth = headers.get(header::AUTHORIZATION);
+    match peers.find(method, path, auth, body).await {
+        Found::Answer(a) => relay(a),
+        Found::Nowhere => ApiError {
+            message: format!(
+                "{}, here or on any of the {} peer instances",
+                missing.message,
+                peers.len()
+            ),
+            ..missing
+        }
+        .into_response(),
+        Found::Unknown(failed) => ApiError::unavailable(format!(
+            "{} here or on the peers that answered, and {} peer(s) could not be asked ({}); try again",
+            missing.message,
+            failed.len(),
+            failed
+                .iter()
+                .map(|(u, e)| format!("{u}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+        .into_response(),
+    }
+}
+
+/// A peer's answer, passed on as it came, marked with who gave it.
+fn relay(a: Answer) -> Response {
+    let mut r = (a.status, a.body).into_response();
+    if let Some(ct) = a.content_type {
+        r.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    if let Ok(v) = HeaderValue::from_str(&a.peer) {
+        r.headers_mut().insert(crate::peer::SERVED_BY, v);
+    }
+    r
+}
+
+/// How one peer answered a gathering request, for the `peers` field of lists.
+#[derive(Debug, Clone, Serialize)]
+struct PeerReport {
+    url: String,
+    /// `ok`, `unreachable` (not asked: down, timed out), or `error` (it answered with an error).
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Asks every peer for the list at `path`; returns the `field` arrays of the peers that
+/// answered 200 (404 counts as an empty list), and a report per peer.
+async fn gather_from_peers(
+    s: &ApiState,
+    headers: &HeaderMap,
+    path: &str,
+    field: &str,
+) -> (Vec<serde_json::Value>, Vec<PeerReport>) {
+    let Some(peers) = s.peers_for(headers) else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut items = Vec::new();
+    let mut reports = Vec::new();
+    for (url, r) in peers.gather(path, headers.get(header::AUTHORIZATION)).await {
+        let (status, error) = match r {
+            Ok(a) if a.status == StatusCode::NOT_FOUND => ("ok", None),
+            Ok(a) if a.status == StatusCode::OK => {
+                match serde_json::from_slice::<serde_json::Value>(&a.body) {
+                    Ok(mut v) => match v.get_mut(field).map(serde_json::Value::take) {
+                        Some(serde_json::Value::Array(list)) => {
+                            items.extend(list);
+                            ("ok", None)
+                        }
+                        _ => ("error", Some(format!("answer has no {field:?} list"))),
+                    },
+                    Err(e) => ("error", Some(format!("answer is not JSON: {e}"))),
+                }
+            }
+            Ok(a) => (
+                "error",
+                Some(format!(
+                    "HTTP {}: {}",
+                    a.status.as_u16(),
+                    String::from_utf8_lossy(&a.body[..a.body.len().min(300)])
+                )),
+            ),
+            Err(e) => ("unreachable", Some(e.to_string())),
+        };
+        reports.push(PeerReport { url, status, error });
+    }
+    (items, reports)
+}
+
+/// Every incident of the instance group: this instance's, then its peers' (asked at
+/// `peer_path`), one per id, in the order they were detected.
+async fn group_incidents(
+    s: &ApiState,
+    headers: &HeaderMap,
+    peer_path: &str,
+) -> (Vec<serde_json::Value>, Vec<PeerReport>) {
+    let snap = s.snap();
+    let mut list: Vec<serde_json::Value> = snap
+        .incidents
+        .iter()
+        .map(|i| serde_json::to_value(i).unwrap_or_default())
+        .collect();
+    let (theirs, reports) = gather_from_peers(s, headers, peer_path, "incidents").await;
+    if !reports.is_empty() {
+        let mut seen: std::collections::HashSet<String> = list
+            .iter()
+            .filter_map(|v| v["id"].as_str().map(str::to_string))
+            .collect();
+        list.extend(theirs.into_iter().filter(|v| {
+            v["id"]
+                .as_str()
+                .is_some_and(|id| seen.insert(id.to_string()))
+        }));
+        list.sort_by_key(|v| v["detected_ms"].as_i64().unwrap_or(0));
+    }
+    (list, reports)
 }
 
 async fn list_changes(
@@ -469,6 +655,7 @@ async fn decide(
             "reason is longer than {MAX_REASON_CHARS} characters"
         )));
     }
+    let forward = body.clone();
     let call = DecisionCall {
         incident_id: id.clone(),
         verb: v,
@@ -480,6 +667,23 @@ async fn decide(
     let answer = ask(&s, Command::Decide { call, reply }, rx)
         .await
         .and_then(|a| a.map_err(ApiError::from));
+    if let Err(e) = &answer {
+        if e.status == StatusCode::NOT_FOUND && s.peers_for(&headers).is_some() {
+            // Not this instance's incident: the peer that holds it decides (and audits).
+            let path = format!("/api/incidents/{}/{}", path_segment(&id), v.as_str());
+            let r = from_peers(&s, &headers, Method::POST, &path, forward, e.clone()).await;
+            tracing::info!(
+                actor = %who.name,
+                role = %who.role,
+                verb = v.as_str(),
+                incident = %id,
+                status = r.status().as_u16(),
+                peer = ?r.headers().get(crate::peer::SERVED_BY),
+                "api: control call forwarded"
+            );
+            return Ok(r);
+        }
+    }
     tracing::info!(
         actor = %who.name,
         role = %who.role,
@@ -503,17 +707,44 @@ async fn change_audit(
         change_id: change_id.clone(),
         reply,
     };
-    let records = ask(&s, cmd, rx).await?;
-    if records.is_empty() {
-        return Err(ApiError::not_found(format!(
-            "no audit records for change {change_id}: unknown change, or nothing recorded about it yet"
-        )));
+    let mut records = ask(&s, cmd, rx).await?;
+    let path = format!("/api/changes/{}/audit", path_segment(&change_id));
+    let (theirs, peers) = gather_from_peers(&s, &headers, &path, "records").await;
+    if !peers.is_empty() {
+        let mut seen: std::collections::HashSet<String> =
+            records.iter().map(|r| r.audit_id.clone()).collect();
+        records.extend(
+            theirs
+                .into_iter()
+                .filter_map(|v| serde_json::from_value::<AuditRecord>(v).ok())
+                .filter(|r| seen.insert(r.audit_id.clone())),
+        );
+        // `at` is RFC 3339 in UTC with a fixed width, so it sorts as text.
+        records.sort_by(|a, b| (&a.at, a.seq).cmp(&(&b.at, b.seq)));
     }
-    Ok(Json(serde_json::json!({"change_id": change_id, "records": records})).into_response())
+    let partial = peers.iter().any(|p| p.status != "ok");
+    if records.is_empty() {
+        return Err(if partial {
+            ApiError::unavailable(format!(
+                "no audit records for change {change_id} here or on the peers that answered; some peers could not be asked: try again"
+            ))
+        } else {
+            ApiError::not_found(format!(
+                "no audit records for change {change_id}: unknown change, or nothing recorded about it yet"
+            ))
+        });
+    }
+    Ok(Json(serde_json::json!({
+        "change_id": change_id,
+        "records": records,
+        "peers": peers,
+        "partial": partial,
+    }))
+    .into_response())
 }
 
-fn not_found(id: &str) -> Response {
-    ApiError::not_found(format!("no incident {id}")).into_response()
+fn not_found_error(id: &str) -> ApiError {
+    ApiError::not_found(format!("no incident {id}"))
 }
 
 fn esc(s: &str) -> String {
@@ -578,28 +809,74 @@ fn hhmm(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-async fn incidents_page(State(s): State<Arc<ApiState>>) -> Html<String> {
-    let snap = s.snap();
+/// `?format=json` on `/incidents`: the page's data, with the page's (open) access. Peers
+/// gather each other's lists for the page this way, since the page itself carries no token.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    format: Option<String>,
+}
+
+async fn incidents_page(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<PageQuery>,
+) -> Response {
+    let json = match q.format.as_deref() {
+        None | Some("html") => false,
+        Some("json") => true,
+        Some(other) => {
+            return ApiError::bad_request(format!(
+                "unknown format {other:?}; use html (the default) or json"
+            ))
+            .into_response()
+        }
+    };
+    let watermark = s.snap().watermark.clone();
+    let (incidents, peers) = group_incidents(&s, &headers, "/incidents?format=json").await;
+    if json {
+        return incident_list(watermark, incidents, peers);
+    }
+    // Rendered from the incidents' JSON: the peers' come as JSON, and this keeps one table.
+    let text = |v: &serde_json::Value| esc(v.as_str().unwrap_or("-"));
     let mut rows = String::new();
-    for i in snap.incidents.iter().rev() {
-        let inc = &i.incident;
-        let st = status_str(inc);
+    for v in incidents.iter().rev() {
+        let series = v["series"]
+            .as_object()
+            .map(series_str)
+            .unwrap_or_default();
         rows.push_str(&format!(
-            "<tr><td><a href=\"/incidents/{id}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:+.1}%</td><td>{}</td><td>{}</td></tr>",
-            esc(&inc.metric),
-            esc(&series_str(&inc.series)),
-            inc.kind,
-            inc.severity,
-            inc.effect * 100.0,
-            inc.decision.action.as_str(),
-            esc(&i.detected_at),
-            id = esc(&inc.id),
+            "<tr><td><a href=\"/incidents/{href}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:+.1}%</td><td>{}</td><td>{}</td></tr>",
+            text(&v["metric"]),
+            esc(&series),
+            text(&v["kind"]),
+            text(&v["severity"]),
+            v["effect"].as_f64().unwrap_or(0.0) * 100.0,
+            text(&v["decision"]["action"]),
+            text(&v["detected_at"]),
+            href = path_segment(v["id"].as_str().unwrap_or("")),
+            id = text(&v["id"]),
+            st = if v["status"] == "firing" { "firing" } else { "resolved" },
         ));
     }
+    let mut notes = String::new();
+    for p in peers.iter().filter(|p| p.status != "ok") {
+        notes.push_str(&format!(
+            "<p class=\"firing\">Incomplete: peer {} could not be asked ({}); its incidents are missing here.</p>",
+            esc(&p.url),
+            esc(p.error.as_deref().unwrap_or(p.status))
+        ));
+    }
+    let group = if peers.is_empty() {
+        String::new()
+    } else {
+        format!(" &middot; this instance and {} peer(s)", peers.len())
+    };
     Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>guardrail incidents</title><style>{STYLE}</style></head><body><h1>Incidents</h1><p class=\"muted\">watermark {}</p><table><tr><th>id</th><th>status</th><th>metric</th><th>series</th><th>kind</th><th>severity</th><th>effect</th><th>decision</th><th>detected</th></tr>{rows}</table></body></html>",
-        esc(snap.watermark.as_deref().unwrap_or("-"))
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>guardrail incidents</title><style>{STYLE}</style></head><body><h1>Incidents</h1><p class=\"muted\">watermark {}{group}</p>{notes}<table><tr><th>id</th><th>status</th><th>metric</th><th>series</th><th>kind</th><th>severity</th><th>effect</th><th>decision</th><th>detected</th></tr>{rows}</table></body></html>",
+        esc(watermark.as_deref().unwrap_or("-"))
     ))
+    .into_response()
 }
 
 /// "Nice" tick positions (1, 2 or 5 times a power of ten) covering `[lo, hi]`, about `n` of them.
@@ -961,10 +1238,23 @@ const LEGEND: &str = "<p class=\"legend\">\
 <span><i class=\"sw\" style=\"border-top:2px solid #7b1fa2;height:0\"></i>change applied</span>\
 <span><i class=\"sw\" style=\"border-top:2px dashed #00897b;height:0\"></i>change rolled back</span></p>";
 
-async fn incident_page(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+async fn incident_page(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let snap = s.snap();
     let Some(i) = snap.incidents.iter().find(|i| i.incident.id == id) else {
-        return not_found(&id);
+        let path = format!("/incidents/{}", path_segment(&id));
+        return from_peers(
+            &s,
+            &headers,
+            Method::GET,
+            &path,
+            Bytes::new(),
+            not_found_error(&id),
+        )
+        .await;
     };
     let inc = &i.incident;
     let d = &inc.decision;

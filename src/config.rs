@@ -174,6 +174,13 @@ pub struct ScaleConfig {
     /// elsewhere). Past it the alert goes out with what is known: without the "local gain,
     /// global loss" evidence, and with the rollback still left to the decider's verdict.
     pub hold_max_secs: u64,
+    /// The other instances' HTTP APIs (`http://host:port`). Each instance holds only the
+    /// incidents of the series it owns; an incident, its page or a control call that misses
+    /// here is asked of these, and lists are gathered from them (`guardrail::peer`). Empty:
+    /// each instance answers from its own state.
+    pub peers: Vec<String>,
+    /// How long one request to a peer may take before that peer counts as unreachable.
+    pub peer_timeout_ms: u64,
 }
 
 impl Default for ScaleConfig {
@@ -182,6 +189,8 @@ impl Default for ScaleConfig {
             two_stage: false,
             merge_group_id: None,
             hold_max_secs: 120,
+            peers: Vec::new(),
+            peer_timeout_ms: 2000,
         }
     }
 }
@@ -852,6 +861,25 @@ impl Config {
                 ),
             ));
         }
+        if self.scale.peer_timeout_ms < 10 || self.scale.peer_timeout_ms > 60_000 {
+            errs.push(at(
+                find_key(text, "peer_timeout_ms").unwrap_or(top),
+                "scale.peer_timeout_ms".into(),
+                format!(
+                    "must be between 10 and 60000, got {}",
+                    self.scale.peer_timeout_ms
+                ),
+            ));
+        }
+        for (i, u) in self.scale.peers.iter().enumerate() {
+            if let Err(why) = crate::peer::PeerUrl::parse(u) {
+                errs.push(at(
+                    find_key(text, "peers").unwrap_or(top),
+                    format!("scale.peers[{i}]"),
+                    why,
+                ));
+            }
+        }
         if self.scale.two_stage {
             for (on, key) in [
                 (self.guards.sprawl.enabled, "guards.sprawl.enabled"),
@@ -1375,6 +1403,20 @@ severity = "critical"
             s.contains("scale.hold_max_secs") && s.contains("got 0"),
             "{s}"
         );
+        let peers = format!("[scale]\npeers = [\"http://10.0.0.2:9464\", \"https://b:1\"]\n{MIN}");
+        let s = Config::from_str_named(&peers, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.contains("t.toml:2:1: scale.peers[1]") && s.contains("plain HTTP"),
+            "{s}"
+        );
+        assert!(!s.contains("peers[0]"), "{s}");
+        let slow = format!("[scale]\npeer_timeout_ms = 0\n{MIN}");
+        let s = Config::from_str_named(&slow, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains("scale.peer_timeout_ms"), "{s}");
     }
 
     #[test]

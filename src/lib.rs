@@ -26,6 +26,8 @@
 //! - [`alertmanager`] optional push of alerts to Prometheus Alertmanager (API v2).
 //! - [`telemetry`] Prometheus metrics, internal events (one `emit` = log line + metric).
 //! - [`api`]       HTTP: `/metrics`, `/healthz`, `/readyz`, incidents.
+//! - [`peer`]      the other instances' APIs: incidents and control calls this instance does
+//!   not hold are asked of them, lists gathered from them.
 //! - [`service`]   `guardrail run`: source + engine + sinks + api, with graceful shutdown.
 //! - [`repartition`] two-stage aggregation for scale-out: partial window sums keyed by series.
 //! - [`replay`]    `guardrail replay`: the engine over JSON-lines files, as fast as possible.
@@ -53,6 +55,7 @@ pub mod event;
 pub mod extreme;
 pub mod guard;
 pub mod nab;
+pub mod peer;
 pub mod policy;
 pub mod repartition;
 pub mod replay;

@@ -65,6 +65,8 @@ pub enum ServiceError {
     Transactions(String),
     #[error("[state] dir: {0}")]
     State(String),
+    #[error("[scale] peers: {0}")]
+    Peers(String),
     #[error("fenced: another instance took over transactional.id {id:?} ({reason}); this one stops so that no decision is made twice")]
     Fenced { id: String, reason: String },
     #[error("fenced: [state] dir {dir} was {reason} (a newer incarnation of this instance started); this one stops so that its older state never replaces the newer")]
@@ -111,6 +113,21 @@ pub async fn run(
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Command>(64);
     state.install(auth, ctl_tx);
     let telemetry = state.telemetry.clone();
+    if !cfg.scale.peers.is_empty() {
+        let peers = crate::peer::Peers::new(
+            &cfg.scale.peers,
+            cfg.scale.peer_timeout_ms,
+            &cfg.service.instance,
+            telemetry.peer_requests.clone(),
+        )
+        .map_err(ServiceError::Peers)?;
+        tracing::info!(
+            peers = ?cfg.scale.peers,
+            "api: incidents and control calls this instance does not hold are asked of {} peer instance(s)",
+            peers.len()
+        );
+        state.set_peers(peers);
+    }
     let alertmanager = crate::alertmanager::spawn(&cfg, telemetry.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_http = stop_rx.clone();

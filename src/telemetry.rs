@@ -36,6 +36,8 @@ pub struct Telemetry {
     pub dlq_produced: IntCounterVec,
     pub output_errors: IntCounterVec,
     pub outputs_produced: IntCounterVec,
+    /// Requests to peer instances' APIs, by result (`guardrail::peer`).
+    pub peer_requests: IntCounterVec,
     incidents_firing: IntGaugeVec,
     series_tracked: IntGauge,
     watermark: Gauge,
@@ -421,6 +423,15 @@ impl Telemetry {
             output_errors.with_label_values(&[s]);
             outputs_produced.with_label_values(&[s]);
         }
+        let peer_requests = counter_vec(
+            &r,
+            "guardrail_peer_requests_total",
+            "Requests to peer instances' APIs ([scale] peers), by result: ok, not_found, refused (other 4xx), error (5xx), unreachable, timeout, http_error.",
+            &["result"],
+        );
+        for l in crate::peer::RESULTS {
+            peer_requests.with_label_values(&[l]);
+        }
         let incidents_firing = IntGaugeVec::new(
             Opts::new(
                 "guardrail_incidents_firing",
@@ -536,6 +547,7 @@ impl Telemetry {
             dlq_produced,
             output_errors,
             outputs_produced,
+            peer_requests,
             incidents_firing,
             series_tracked,
             watermark,

@@ -13,36 +13,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http, start, story_afternoon, story_sim, Harness, Out, HOUR};
+use common::{
+    drive_until_incident, http, start, story_afternoon, story_sim, tiered_change as change,
+    tiered_effect as effect, Harness, Out, HOUR,
+};
 use guardrail::auth::ActorConfig;
-use guardrail::sim::{Effect, Sim};
 use serde_json::Value;
 
 const ALICE: &str = "alice-token-0123456789abcdef";
 const VICTOR: &str = "victor-token-0123456789abcdef";
 const MIN: i64 = 60_000;
-
-fn change(id: &str, ts: i64, tier: &str) -> String {
-    serde_json::json!({
-        "change_id": id, "ts": guardrail::event::fmt_time(ts), "action": "applied",
-        "actor": {"kind": "agent", "name": "copy-optimizer-v3"}, "kind": "wording",
-        "scope": {"surfaces": ["checkout"], "dims": {"country": ["FR", "BE"]}},
-        "tier": tier, "owner": "team-web", "rollback": {"restore": format!("{id}-before")}
-    })
-    .to_string()
-}
-
-fn effect(id: &str, at: i64, ctr: f64, tickets: f64) -> Effect {
-    Effect {
-        change_id: id.into(),
-        countries: vec!["FR".into(), "BE".into()],
-        start_ms: at,
-        end_ms: None,
-        ctr_mult: ctr,
-        conversion_mult: 1.0,
-        ticket_mult: tickets,
-    }
-}
 
 struct Outputs {
     alerts: Vec<Value>,
@@ -71,51 +51,6 @@ fn rollbacks_for(o: &Outputs, change: &str) -> Vec<Value> {
         .map(|r| r.json())
         .filter(|r| r["data"]["change_id"] == change)
         .collect()
-}
-
-/// Drives in 5-minute ticks until `to`, returning the first firing incident blamed on
-/// `change` seen through the API (if any by then).
-async fn drive_until_incident(h: &Harness, sim: &mut Sim, to: i64, change: &str) -> Option<Value> {
-    let mut last = String::new();
-    while sim.now_ms() < to {
-        let next = sim.now_ms() + 5 * MIN;
-        h.drive(sim, next, 5 * MIN, |_| {}).await;
-        let (code, body) = http(
-            &format!("{}/api/incidents", h.http),
-            "GET",
-            Some(VICTOR),
-            None,
-        )
-        .await;
-        assert_eq!(code, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        let list = v
-            .as_array()
-            .cloned()
-            .or_else(|| v["incidents"].as_array().cloned())
-            .unwrap_or_default();
-        if let Some(i) = list.into_iter().find(|i| {
-            let i = if i["incident"].is_object() {
-                &i["incident"]
-            } else {
-                i
-            };
-            i["status"] == "firing" && i["decision"]["change_id"] == change
-        }) {
-            return Some(if i["incident"].is_object() {
-                i["incident"].clone()
-            } else {
-                i
-            });
-        }
-        last = body;
-    }
-    eprintln!(
-        "no incident for {change} by {}: {}",
-        guardrail::event::fmt_time(to),
-        &last[..last.len().min(3000)]
-    );
-    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +84,7 @@ async fn tiers_decide_as_configured_and_people_are_accountable() {
     sim.scenario_mut()
         .effects
         .push(effect("chg-sup", t0, 1.3, 3.0));
-    let inc = drive_until_incident(&h, &mut sim, t0 + 40 * MIN, "chg-sup")
+    let inc = drive_until_incident(&h, &mut sim, t0 + 40 * MIN, "chg-sup", VICTOR)
         .await
         .expect("the ticket spike is detected and blamed on chg-sup");
     assert_eq!(inc["decision"]["action"], "awaiting_veto_window", "{inc:#}");
@@ -205,7 +140,7 @@ async fn tiers_decide_as_configured_and_people_are_accountable() {
     sim.scenario_mut()
         .effects
         .push(effect("chg-veto", t1, 1.3, 3.0));
-    let inc = drive_until_incident(&h, &mut sim, t1 + 40 * MIN, "chg-veto")
+    let inc = drive_until_incident(&h, &mut sim, t1 + 40 * MIN, "chg-veto", VICTOR)
         .await
         .expect("chg-veto's spike is detected");
     let id = inc["incident_id"]
@@ -268,7 +203,7 @@ async fn tiers_decide_as_configured_and_people_are_accountable() {
     sim.scenario_mut()
         .effects
         .push(effect("chg-hum", t2, 0.6, 1.0));
-    let inc = drive_until_incident(&h, &mut sim, t2 + 50 * MIN, "chg-hum")
+    let inc = drive_until_incident(&h, &mut sim, t2 + 50 * MIN, "chg-hum", VICTOR)
         .await
         .expect("the click-through drop is detected");
     assert_eq!(inc["decision"]["action"], "needs_human_decision", "{inc:#}");

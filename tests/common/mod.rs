@@ -47,6 +47,16 @@ impl Out {
 
 /// The default config with `edit` applied, pointed at a fresh mock cluster.
 pub async fn start(edit: impl FnOnce(&mut Config)) -> Harness {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_on(listener, edit).await
+}
+
+/// As [`start`], serving the API on `listener` (bound beforehand, so that other instances
+/// can be told its address).
+pub async fn start_on(
+    listener: tokio::net::TcpListener,
+    edit: impl FnOnce(&mut Config),
+) -> Harness {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -67,7 +77,6 @@ pub async fn start(edit: impl FnOnce(&mut Config)) -> Harness {
     cfg.signing.secret = Some(SECRET.into());
     cfg.signing.secret_env = None;
     edit(&mut cfg);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = format!("http://{}", listener.local_addr().unwrap());
     cfg.service.public_url = http.clone();
     let state = guardrail::service::new_state();
@@ -223,14 +232,32 @@ pub async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let (status, _, body) = http_with(url, method, &headers, body).await;
+    (status, body)
+}
+
+/// As [`http`], with any request headers; also returns the answer's headers (names in
+/// lower case).
+pub async fn http_with(
+    url: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, HashMap<String, String>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
     let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
     }
     let body = body.unwrap_or("");
     if !body.is_empty() {
@@ -246,11 +273,14 @@ pub async fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
 }
 
 /// The value of a Prometheus sample line `name{labels} value` in an exposition.
@@ -340,6 +370,81 @@ pub async fn play_story(
         produced,
     }
 }
+/// An applied change of `tier` on checkout in FR and BE, by the copy-optimizer agent.
+pub fn tiered_change(id: &str, ts: i64, tier: &str) -> String {
+    serde_json::json!({
+        "change_id": id, "ts": guardrail::event::fmt_time(ts), "action": "applied",
+        "actor": {"kind": "agent", "name": "copy-optimizer-v3"}, "kind": "wording",
+        "scope": {"surfaces": ["checkout"], "dims": {"country": ["FR", "BE"]}},
+        "tier": tier, "owner": "team-web", "rollback": {"restore": format!("{id}-before")}
+    })
+    .to_string()
+}
+
+/// The simulated effect of a [`tiered_change`]: click-through and tickets multiplied in FR and BE.
+pub fn tiered_effect(id: &str, at: i64, ctr: f64, tickets: f64) -> guardrail::sim::Effect {
+    guardrail::sim::Effect {
+        change_id: id.into(),
+        countries: vec!["FR".into(), "BE".into()],
+        start_ms: at,
+        end_ms: None,
+        ctr_mult: ctr,
+        conversion_mult: 1.0,
+        ticket_mult: tickets,
+    }
+}
+
+/// Drives in 5-minute ticks until `to`, returning the first firing incident blamed on
+/// `change` seen through the API with `token` (if any by then).
+pub async fn drive_until_incident(
+    h: &Harness,
+    sim: &mut guardrail::sim::Sim,
+    to: i64,
+    change: &str,
+    token: &str,
+) -> Option<serde_json::Value> {
+    let mut last = String::new();
+    while sim.now_ms() < to {
+        let next = sim.now_ms() + 5 * 60_000;
+        h.drive(sim, next, 5 * 60_000, |_| {}).await;
+        let (code, body) = http(
+            &format!("{}/api/incidents", h.http),
+            "GET",
+            Some(token),
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let list = v
+            .as_array()
+            .cloned()
+            .or_else(|| v["incidents"].as_array().cloned())
+            .unwrap_or_default();
+        if let Some(i) = list.into_iter().find(|i| {
+            let i = if i["incident"].is_object() {
+                &i["incident"]
+            } else {
+                i
+            };
+            i["status"] == "firing" && i["decision"]["change_id"] == change
+        }) {
+            return Some(if i["incident"].is_object() {
+                i["incident"].clone()
+            } else {
+                i
+            });
+        }
+        last = body;
+    }
+    eprintln!(
+        "no incident for {change} by {}: {}",
+        guardrail::event::fmt_time(to),
+        &last[..last.len().min(3000)]
+    );
+    None
+}
+
 pub mod tansu;
 
 /// Reads everything on `topics` from the beginning (every partition assigned, no group
