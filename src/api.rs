@@ -841,10 +841,7 @@ async fn incidents_page(
     let text = |v: &serde_json::Value| esc(v.as_str().unwrap_or("-"));
     let mut rows = String::new();
     for v in incidents.iter().rev() {
-        let series = v["series"]
-            .as_object()
-            .map(series_str)
-            .unwrap_or_default();
+        let series = v["series"].as_object().map(series_str).unwrap_or_default();
         rows.push_str(&format!(
             "<tr><td><a href=\"/incidents/{href}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:+.1}%</td><td>{}</td><td>{}</td></tr>",
             text(&v["metric"]),

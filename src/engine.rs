@@ -1319,6 +1319,14 @@ impl Engine {
             windows = upto - from,
             "closing the windows taken-over metrics had still open"
         );
+        tracing::debug!(
+            clocks = ?self
+                .sources
+                .iter()
+                .map(|c| (c.source >> 16, c.source & 0xffff, c.max_ts, c.idle))
+                .collect::<Vec<_>>(),
+            "the clocks that let the watermark past the taken-over windows"
+        );
         for w in from..upto {
             let only: Vec<bool> = (0..self.schema.metrics.len())
                 .map(|mi| behind.get(&mi).is_some_and(|&f| f <= w))

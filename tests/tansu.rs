@@ -587,3 +587,75 @@ async fn broker_outage_is_survived_and_caught_up_on_tansu() {
     let report = svc.stop().await;
     assert_eq!(report.rollbacks_requested, 1);
 }
+
+/// Why guardrail's producers in the Tansu tests make one record per batch
+/// ([`tansu::ONE_RECORD_PER_BATCH`]): Tansu 0.6 answers a fetch at an offset inside a record
+/// batch with the batch after it, so a consumer resuming there (a committed offset, a seek to a
+/// checkpoint) skips the rest of the batch. With one record per batch it resumes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_inside_a_batch_on_tansu_resumes_exactly_with_one_record_per_batch() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let Some(broker) = Tansu::start(Storage::Memory) else {
+        return;
+    };
+    let read_from = |topic: &str, from: i64| -> Vec<i64> {
+        let c: BaseConsumer = broker
+            .client_config()
+            .set("group.id", tansu::rand_name("batch-reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Offset(from))
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut got = Vec::new();
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_secs(3) {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                got.push(m.offset());
+                quiet_since = Instant::now();
+            }
+        }
+        got
+    };
+    for one_per_batch in [false, true] {
+        let topic = tansu::rand_name("batch");
+        broker.create_topic(&topic, 1);
+        let mut c = broker.client_config();
+        // Ten records sent together: one batch unless one record per batch is asked for.
+        c.set("linger.ms", "200");
+        if one_per_batch {
+            c.set(tansu::ONE_RECORD_PER_BATCH.0, tansu::ONE_RECORD_PER_BATCH.1);
+        }
+        let p: FutureProducer = c.create().unwrap();
+        let sends: Vec<_> = (0..10)
+            .map(|i| {
+                let v = format!("r{i}");
+                let p = p.clone();
+                let topic = topic.clone();
+                async move {
+                    p.send(
+                        FutureRecord::<(), _>::to(&topic).partition(0).payload(&v),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map(|d| d.offset)
+                    .expect("delivered")
+                }
+            })
+            .collect();
+        let mut offsets = futures::future::join_all(sends).await;
+        offsets.sort();
+        assert_eq!(offsets, (0..10).collect::<Vec<i64>>());
+        let got = read_from(&topic, 5);
+        if one_per_batch {
+            assert_eq!(got, (5..10).collect::<Vec<i64>>(), "read on from offset 5");
+        } else {
+            // Tansu 0.6: [] (the batch after the one holding offset 5; there is none). Printed,
+            // not asserted: a fixed Tansu reads 5..9 here, and the workaround can then go.
+            eprintln!("ten records in one batch, read from offset 5 on Tansu: {got:?}");
+        }
+    }
+}
