@@ -723,6 +723,9 @@ impl Engine {
             let (partition, key) = self.route(metric, &values, false);
             let name = self.schema.metrics[metric].cfg.name.clone();
             for (a, hll) in windows {
+                // Per partial, not per event: lets a run be checked sum for sum across stages.
+                tracing::trace!(target: "guardrail::partial", metric = %name, dims = ?values,
+                    w = a.w, num = a.num, den = a.den, partition, "partial sent");
                 out.push(Routed {
                     partition,
                     key: key.clone(),
@@ -918,6 +921,8 @@ impl Engine {
                 let Some(si) = self.series_for(mi, &dims, w)? else {
                     return Ok(());
                 };
+                tracing::trace!(target: "guardrail::partial", metric = %metric, dims = ?dims,
+                    w, num, den, partition = part, "partial merged");
                 self.series[si]
                     .ring
                     .merge(w, num, den, sumsq, extremes, hll.as_deref());
