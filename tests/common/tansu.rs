@@ -386,17 +386,6 @@ impl Drop for Tansu {
     }
 }
 
-/// librdkafka's producer option that makes every record its own batch on Tansu.
-///
-/// Tansu 0.6 answers a fetch at an offset inside a record batch with the batch *after* it (a
-/// fetch inside the last batch returns nothing), so a consumer that resumes mid-batch (from a
-/// committed offset, or a seek to a checkpoint's offset) silently skips the rest of that batch
-/// (`tests/tansu.rs`, `a_fetch_inside_a_batch_on_tansu_resumes_exactly_with_one_record_per_batch`).
-/// Kafka returns the batch holding the offset and the client drops the records before it.
-/// guardrail's producers use it in these tests (its repartition records are read again from a
-/// checkpoint's offset after a handover), so every offset they write starts a batch.
-pub const ONE_RECORD_PER_BATCH: (&str, &str) = ("batch.num.messages", "1");
-
 /// The default config pointed at `bootstrap` and `topics`, with a random consumer group, a
 /// signing secret, a short fetch wait and an HTTP port of its own. Delivery is
 /// `at_least_once`: Tansu 0.6 has no transactions (EndTxn), so the idempotent producer.
@@ -410,8 +399,6 @@ pub fn config(bootstrap: &str, topics: &TopicsConfig) -> Config {
     cfg.kafka
         .options
         .insert("fetch.wait.max.ms".into(), "50".into());
-    let (k, v) = ONE_RECORD_PER_BATCH;
-    cfg.kafka.options.insert(k.into(), v.into());
     cfg.signing.secret = Some(SECRET.into());
     cfg.signing.secret_env = None;
     let port = free_port();
