@@ -409,19 +409,27 @@ async fn get_incident(
     let snap = s.snap();
     match snap.incidents.iter().find(|i| i.incident.id == id) {
         Some(i) => Ok(Json(i).into_response()),
-        None => {
-            let path = format!("/api/incidents/{}", path_segment(&id));
-            Ok(from_peers(
-                &s,
-                &headers,
-                Method::GET,
-                &path,
-                Bytes::new(),
-                not_found_error(&id),
-            )
-            .await)
-        }
+        None => Ok(incident_from_peers(&s, &headers, "/api/incidents", &id).await),
     }
+}
+
+/// An incident this instance does not hold, from the peer that does: `{prefix}/{id}` there.
+async fn incident_from_peers(
+    s: &ApiState,
+    headers: &HeaderMap,
+    prefix: &str,
+    id: &str,
+) -> Response {
+    let path = format!("{prefix}/{}", path_segment(id));
+    from_peers(
+        s,
+        headers,
+        Method::GET,
+        &path,
+        Bytes::new(),
+        not_found_error(id),
+    )
+    .await
 }
 
 /// Asks the peers for what this instance does not hold (`missing` is its own 404) and relays
@@ -1242,16 +1250,7 @@ async fn incident_page(
 ) -> Response {
     let snap = s.snap();
     let Some(i) = snap.incidents.iter().find(|i| i.incident.id == id) else {
-        let path = format!("/incidents/{}", path_segment(&id));
-        return from_peers(
-            &s,
-            &headers,
-            Method::GET,
-            &path,
-            Bytes::new(),
-            not_found_error(&id),
-        )
-        .await;
+        return incident_from_peers(&s, &headers, "/incidents", &id).await;
     };
     let inc = &i.incident;
     let d = &inc.decision;

@@ -14,14 +14,11 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    drive_until_incident, http, start, story_afternoon, story_sim, tiered_change as change,
-    tiered_effect as effect, Harness, Out, HOUR,
+    alice_and_victor, drive_until_incident, http, start, story_afternoon, story_sim,
+    tiered_change as change, tiered_effect as effect, Harness, Out, ALICE, HOUR, VICTOR,
 };
-use guardrail::auth::ActorConfig;
 use serde_json::Value;
 
-const ALICE: &str = "alice-token-0123456789abcdef";
-const VICTOR: &str = "victor-token-0123456789abcdef";
 const MIN: i64 = 60_000;
 
 struct Outputs {
@@ -59,20 +56,7 @@ async fn tiers_decide_as_configured_and_people_are_accountable() {
         c.detection.warmup_windows = 48;
         c.policy.veto_window_secs = 20 * 60;
         c.policy.escalate_after_secs = 20 * 60;
-        c.actors = vec![
-            ActorConfig {
-                name: "alice".into(),
-                role: "marketing_owner".into(),
-                token: Some(ALICE.into()),
-                token_env: None,
-            },
-            ActorConfig {
-                name: "victor".into(),
-                role: "viewer".into(),
-                token: Some(VICTOR.into()),
-                token_env: None,
-            },
-        ];
+        c.actors = alice_and_victor();
     })
     .await;
     let t0 = story_afternoon();

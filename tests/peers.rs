@@ -9,15 +9,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    drive_until_incident, http, http_get, http_with, metric_value, start_on, story_afternoon,
-    story_sim, tiered_change, tiered_effect, Harness, HOUR,
+    alice_and_victor, drive_until_incident, http, http_get, http_with, metric_value, start_on,
+    story_afternoon, story_sim, tiered_change, tiered_effect, Harness, ALICE, HOUR, VICTOR,
 };
-use guardrail::auth::ActorConfig;
 use guardrail::config::Config;
 use serde_json::Value;
 
-const ALICE: &str = "alice-token-0123456789abcdef";
-const VICTOR: &str = "victor-token-0123456789abcdef";
 const MIN: i64 = 60_000;
 
 fn group_member(c: &mut Config, instance: &str, peer: &str) {
@@ -27,20 +24,7 @@ fn group_member(c: &mut Config, instance: &str, peer: &str) {
     c.detection.warmup_windows = 48;
     c.policy.veto_window_secs = 20 * 60;
     c.policy.escalate_after_secs = 20 * 60;
-    c.actors = vec![
-        ActorConfig {
-            name: "alice".into(),
-            role: "marketing_owner".into(),
-            token: Some(ALICE.into()),
-            token_env: None,
-        },
-        ActorConfig {
-            name: "victor".into(),
-            role: "viewer".into(),
-            token: Some(VICTOR.into()),
-            token_env: None,
-        },
-    ];
+    c.actors = alice_and_victor();
 }
 
 async fn get_json(url: &str, token: &str) -> (u16, Value) {

@@ -421,12 +421,12 @@ async fn two_instances_two_stage_decide_exactly_as_one_instance() {
 ///   (`tests/tansu.rs`, `tansu_skips_the_rest_of_a_batch_on_a_fetch_inside_it`): the
 ///   survivor's seek to a taken-over checkpoint's offset skipped the rest of that batch, and a
 ///   window was caught up after the crash with part of its sums (726 of 1,456 sessions, nothing
-///   refused as late). 1 of 13 runs this round; stop 14's 2 of 12 look the same.
+///   refused as late). 1 of 12 runs this round (stop 14's 2 of 12 fit one fault or the other).
 /// - A reader tailing a partition that is being written can get one record twice and never its
 ///   neighbour: 2 of 6,000 single-record batches from two idempotent producers, read while
 ///   written (0 of 6,000 when the same records are read afterwards, or written in batches of
 ///   many). Writing one record per batch (which avoids the first fault) made this one frequent:
-///   3 of 25 runs failed, and `RUST_LOG=guardrail::partial=trace` showed the repartition
+///   4 of 25 runs failed, and `RUST_LOG=guardrail::partial=trace` showed the repartition
 ///   reader merge a partial twice and skip the next one in passing runs too.
 /// The test therefore runs with ordinary batching; on a broker without these faults it is
 /// expected to pass every time, as the embedded broker's test above does.

@@ -15,6 +15,27 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 pub const SECRET: &str = "test-secret";
+/// Bearer tokens of the two actors of [`alice_and_victor`].
+pub const ALICE: &str = "alice-token-0123456789abcdef";
+pub const VICTOR: &str = "victor-token-0123456789abcdef";
+
+/// Two actors: alice, a marketing owner (may veto and approve), and victor, a viewer.
+pub fn alice_and_victor() -> Vec<guardrail::auth::ActorConfig> {
+    vec![
+        guardrail::auth::ActorConfig {
+            name: "alice".into(),
+            role: "marketing_owner".into(),
+            token: Some(ALICE.into()),
+            token_env: None,
+        },
+        guardrail::auth::ActorConfig {
+            name: "victor".into(),
+            role: "viewer".into(),
+            token: Some(VICTOR.into()),
+            token_env: None,
+        },
+    ]
+}
 
 pub struct Harness {
     pub cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
