@@ -31,7 +31,7 @@ use crate::auth::{Auth, Identity, Permission};
 use crate::control::{Command, ControlError, ControlSender, DecisionCall, Verb};
 use crate::engine::{Engine, HistoryPoint, Incident};
 use crate::event::fmt_time;
-use crate::peer::{path_segment, Answer, Found, Peers};
+use crate::peer::{pct_encode, Answer, Found, Peers};
 use crate::sink::AuditRecord;
 use crate::telemetry::Telemetry;
 
@@ -420,7 +420,7 @@ async fn incident_from_peers(
     prefix: &str,
     id: &str,
 ) -> Response {
-    let path = format!("{prefix}/{}", path_segment(id));
+    let path = format!("{prefix}/{}", pct_encode(id));
     from_peers(
         s,
         headers,
@@ -678,7 +678,7 @@ async fn decide(
     if let Err(e) = &answer {
         if e.status == StatusCode::NOT_FOUND && s.peers_for(&headers).is_some() {
             // Not this instance's incident: the peer that holds it decides (and audits).
-            let path = format!("/api/incidents/{}/{}", path_segment(&id), v.as_str());
+            let path = format!("/api/incidents/{}/{}", pct_encode(&id), v.as_str());
             let r = from_peers(&s, &headers, Method::POST, &path, forward, e.clone()).await;
             tracing::info!(
                 actor = %who.name,
@@ -716,7 +716,7 @@ async fn change_audit(
         reply,
     };
     let mut records = ask(&s, cmd, rx).await?;
-    let path = format!("/api/changes/{}/audit", path_segment(&change_id));
+    let path = format!("/api/changes/{}/audit", pct_encode(&change_id));
     let (theirs, peers) = gather_from_peers(&s, &headers, &path, "records").await;
     if !peers.is_empty() {
         let mut seen: std::collections::HashSet<String> =
@@ -859,7 +859,7 @@ async fn incidents_page(
             v["effect"].as_f64().unwrap_or(0.0) * 100.0,
             text(&v["decision"]["action"]),
             text(&v["detected_at"]),
-            href = path_segment(v["id"].as_str().unwrap_or("")),
+            href = pct_encode(v["id"].as_str().unwrap_or("")),
             id = text(&v["id"]),
             st = if v["status"] == "firing" { "firing" } else { "resolved" },
         ));

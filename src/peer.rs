@@ -293,8 +293,9 @@ impl Peers {
     }
 }
 
-/// `s` as one URL path segment: unreserved characters kept, everything else percent-encoded.
-pub fn path_segment(s: &str) -> String {
+/// `s` as one URL path segment or query value: RFC 3986 unreserved characters kept, everything
+/// else percent-encoded.
+pub fn pct_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -344,9 +345,9 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_one_path_segment() {
-        assert_eq!(path_segment("inc-01_a.b~"), "inc-01_a.b~");
-        assert_eq!(path_segment("a/b c?é"), "a%2Fb%20c%3F%C3%A9");
+    fn ids_are_encoded_as_one_path_segment() {
+        assert_eq!(pct_encode("inc-01_a.b~"), "inc-01_a.b~");
+        assert_eq!(pct_encode("a/b c?é"), "a%2Fb%20c%3F%C3%A9");
     }
 
     #[tokio::test]

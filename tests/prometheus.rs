@@ -141,19 +141,6 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters (for query-string values).
-fn pct(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// A GET that reports connection failures instead of panicking. It speaks HTTP/1.0 so that Go's
 /// server answers with a plain body (no chunked transfer encoding) and closes the connection.
 async fn get(url: &str) -> Option<(u16, String)> {
@@ -446,7 +433,12 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
     // Every governance series is in the scrape, every label value included.
     let mut failures = Vec::new();
     for series in GOVERNANCE_SERIES {
-        match api(&format!("{prom}/api/v1/query?query={}", pct(series))).await {
+        match api(&format!(
+            "{prom}/api/v1/query?query={}",
+            guardrail::peer::pct_encode(series)
+        ))
+        .await
+        {
             Ok(d) if has_data(&d) => {}
             Ok(d) => failures.push(format!("{series} is not in the scrape: {d}")),
             Err(e) => failures.push(format!("querying {series} failed: {e}")),
@@ -480,7 +472,12 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
                 .unwrap_or(expr.trim());
             let q = substitute(core);
             checked += 1;
-            match api(&format!("{prom}/api/v1/query?query={}", pct(&q))).await {
+            match api(&format!(
+                "{prom}/api/v1/query?query={}",
+                guardrail::peer::pct_encode(&q)
+            ))
+            .await
+            {
                 Ok(d) if has_data(&d) => {}
                 Ok(d) => failures.push(format!(
                     "{file} / {title:?}: no data for `{expr}` (queried `{q}`): {d}"
@@ -503,7 +500,10 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
             };
             let (url, label) = match inner.rsplit_once(',') {
                 Some((sel, label)) => (
-                    format!("{prom}/api/v1/series?match[]={}", pct(sel.trim())),
+                    format!(
+                        "{prom}/api/v1/series?match[]={}",
+                        guardrail::peer::pct_encode(sel.trim())
+                    ),
                     label.trim().to_string(),
                 ),
                 None => (
