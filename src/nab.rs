@@ -70,10 +70,12 @@ impl Profile {
         a_fn: 1.0,
         probation_percent: 0.15,
     };
-    /// NAB's `reward_low_FN_rate` profile.
+    /// NAB's `reward_low_FN_rate` profile. Its false positives cost what the standard
+    /// profile's do (`fpWeight` 0.11 in NAB's `config/profiles.json`; NAB's own results files
+    /// charge 0.11 in their `S(t)_reward_low_FN_rate` column), not half of it.
     pub const LOW_FN: Profile = Profile {
         a_tp: 1.0,
-        a_fp: 0.055,
+        a_fp: 0.11,
         a_fn: 2.0,
         probation_percent: 0.15,
     };
@@ -788,6 +790,54 @@ mod tests {
         assert!(close(none.raw, -0.11));
         let n: CorpusScore = [none].iter().collect();
         assert!(n.normalised().is_none());
+    }
+
+    /// NAB's own scoring of Numenta HTM's detections, from the per-row `S(t)` columns of
+    /// `results/numenta/<family>/numenta_<file>.csv` in numenta/NAB (commit `3103b7d`): the
+    /// sums of each profile's column over the file, with the rows (file length, window rows,
+    /// the one row whose anomaly score passes HTM's thresholds) as in those files.
+    #[test]
+    fn reproduces_nab_own_scores_of_htm_detections() {
+        struct Case {
+            rows: i64,
+            windows: &'static [(i64, i64)],
+            detection: i64,
+            /// standard, reward_low_FP_rate, reward_low_FN_rate
+            nab: [f64; 3],
+        }
+        let cases = [
+            // realAdExchange/exchange-3_cpc_results.csv: two windows missed, the third found
+            // 28 rows in (score 0.608).
+            Case {
+                rows: 1538,
+                windows: &[(271, 321), (413, 463), (952, 1002)],
+                detection: 980,
+                nab: [-1.17886345046, -1.17886345046, -3.17886345046],
+            },
+            // realAWSCloudwatch/iio_us-east-1_i-a2eb1cd9_NetworkIn.csv: one false positive
+            // before both windows (score 0.653), both windows missed.
+            Case {
+                rows: 1243,
+                windows: &[(218, 280), (308, 370)],
+                detection: 204,
+                nab: [-2.11, -2.22, -4.11],
+            },
+        ];
+        for c in cases {
+            let ts: Vec<i64> = (0..c.rows).map(row).collect();
+            let wins: Vec<(i64, i64)> = c.windows.iter().map(|&(l, r)| (row(l), row(r))).collect();
+            for (p, want) in [Profile::STANDARD, Profile::LOW_FP, Profile::LOW_FN]
+                .into_iter()
+                .zip(c.nab)
+            {
+                let got = score_file(&ts, &wins, &[row(c.detection)], p).raw;
+                assert!(
+                    (got - want).abs() < 1e-9,
+                    "{} rows, profile {p:?}: {got} != NAB's {want}",
+                    c.rows
+                );
+            }
+        }
     }
 
     #[test]
