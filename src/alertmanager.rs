@@ -360,6 +360,15 @@ impl Mapper {
             ),
             ("incident_id", a.incident_id.clone()),
             ("series", series_label(&a.series)),
+            // One cause, one notification: receivers `group_by: [group_id]` (or change_id).
+            (
+                "change_id",
+                a.candidate_changes
+                    .first()
+                    .map(|c| c.change_id.clone())
+                    .unwrap_or_else(|| "none".into()),
+            ),
+            ("group_id", a.group_id.clone()),
         ] {
             l.insert(k.to_string(), v);
         }
@@ -729,12 +738,18 @@ mod tests {
             expected_low: 0.033,
             expected_high: 0.040,
             onset: "2026-11-22T14:00:00.000Z".into(),
+            onset_low: Some("2026-11-22T13:50:00.000Z".into()),
+            onset_high: Some("2026-11-22T14:05:00.000Z".into()),
+            group_id: "grp-1".into(),
             detected_at: "2026-11-22T14:25:00.000Z".into(),
             emitted_at: "2026-11-22T14:25:01.000Z".into(),
             candidate_changes: vec![Candidate {
                 change_id: "chg-0042".into(),
                 score: 0.9,
                 evidence: "applied 0 min before the onset, scope matches".into(),
+                reversal: false,
+                within_scope: true,
+                distance: 0,
             }],
             top_segments: vec![],
             url: "http://g/incidents/inc-1".into(),
@@ -775,6 +790,8 @@ mod tests {
         assert_eq!(l["dim_metric"], "x");
         assert_eq!(l["metric"], "conversion_rate");
         assert_eq!(l["series"], "app-version=3.1,country=FR,metric=x");
+        assert_eq!(l["change_id"], "chg-0042");
+        assert_eq!(l["group_id"], "grp-1");
         let a = m.annotations(&alert("firing"));
         assert!(a["summary"].contains("-15.0%"), "{}", a["summary"]);
         assert!(a["evidence"].starts_with("top candidate chg-0042"));

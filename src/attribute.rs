@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::config::{PolicyConfig, Tier};
 use crate::event::{fmt_time, Actor, Change, ChangeAction, Scope};
+use crate::onset::Onset;
 
 /// What the registry knows of one change.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -88,13 +89,64 @@ pub struct Candidate {
     pub change_id: String,
     pub score: f64,
     pub evidence: String,
+    /// The shift began when the change was rolled back (or superseded), not applied: the level
+    /// went back to what it was before it. Nothing is left to roll back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reversal: bool,
+    /// The series lies inside the change's audience ([`dims_within`]); false when it also
+    /// aggregates segments the change does not touch. guardrail acts alone only on the former.
+    #[serde(default, skip_serializing)]
+    pub within_scope: bool,
+    /// Windows between the change and the most likely onset: breaks ties of the score.
+    #[serde(default, skip_serializing)]
+    pub distance: i64,
 }
 
-/// Onset estimates are window-granular; a change applied within this many windows after the
-/// estimated onset still counts as before it.
+/// Onset estimates are window-granular; a change applied within this many windows after a
+/// point estimate of the onset (drifts, guards' incidents) still counts as before it.
 pub const ONSET_SLACK_WINDOWS: i64 = 1;
-/// Timing weight halves for every this many milliseconds between the change and the onset.
+/// Timing weight halves for every this many milliseconds between the change and a point onset.
 const TIMING_HALF_LIFE_MS: f64 = 6.0 * 3600.0 * 1000.0;
+/// A candidate's timing weight never falls below this (a change that fits the scope is still
+/// worth listing).
+const MIN_TIMING: f64 = 0.05;
+/// How long before the onset's set a change may have been applied and still be a (weak)
+/// candidate: a gradual rollout's steps.
+const ROLLOUT_ALLOWANCE_MS: i64 = 3 * 3600 * 1000;
+
+/// What is known of when an incident began.
+#[derive(Debug, Clone, Copy)]
+pub enum Timing<'a> {
+    /// A point estimate (drifts, guard findings): changes applied up to `lookback_ms` before
+    /// it, or one window (or the clock skew, if larger) after it, are candidates.
+    Point { onset_ms: i64 },
+    /// The likelihood of the onset over the series' history: a change is a candidate when its
+    /// time, widened by the clock skew, meets the onset set, and is ranked by how well "the
+    /// shift began at this change" explains the series.
+    Estimate(&'a Onset),
+}
+
+/// Where and when an incident happened, as attribution needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    pub dims: &'a [(String, String)],
+    /// The metric's fixed selector surface, if any.
+    pub surface: Option<&'a str>,
+    pub timing: Timing<'a>,
+    /// Best onset (ms): changes ended before it are not in force.
+    pub onset_ms: i64,
+    pub window_ms: i64,
+    pub lookback_ms: i64,
+    /// How far change sources' clocks may run early or late.
+    pub skew_ms: i64,
+}
+
+/// How a change's time fits the incident's onset.
+struct Fit {
+    weight: f64,
+    text: String,
+    distance: i64,
+}
 
 impl Registry {
     /// Applies a change record; returns the state after it.
@@ -158,79 +210,178 @@ impl Registry {
         self.changes.is_empty()
     }
 
-    /// Ranks the changes that could explain an incident on a series with dimensions `dims`
-    /// (the metric's fixed selector surface, if any, is passed in `surface`), whose onset is
-    /// `onset_ms`. Best first.
-    pub fn candidates(
-        &self,
-        dims: &[(String, String)],
-        surface: Option<&str>,
-        onset_ms: i64,
-        window_ms: i64,
-        lookback_ms: i64,
-    ) -> Vec<Candidate> {
+    /// Ranks the changes that could explain an incident, best first: scope coverage times the
+    /// timing fit (see [`Timing`]) of the change's application or, once it ended, of its
+    /// rollback (a reversal).
+    pub fn candidates(&self, q: &Query<'_>) -> Vec<Candidate> {
         let mut out: Vec<Candidate> = Vec::new();
         for st in self.changes.values() {
             let Some(applied) = st.applied_ms else {
                 continue;
             };
-            if applied > onset_ms + ONSET_SLACK_WINDOWS * window_ms {
-                continue;
-            }
-            if onset_ms - applied > lookback_ms {
-                continue;
-            }
-            // Rolled back or superseded before the onset: not in force when things went wrong.
-            if [st.rolled_back_ms, st.superseded_ms]
-                .iter()
-                .flatten()
-                .any(|e| *e <= onset_ms)
-            {
-                continue;
-            }
-            let cov = coverage(&st.scope, dims, surface);
+            let cov = coverage(&st.scope, q.dims, q.surface);
             if cov == Coverage::None {
                 continue;
             }
-            let gap = (onset_ms - applied).max(0) as f64;
-            let timing = 0.5f64.powf(gap / TIMING_HALF_LIFE_MS).max(0.05);
-            let score = (cov.weight() * timing * 1000.0).round() / 1000.0;
-            let rel = if applied <= onset_ms {
-                format!("{} before the onset", human_duration(onset_ms - applied))
-            } else {
-                format!(
-                    "{} after the estimated onset (within one window)",
-                    human_duration(applied - onset_ms)
-                )
+            let ended = [st.rolled_back_ms, st.superseded_ms]
+                .into_iter()
+                .flatten()
+                .min();
+            // Ended before the onset: not in force when things went wrong, but its end may be
+            // what moved the level.
+            let over = ended.is_some_and(|e| e + q.skew_ms <= q.onset_ms);
+            let mut fit = if over { None } else { timing_fit(q, applied) };
+            let mut reversal = false;
+            if let (None, Some(e)) = (&fit, ended) {
+                if let Some(f) =
+                    timing_fit(q, e).filter(|_| !matches!(q.timing, Timing::Point { .. }))
+                {
+                    fit = Some(f);
+                    reversal = true;
+                }
+            }
+            if fit.is_none() && !over {
+                fit = rollout_fit(q, applied);
+            }
+            let Some(fit) = fit else {
+                continue;
             };
+            let score = (cov.weight() * fit.weight * 1000.0).round() / 1000.0;
             let cov_text = match cov {
-                Coverage::Exact => "scope covers this segment exactly".to_string(),
-                Coverage::Everything => "scope is everything".to_string(),
-                Coverage::Partial => "this series covers the scope and more".to_string(),
+                Coverage::Exact => "scope covers this segment exactly",
+                Coverage::Everything => "scope is everything",
+                Coverage::Partial => "this series covers the scope and more",
                 Coverage::None => unreachable!(),
+            };
+            let what = if reversal {
+                format!(
+                    "rolled back {} (the level moved when it was undone; nothing left to roll back)",
+                    fmt_time(ended.unwrap_or(applied))
+                )
+            } else {
+                format!("applied {}", fmt_time(applied))
             };
             out.push(Candidate {
                 change_id: st.change_id.clone(),
                 score,
                 evidence: format!(
-                    "{} change by {} {} applied {} ({}), {}{}",
+                    "{} change by {} {} {} ({}), {} (weight {:.1}){}",
                     st.kind.as_deref().unwrap_or("unspecified"),
                     st.actor.kind,
                     st.actor.name,
-                    fmt_time(applied),
-                    rel,
+                    what,
+                    fit.text,
                     cov_text,
+                    cov.weight(),
                     scope_text(&st.scope)
                 ),
+                reversal,
+                within_scope: dims_within(&st.scope, q.dims),
+                distance: fit.distance,
             });
         }
-        out.sort_by(|a, b| {
-            b.score
-                .partial_cmp(&a.score)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then_with(|| a.change_id.cmp(&b.change_id))
-        });
+        rank(&mut out);
         out
+    }
+}
+
+/// Best first: by score, then the change nearest the most likely onset, then by id.
+pub fn rank(c: &mut [Candidate]) {
+    c.sort_by(|a, b| {
+        b.score
+            .partial_cmp(&a.score)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.distance.cmp(&b.distance))
+            .then_with(|| a.change_id.cmp(&b.change_id))
+    });
+}
+
+/// A change applied before the onset's set, within [`ROLLOUT_ALLOWANCE_MS`] of it: a gradual
+/// rollout moves the level by steps well after its change was applied, so it stays a (weak)
+/// candidate, weighted by the likelihood of the shift starting at its time, at least
+/// [`MIN_TIMING`]; a holdout comparison can still make it the best (see the engine's
+/// `weigh_candidates`).
+fn rollout_fit(q: &Query<'_>, applied: i64) -> Option<Fit> {
+    let Timing::Estimate(o) = q.timing else {
+        return None;
+    };
+    let wm = q.window_ms.max(1);
+    let wa = applied.div_euclid(wm);
+    let gap = (o.low_window - wa) * wm;
+    if gap <= 0 || gap > ROLLOUT_ALLOWANCE_MS {
+        return None;
+    }
+    let lr = o.fit_in(wa, wa + 1).unwrap_or(0.0);
+    Some(Fit {
+        weight: lr.max(MIN_TIMING),
+        distance: o.window - wa,
+        text: format!(
+            "{} before the onset's {:.0}% set {}..{}: only a gradual rollout's later step fits",
+            human_duration(gap),
+            crate::onset::COVERAGE * 100.0,
+            fmt_time(o.low_window * wm),
+            fmt_time(o.high_window * wm)
+        ),
+    })
+}
+
+/// How well a change applied at `applied` fits the incident's timing; None when it cannot
+/// have caused it.
+fn timing_fit(q: &Query<'_>, applied: i64) -> Option<Fit> {
+    match q.timing {
+        Timing::Point { onset_ms } => {
+            let slack = (ONSET_SLACK_WINDOWS * q.window_ms).max(q.skew_ms);
+            if applied > onset_ms + slack || onset_ms - applied > q.lookback_ms {
+                return None;
+            }
+            let gap = (onset_ms - applied).max(0) as f64;
+            let weight = 0.5f64.powf(gap / TIMING_HALF_LIFE_MS).max(MIN_TIMING);
+            let text = if applied <= onset_ms {
+                format!("{} before the onset", human_duration(onset_ms - applied))
+            } else {
+                format!(
+                    "{} after the estimated onset (within the slack)",
+                    human_duration(applied - onset_ms)
+                )
+            };
+            let distance = (onset_ms - applied).abs() / q.window_ms.max(1);
+            Some(Fit {
+                weight,
+                text,
+                distance,
+            })
+        }
+        Timing::Estimate(o) => {
+            let wm = q.window_ms.max(1);
+            let skew_w = (q.skew_ms + wm - 1) / wm;
+            let wa = applied.div_euclid(wm);
+            // A change inside window `wa` shows fully from the next window on.
+            let (from, to) = (wa - skew_w, wa + 1 + skew_w);
+            if to < o.low_window || from > o.high_window {
+                return None;
+            }
+            let lr = o.fit_in(from, to).unwrap_or(1.0);
+            let weight = lr.max(MIN_TIMING);
+            let rel = if o.window >= wa {
+                format!("{} before", human_duration((o.window - wa) * wm))
+            } else {
+                format!("{} after", human_duration((wa - o.window) * wm))
+            };
+            Some(Fit {
+                weight,
+                distance: (o.window - wa).abs(),
+                text: format!(
+                    "{rel} the most likely onset {}, inside its {:.0}% set {}..{} widened by the clock skew; \
+                     likelihood of the shift starting at this change (averaged over the clock \
+                     skew) {:.2} of the best",
+                    fmt_time(o.window * wm),
+                    crate::onset::COVERAGE * 100.0,
+                    fmt_time(o.low_window * wm),
+                    fmt_time(o.high_window * wm),
+                    lr
+                ),
+            })
+        }
     }
 }
 
@@ -248,6 +399,20 @@ fn scope_text(s: &Scope) -> String {
         }
     }
     format!(" [{}]", parts.join(" "))
+}
+
+/// Every dimension the scope names is one of the series' own, with a value in the scope: the
+/// series lies inside the change's audience (a metric not split by surface still does, for a
+/// change on one surface; the total does not, for a change to one country).
+pub fn dims_within(scope: &Scope, dims: &[(String, String)]) -> bool {
+    scope
+        .dims
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .all(|(k, vals)| {
+            dims.iter()
+                .any(|(n, v)| n == k && vals.iter().any(|s| s == v))
+        })
 }
 
 /// How `scope` relates to a series with these dimension values.
@@ -312,11 +477,81 @@ mod tests {
         r
     }
 
+    fn point<'a>(
+        dims: &'a [(String, String)],
+        surface: Option<&'a str>,
+        onset_ms: i64,
+    ) -> Query<'a> {
+        Query {
+            dims,
+            surface,
+            timing: Timing::Point { onset_ms },
+            onset_ms,
+            window_ms: 300_000,
+            lookback_ms: 86_400_000,
+            skew_ms: 0,
+        }
+    }
+
+    /// Two changes on the same segment, 40 minutes apart: the onset's likelihood picks the one
+    /// applied when the shift began, and the other is listed below it, or not at all when its
+    /// time does not meet the onset set.
+    #[test]
+    fn the_change_that_fits_the_onset_wins() {
+        use crate::onset::{estimate, Model, Span, Suff};
+        let mut r = Registry::default();
+        let w = 300_000i64;
+        for (id, at) in [
+            ("early", 100 * w),
+            ("harmful", 108 * w + 60_000),
+            ("late", 130 * w),
+        ] {
+            let c = format!(
+                r#"{{"change_id":"{id}","ts":{at},"action":"applied","actor":{{"kind":"agent","name":"a"}},"scope":{{"dims":{{"country":["FR"]}}}}}}"#
+            );
+            r.apply(&decode_change(c.as_bytes(), 10000).unwrap());
+        }
+        // 2 expected events per window, halved from window 109.
+        let spans: Vec<Span> = (80..125)
+            .map(|k| Span {
+                first_window: k,
+                windows: 1,
+                stat: Suff {
+                    x: if k >= 109 { 1.0 } else { 2.0 },
+                    e: 2.0,
+                },
+            })
+            .collect();
+        let o = estimate(
+            &spans,
+            Model::Rate { scale: 1.0 },
+            crate::detect::Side::Down,
+            0.95,
+        )
+        .unwrap();
+        let dims = vec![("country".to_string(), "FR".to_string())];
+        let q = Query {
+            dims: &dims,
+            surface: None,
+            timing: Timing::Estimate(&o),
+            onset_ms: o.window * w,
+            window_ms: w,
+            lookback_ms: 7 * 86_400_000,
+            skew_ms: 300_000,
+        };
+        let c = r.candidates(&q);
+        assert_eq!(c[0].change_id, "harmful", "{c:?}");
+        assert!(c.iter().all(|c| c.change_id != "late"), "{c:?}");
+        if let Some(e) = c.iter().find(|c| c.change_id == "early") {
+            assert!(e.score < c[0].score / 2.0, "{c:?}");
+        }
+    }
+
     #[test]
     fn ranks_by_scope_and_timing() {
         let r = reg();
         let dims = vec![("country".to_string(), "FR".to_string())];
-        let c = r.candidates(&dims, Some("checkout"), 1_300_000, 300_000, 86_400_000);
+        let c = r.candidates(&point(&dims, Some("checkout"), 1_300_000));
         let ids: Vec<_> = c.iter().map(|c| c.change_id.as_str()).collect();
         // chg-3 is scoped to DE: excluded; chg-4 came after the onset: excluded.
         assert_eq!(ids, vec!["chg-1", "chg-2"]);
@@ -337,7 +572,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let c = r.candidates(&[], None, 1_300_000, 300_000, 86_400_000);
+        let c = r.candidates(&point(&[], None, 1_300_000));
         assert!(c.iter().all(|c| c.change_id != "chg-1"));
         assert!(!r.get("chg-1").unwrap().in_force_at(1_200_000));
         assert!(r.get("chg-1").unwrap().in_force_at(1_050_000));

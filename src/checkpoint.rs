@@ -24,7 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub const MAGIC: [u8; 8] = *b"GRDCKPT\0";
 /// Bumped whenever the payload's shape changes: an older file is reported, not misread.
-pub const FORMAT_VERSION: u16 = 6;
+pub const FORMAT_VERSION: u16 = 7;
 const HEADER_LEN: usize = 8 + 2 + 8 + 8 + 8 + 4;
 /// The file name inside the state directory.
 pub const FILE_NAME: &str = "engine.ckpt";

@@ -76,6 +76,8 @@ pub struct Config {
     #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(default)]
+    pub attribution: AttributionConfig,
+    #[serde(default)]
     pub alertmanager: AlertmanagerConfig,
     /// Change guards: watches opened when a change is applied, treatment/holdout tests,
     /// variation sprawl and customer pressure.
@@ -298,6 +300,32 @@ impl Default for HttpConfig {
     }
 }
 
+/// How incidents are blamed on changes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttributionConfig {
+    /// How far the clocks of change sources may run early or late: a change applied this much
+    /// before or after the onset's confidence set is still a candidate.
+    pub clock_skew_secs: u64,
+    /// guardrail acts on its own (autonomous, supervised) only when the top candidate's score
+    /// is at least this many times the runner-up's; closer calls go to a human.
+    pub min_score_ratio: f64,
+    /// ... and only when the top candidate's score reaches this: scope weight (1 exact, 0.7
+    /// everything) times the likelihood of the shift starting at the change, times the
+    /// holdout's likelihood ratio where there is one.
+    pub min_score_to_act: f64,
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        Self {
+            clock_skew_secs: 300,
+            min_score_ratio: 2.0,
+            min_score_to_act: 0.3,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
@@ -381,7 +409,7 @@ impl Default for DetectionDefaults {
             false_alarms_per_series_week: 0.01,
             min_relative_effect: 0.05,
             min_effect_sd: 0.05,
-            min_volume_per_window: 20.0,
+            min_volume_per_window: 0.0,
             min_expected_events: 10.0,
             warmup_windows: 144,
             seasonality: Seasonality::HourOfDay,
@@ -838,6 +866,28 @@ impl Config {
                     "must divide a day evenly so windows align with seasonal buckets, got {}",
                     e.window_secs
                 ),
+            ));
+        }
+        let a = &self.attribution;
+        if a.clock_skew_secs > 3600 {
+            errs.push(at(
+                find_key(text, "clock_skew_secs").unwrap_or(top),
+                "attribution.clock_skew_secs".into(),
+                format!("must be at most 3600, got {}", a.clock_skew_secs),
+            ));
+        }
+        if !(a.min_score_ratio >= 1.0 && a.min_score_ratio <= 1000.0) {
+            errs.push(at(
+                find_key(text, "min_score_ratio").unwrap_or(top),
+                "attribution.min_score_ratio".into(),
+                format!("must be between 1 and 1000, got {}", a.min_score_ratio),
+            ));
+        }
+        if !(a.min_score_to_act >= 0.0 && a.min_score_to_act <= 100.0) {
+            errs.push(at(
+                find_key(text, "min_score_to_act").unwrap_or(top),
+                "attribution.min_score_to_act".into(),
+                format!("must be between 0 and 100, got {}", a.min_score_to_act),
             ));
         }
         let st = &self.state;

@@ -92,6 +92,8 @@ pub struct DemoOutcome {
     pub rollback_confirmed: bool,
     pub incidents_fired: usize,
     pub incidents_resolved: usize,
+    /// Distinct `group_id`s among the firing alerts: pages, with `group_by: [group_id]`.
+    pub groups: usize,
     pub wall_secs: f64,
     pub http_addr: String,
 }
@@ -106,6 +108,7 @@ impl DemoOutcome {
             && self.rollback_confirmed
             && self.incidents_fired > 0
             && self.incidents_resolved == self.incidents_fired
+            && self.groups == 1
     }
 }
 
@@ -387,6 +390,7 @@ pub async fn run(
                 ))
             })
             .collect();
+        let mut groups = std::collections::BTreeSet::new();
         for r in recs.iter() {
             let v = &r.value;
             if r.topic == topics.alerts {
@@ -395,6 +399,7 @@ pub async fn run(
                 let metric = v["metric"].as_str().unwrap_or("");
                 if status == "firing" {
                     outcome.incidents_fired += 1;
+                    groups.insert(v["group_id"].as_str().unwrap_or("").to_string());
                     let t = parse_time_str(v["detected_at"].as_str().unwrap_or("")).unwrap_or(0);
                     let onset = parse_time_str(v["onset"].as_str().unwrap_or("")).unwrap_or(0);
                     let top = v["candidate_changes"].get(0);
@@ -410,7 +415,7 @@ pub async fn run(
                     lines.push((
                         t,
                         format!(
-                            "FIRING  [{}] {metric}{{{series}}} {}: observed {:.4} vs expected {:.4} ({:+.1}%), 99% band [{:.4}, {:.4}]\n        onset {} (estimated), detected {} after the change, {} windows / {:.0} events after onset\n        top candidate: {} (score {})  {}\n        top segments: {}\n        decision: {} - {}\n        {}",
+                            "FIRING  [{}] {metric}{{{series}}} {}: observed {:.4} vs expected {:.4} ({:+.1}%), 99% band [{:.4}, {:.4}]\n        onset {} (estimated; 95% set {}), group {}, detected {} after the change, {} windows / {:.0} events after onset\n        top candidate: {} (score {})  {}\n        top segments: {}\n        decision: {} - {}\n        {}",
                             v["severity"].as_str().unwrap_or(""),
                             v["kind"].as_str().unwrap_or(""),
                             v["observed"].as_f64().unwrap_or(0.0),
@@ -419,6 +424,8 @@ pub async fn run(
                             v["expected_low"].as_f64().unwrap_or(0.0),
                             v["expected_high"].as_f64().unwrap_or(0.0),
                             hhmm(onset),
+                            onset_set(v),
+                            v["group_id"].as_str().unwrap_or("-"),
                             crate::attribute::human_duration(t - change_ms),
                             dw,
                             de,
@@ -482,6 +489,7 @@ pub async fn run(
                 ));
             }
         }
+        outcome.groups = groups.len();
         let audits = recs.iter().filter(|r| r.topic == topics.audit).count();
         lines.sort_by_key(|(t, _)| *t);
         writeln!(out, "timeline (simulated event time, UTC):")?;
@@ -499,7 +507,7 @@ pub async fn run(
     if outcome.story_holds() {
         writeln!(
             out,
-            "\nstory holds: detected, named {CHANGE_ID}, rollback requested (signed), confirmed, all {} incident(s) resolved",
+            "\nstory holds: detected, named {CHANGE_ID}, rollback requested (signed), confirmed, all {} incident(s) resolved; one cause, one group: one page",
             outcome.incidents_fired
         )?;
     } else {
@@ -558,6 +566,15 @@ fn tally_fact(before: &sim::Tally, after: &sim::Tally) -> String {
         r(before.tickets, before.sessions),
         r(after.tickets, after.sessions),
     )
+}
+
+/// `13:55 to 14:05`, the onset's confidence set of an alert.
+fn onset_set(v: &Value) -> String {
+    let at = |k: &str| parse_time_str(v[k].as_str().unwrap_or("")).map(hhmm);
+    match (at("onset_low"), at("onset_high")) {
+        (Some(a), Some(b)) => format!("{a} to {b}"),
+        _ => "-".into(),
+    }
 }
 
 fn incident_counts(recs: &[Record]) -> (usize, usize) {

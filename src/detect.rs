@@ -101,6 +101,8 @@ pub struct Alarm {
     /// The effect size (relative, or in per-event sd for means) of the CUSUM that fired.
     pub tuned_effect: f64,
     pub statistic: f64,
+    /// A one-window finding (a gauge's row extreme): its onset is its window, not estimated.
+    pub single_window: bool,
 }
 
 /// The CUSUM bank of one series.
@@ -267,6 +269,7 @@ impl Detector {
                 sum_den: a.sn,
                 tuned_effect: self.grid(j),
                 statistic: stat,
+                single_window: false,
             }
         });
         Step {
@@ -278,6 +281,17 @@ impl Detector {
 
     pub fn reset(&mut self) {
         self.arms.fill([Arm::default(); GRID]);
+    }
+
+    /// Window where the oldest evidence still building began: the earliest start of an arm
+    /// above zero. The onset of a later alarm lies after it, or close.
+    pub fn evidence_since(&self) -> Option<i64> {
+        self.arms
+            .iter()
+            .flatten()
+            .filter(|a| a.s > 0.0)
+            .map(|a| a.start)
+            .min()
     }
 }
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 use siphasher::sip::SipHasher13;
 use statrs::distribution::{ContinuousCDF, Normal};
 
-use crate::attribute::{human_duration, Candidate, Registry};
+use crate::attribute::{human_duration, Candidate, Query, Registry, Timing};
 use crate::baseline::{Baseline, Expect, Family, Obs};
 use crate::config::{
     Config, DetectionDefaults, Direction, MetricConfig, MetricKind, Selector, Tier, TOP_LEVEL_DIMS,
@@ -25,6 +25,7 @@ use crate::event::{
     decode_change, decode_event, fmt_time, Actor, Change, ChangeAction, ErrorCode, Event, Reject,
 };
 use crate::guard::{Guards, Pressure, Sprawl};
+use crate::onset::{Coarse, Model, Onset, Span, Suff};
 use crate::policy::{self, Decision, DecisionAction};
 use crate::sink::{
     stable_id, Alert, AuditRecord, Output, RollbackData, RollbackMetric, RollbackRequest,
@@ -218,6 +219,10 @@ pub struct Series {
     pub trend: crate::trend::Trend,
     /// Gauge metrics: the fit of their windows' row extremes (`extreme.rs`).
     extremes: Option<Box<crate::extreme::Extremes>>,
+    /// Hourly sums of the windows that left `hist` while the detector's evidence reaches back
+    /// beyond it (sparse series take hours to detect): the onset is searched there too. None
+    /// the rest of the time, so a quiet series pays 8 bytes for it.
+    coarse: Option<Box<Coarse>>,
 }
 
 impl Series {
@@ -313,6 +318,12 @@ pub struct Incident {
     /// The change's target metric improved while this one worsened.
     pub local_gain_global_loss: Option<serde_json::Value>,
     pub onset_ms: i64,
+    /// The onset's confidence set (window starts, inclusive), for drops, spikes and shifts.
+    pub onset_low_ms: Option<i64>,
+    pub onset_high_ms: Option<i64>,
+    /// Incidents with one cause share it: the same top candidate change, or without one, an
+    /// overlapping onset set on nested series.
+    pub group_id: String,
     pub detected_ms: i64,
     pub resolved_ms: Option<i64>,
     pub resolution: Option<String>,
@@ -377,6 +388,9 @@ impl Incident {
             evidence: None,
             local_gain_global_loss: None,
             onset_ms: h.onset_ms,
+            onset_low_ms: None,
+            onset_high_ms: None,
+            group_id: String::new(),
             detected_ms: h.detected_ms,
             resolved_ms: None,
             resolution: None,
@@ -1425,6 +1439,7 @@ impl Engine {
                 }
             }
             s.volume = 0.9 * s.volume + 0.1 * volume as f32;
+            keep_coarse(s, m.family, w);
             let hi = w.rem_euclid(HISTORY as i64) as usize;
             s.hist[hi] = HistEntry {
                 num: obs.num as f32,
@@ -1509,7 +1524,9 @@ impl Engine {
                 let warm = s.baseline.learnt() >= m.det.warmup_windows;
                 learn = true;
                 if let (Some(e), true) = (e, warm) {
-                    if volume >= m.det.min_volume_per_window {
+                    // Every window with volume is tested: a thin window's likelihood ratio is
+                    // small by itself, so sparse series accumulate evidence across windows.
+                    if volume >= m.det.min_volume_per_window && obs.den > 0.0 {
                         let st = s.detector.step(w, &obs, &e);
                         score = st.score;
                         if let Some(a) = st.alarm {
@@ -1673,6 +1690,54 @@ impl Engine {
             .collect()
     }
 
+    /// The onset of an alarm on series `si` at window `w`: profile likelihood over the coarse
+    /// and per-window history since the series last left an incident.
+    fn estimate_onset(&self, si: usize, w: i64, a: &Alarm, e: &Expect) -> Option<Onset> {
+        let s = &self.series[si];
+        let m = &self.schema.metrics[s.metric];
+        let from = s.first_window.max(s.learn_from);
+        let fine_from = (w - HISTORY as i64 + 1).max(from);
+        let mut spans = match &s.coarse {
+            Some(c) if c.next_window() == fine_from => c.spans(from),
+            _ => Vec::new(),
+        };
+        for k in fine_from..=w {
+            if let Some(h) = s.hist_at(k, w) {
+                spans.push(Span {
+                    first_window: k,
+                    windows: 1,
+                    stat: suff_of(m.family, &h).unwrap_or_default(),
+                });
+            }
+        }
+        let model = match m.family {
+            Family::Gaussian => Model::Mean { scale: 1.0 },
+            Family::Binomial => Model::Rate {
+                scale: e.phi * (1.0 - e.rate).max(1e-6),
+            },
+            Family::Poisson => Model::Rate { scale: e.phi },
+        };
+        crate::onset::estimate(&spans, model, a.side, crate::onset::COVERAGE)
+    }
+
+    /// Candidates for an incident known by a point onset (drifts, guard findings).
+    pub(super) fn point_candidates(
+        &self,
+        dims: &[(String, String)],
+        surface: Option<&str>,
+        onset_ms: i64,
+    ) -> Vec<Candidate> {
+        self.registry.candidates(&Query {
+            dims,
+            surface,
+            timing: Timing::Point { onset_ms },
+            onset_ms,
+            window_ms: self.schema.window_ms,
+            lookback_ms: self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+            skew_ms: self.cfg.attribution.clock_skew_secs as i64 * 1000,
+        })
+    }
+
     /// A blank incident on series `si`, owned by its metric's owner.
     fn series_incident(
         &self,
@@ -1719,9 +1784,13 @@ impl Engine {
 
     fn open_incident(&mut self, si: usize, w: i64, a: Alarm, e: Expect) {
         let wm = self.schema.window_ms;
+        let onset = (!a.single_window)
+            .then(|| self.estimate_onset(si, w, &a, &e))
+            .flatten();
         let s = &self.series[si];
         let m = &self.schema.metrics[s.metric];
-        let onset_ms = a.onset_window * wm;
+        let onset_window = onset.as_ref().map_or(a.onset_window, |o| o.window);
+        let onset_ms = onset_window * wm;
         let detected_ms = (w + 1) * wm;
         let id = stable_id("inc-", &[m.name(), &s.label, &onset_ms.to_string()]);
         if self.incident_ids.contains_key(&id) {
@@ -1760,16 +1829,22 @@ impl Engine {
             kind
         };
         let surface = m.cfg.numerator.surface.clone();
-        let mut candidates = self.registry.candidates(
-            &s.dims,
-            surface.as_deref(),
+        let timing = match &onset {
+            Some(o) => Timing::Estimate(o),
+            None => Timing::Point { onset_ms },
+        };
+        let mut candidates = self.registry.candidates(&Query {
+            dims: &s.dims,
+            surface: surface.as_deref(),
+            timing,
             onset_ms,
-            wm,
-            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
-        );
-        let comparison = self.weigh_candidates(&mut candidates, s.metric);
-        let top_segments = self.top_segments(si, a.onset_window, w);
-        let delay_events: f64 = (a.onset_window..=w)
+            window_ms: wm,
+            lookback_ms: self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+            skew_ms: self.cfg.attribution.clock_skew_secs as i64 * 1000,
+        });
+        let comparison = self.weigh_candidates(&mut candidates, s.metric, observed - expected);
+        let top_segments = self.top_segments(si, onset_window, w);
+        let delay_events: f64 = (onset_window..=w)
             .filter_map(|x| s.hist_at(x, w))
             .map(|h| {
                 if m.per_window {
@@ -1797,7 +1872,13 @@ impl Engine {
         inc.expected_high = expected + self.schema.z99 * sd;
         inc.effect = round3(effect);
         inc.score = round3(a.statistic);
-        inc.delay_windows = w - a.onset_window + 1;
+        inc.delay_windows = w - onset_window + 1;
+        let (onset_low, onset_high) = match &onset {
+            Some(o) => (o.low_window, o.high_window),
+            None => (onset_window, onset_window),
+        };
+        inc.onset_low_ms = Some(onset_low * wm);
+        inc.onset_high_ms = Some(onset_high * wm);
         inc.delay_events = delay_events;
         inc.candidates = candidates;
         inc.top_segments = top_segments;
@@ -1809,6 +1890,10 @@ impl Engine {
             "expected_low": inc.expected_low, "expected_high": inc.expected_high,
             "effect": inc.effect, "effect_ci95": [round3(effect - rel_half), round3(effect + rel_half)],
             "onset": fmt_time(onset_ms), "detected_at": fmt_time(detected_ms),
+            "onset_set": {"low": fmt_time(onset_low * wm), "high": fmt_time(onset_high * wm),
+                "coverage": crate::onset::COVERAGE,
+                "searched_from": onset.as_ref().and_then(|o| o.searched_from()).map(|x| fmt_time(x * wm)),
+                "method": if onset.is_some() { "profile likelihood over the history" } else { "the window that fired" }},
             "delay_windows": inc.delay_windows, "delay_events": inc.delay_events,
             "family": format!("{:?}", m.family).to_lowercase(),
             "statistic_over_threshold": inc.score, "threshold": s.detector.h,
@@ -1968,6 +2053,9 @@ impl Engine {
             expected_low: finite(lo),
             expected_high: finite(hi),
             onset: fmt_time(inc.onset_ms),
+            onset_low: inc.onset_low_ms.map(fmt_time),
+            onset_high: inc.onset_high_ms.map(fmt_time),
+            group_id: inc.group_id.clone(),
             detected_at: fmt_time(inc.detected_ms),
             emitted_at: fmt_time(crate::event::now_ms()),
             candidate_changes: inc.candidates.clone(),
@@ -2254,7 +2342,51 @@ fn extreme_alarm(
         tuned_effect: a.z,
         // 1 at the threshold, as the CUSUM's score.
         statistic: a.p.max(1e-300).ln() / alpha.ln(),
+        single_window: true,
     })
+}
+
+/// The onset's sufficient statistics of one closed window (None without a forecast).
+fn suff_of(family: Family, h: &HistPoint) -> Option<Suff> {
+    if h.exp.is_nan() || h.den <= 0.0 {
+        return None;
+    }
+    match family {
+        Family::Gaussian => {
+            let v = (h.sd as f64).powi(2);
+            if !(v > 0.0 && v.is_finite()) {
+                return None;
+            }
+            let d = (h.num / h.den) as f64 - h.exp as f64;
+            Some(Suff {
+                x: (d / v) as f32,
+                e: (1.0 / v) as f32,
+            })
+        }
+        _ => Some(Suff {
+            x: h.num,
+            e: h.exp * h.den,
+        }),
+    }
+}
+
+/// Before window `w` overwrites the oldest window of a series' history: folds that window into
+/// the coarse history while the detector's evidence reaches back to it, and drops the coarse
+/// history once no evidence does.
+fn keep_coarse(s: &mut Series, family: Family, w: i64) {
+    let evicted = w - HISTORY as i64;
+    if evicted < s.first_window || evicted < s.learn_from {
+        return;
+    }
+    match s.detector.evidence_since() {
+        Some(since) if since <= evicted => {
+            let suff = s.hist_at(evicted, w - 1).and_then(|h| suff_of(family, &h));
+            s.coarse
+                .get_or_insert_with(|| Box::new(Coarse::new(evicted)))
+                .push(evicted, suff);
+        }
+        _ => s.coarse = None,
+    }
 }
 
 /// Whether a metric's series keep the sums of squares of their windows: the baseline of a mean
@@ -2323,6 +2455,7 @@ fn make_series(
             m.det.false_alarms_per_series_week,
         ),
         extremes: (m.cfg.kind == MetricKind::Gauge).then(Box::default),
+        coarse: None,
     }
 }
 
@@ -2682,12 +2815,13 @@ dims = ["k"]
     #[test]
     fn a_veto_window_ends_on_the_wall_clock_when_input_stops() {
         let mut e = engine(COUNT_X);
+        let wm = 300_000;
+        // Applied as the spike's window begins: the onset's likelihood names it.
         let c = format!(
             r#"{{"change_id":"c","ts":{},"action":"applied","actor":{{"kind":"agent","name":"a"}},"tier":"supervised"}}"#,
-            T0
+            T0 + 30 * wm
         );
-        e.process_change(c.as_bytes()).unwrap();
-        let wm = 300_000;
+        e.schedule_changes(vec![decode_change(c.as_bytes(), 4096).unwrap()]);
         // 30 calm windows of 100 events, then a window of 400: a spike, blamed on `c`.
         let mut wall = 0;
         for w in 0..32i64 {

@@ -9,6 +9,8 @@
 //! - [`window`]    tumbling event-time windows per series, closed by the watermark.
 //! - [`baseline`]  seasonal, outlier-robust online baselines, frozen during incidents.
 //! - [`detect`]    calibrated sequential detectors (binomial, Poisson with exposure, Gaussian).
+//! - [`onset`]     where a detected shift began: profile likelihood over the history, with
+//!   its confidence set.
 //! - [`guard`]     watches on applied changes (treatment vs holdout, SRM), variation sprawl,
 //!   customer pressure; [`seqtest`] their always-valid sequential tests.
 //! - [`trend`]     slow drifts: daily levels against a long reference, CUSUM in days.
@@ -55,6 +57,7 @@ pub mod event;
 pub mod extreme;
 pub mod guard;
 pub mod nab;
+pub mod onset;
 pub mod peer;
 pub mod policy;
 pub mod repartition;

@@ -269,6 +269,66 @@ pub fn decide(
     }
 }
 
+/// guardrail does not act on its own, it asks a human whatever the tier, on a weak top
+/// candidate (score under `min_score_to_act`), on a close call
+/// between the top candidate and the runner-up (its score within a factor `min_ratio`), or
+/// when the series that moved is wider than the top candidate's scope (the total, for a change
+/// to one country: the change's own segments decide). The decision keeps the top candidate,
+/// so a person can approve its rollback.
+pub fn close_call(
+    d: &mut Decision,
+    top: &Candidate,
+    runner_up: Option<&Candidate>,
+    cfg: &crate::config::AttributionConfig,
+    escalate_at_ms: i64,
+) {
+    let min_ratio = cfg.min_score_ratio;
+    let automatic = matches!(
+        d.action,
+        DecisionAction::RollbackRequested | DecisionAction::AwaitingVetoWindow
+    );
+    if !automatic {
+        return;
+    }
+    if !top.within_scope {
+        d.action = DecisionAction::NeedsHumanDecision;
+        d.reason = format!(
+            "this series also aggregates segments outside {}'s scope, so its shift alone does not show the change's harm; guardrail acts alone only on a series inside the scope: a person decides (escalates at {})",
+            top.change_id,
+            fmt_time(escalate_at_ms)
+        );
+        d.set_deadline(Some(escalate_at_ms));
+        return;
+    }
+    if top.score < cfg.min_score_to_act {
+        d.action = DecisionAction::NeedsHumanDecision;
+        d.reason = format!(
+            "{} is the best candidate but a weak one (score {:.2}, under the {:.2} needed to act alone): a person decides (escalates at {})",
+            top.change_id,
+            top.score,
+            cfg.min_score_to_act,
+            fmt_time(escalate_at_ms)
+        );
+        d.set_deadline(Some(escalate_at_ms));
+        return;
+    }
+    let Some(second) = runner_up else { return };
+    if top.score >= min_ratio * second.score {
+        return;
+    }
+    d.action = DecisionAction::NeedsHumanDecision;
+    d.reason = format!(
+        "{} and {} explain the shift about equally well (scores {:.2} and {:.2}, under the {:.1}x needed to act alone): a person decides (escalates at {})",
+        top.change_id,
+        second.change_id,
+        top.score,
+        second.score,
+        min_ratio,
+        fmt_time(escalate_at_ms)
+    );
+    d.set_deadline(Some(escalate_at_ms));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +359,9 @@ mod tests {
             change_id: "c1".into(),
             score: 0.9,
             evidence: String::new(),
+            reversal: false,
+            within_scope: true,
+            distance: 0,
         }
     }
 

@@ -41,6 +41,13 @@ pub struct Alert {
     pub expected_low: f64,
     pub expected_high: f64,
     pub onset: String,
+    /// The onset's confidence set (drops, spikes, shifts): contract v1.1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onset_low: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onset_high: Option<String>,
+    /// Incidents with one cause share it (contract v1.1).
+    pub group_id: String,
     pub detected_at: String,
     pub emitted_at: String,
     pub candidate_changes: Vec<Candidate>,

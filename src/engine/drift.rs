@@ -115,13 +115,8 @@ impl Engine {
         let mut series: serde_json::Map<String, serde_json::Value> =
             s.dims.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         series.insert("share_of".into(), json!(dim));
-        let candidates = self.registry.candidates(
-            &s.dims,
-            m.cfg.numerator.surface.as_deref(),
-            onset_ms,
-            wm,
-            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
-        );
+        let candidates =
+            self.point_candidates(&s.dims, m.cfg.numerator.surface.as_deref(), onset_ms);
         let top_name = cats.get(t.top).cloned().unwrap_or_default();
         let mut inc = Incident::blank(IncidentHead {
             id,
@@ -173,6 +168,17 @@ impl Engine {
         if s.incident.is_some() || s.trend.incident.is_some() {
             return;
         }
+        // A step incident on this series during the drift's days moved its daily level: the
+        // same cause, already paged.
+        let end = (w + 1) * wm;
+        if self.incidents.iter().any(|i| {
+            i.series_idx == Some(si)
+                && matches!(i.kind, "drop" | "spike" | "shift")
+                && i.onset_ms < end
+                && i.resolved_ms.map_or(true, |r| r >= a.onset_day_ms)
+        }) {
+            return;
+        }
         let m = &self.schema.metrics[s.metric];
         let id = stable_id(
             "inc-",
@@ -198,13 +204,8 @@ impl Engine {
             a.threshold,
             m.det.false_alarms_per_series_week
         );
-        let candidates = self.registry.candidates(
-            &s.dims,
-            m.cfg.numerator.surface.as_deref(),
-            a.onset_day_ms,
-            wm,
-            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
-        );
+        let candidates =
+            self.point_candidates(&s.dims, m.cfg.numerator.surface.as_deref(), a.onset_day_ms);
         let mut inc = self.series_incident(
             si,
             id,

@@ -17,6 +17,9 @@ use crate::seqtest::{self, ArmStats, MsprtConfig};
 /// the variance estimates of tiny samples are not worth a page).
 pub const MIN_ARM_VOLUME: f64 = 200.0;
 const HOUR_MS: i64 = 3_600_000;
+/// Bound on the holdout's likelihood ratio in a candidate's score: the comparison's normal
+/// approximation is not trusted further out.
+const HOLDOUT_LR_MAX: f64 = 100.0;
 /// Wall time without any input after which decision deadlines follow the wall clock.
 pub const IDLE_GRACE_MS: i64 = 60_000;
 
@@ -38,11 +41,20 @@ impl Engine {
     }
 
     /// Adds treatment/holdout (or observational) evidence to candidates of an incident on
-    /// `metric`, re-ranks them, and says which comparison backs the top one.
+    /// `metric` whose series moved by `shift` (observed minus expected rate, or mean), re-ranks
+    /// them, and says which comparison backs the top one.
+    ///
+    /// A candidate with a holdout has its score multiplied by the likelihood ratio of its
+    /// treatment-vs-holdout difference under "this change caused the shift" (a treatment effect
+    /// of `shift / (1 - holdout)`) against "no effect", in the comparison's normal
+    /// approximation, bounded to [1/HOLDOUT_LR_MAX, HOLDOUT_LR_MAX]: a change whose holdout
+    /// shows the shift rises above one that merely happened nearby, one whose holdout shows
+    /// nothing falls.
     pub(super) fn weigh_candidates(
         &self,
         cands: &mut [Candidate],
         metric: usize,
+        shift: f64,
     ) -> Option<&'static str> {
         for c in cands.iter_mut() {
             let Some(g) = self.latest_guard(&c.change_id) else {
@@ -50,14 +62,19 @@ impl Engine {
             };
             let w = &g.metrics[metric];
             if let Some(cmp) = w.comparison.as_ref().filter(|_| !g.srm_flagged) {
-                if cmp.harmful {
-                    c.score = round3(1.0 - (1.0 - c.score) * 0.25);
-                } else if cmp.rel_ci_low > -0.02 && cmp.rel_ci_high < 0.02 {
-                    // The holdout rules out any effect worth a page: a weak suspect.
-                    c.score = round3(c.score * 0.5);
+                let h = g.holdout.unwrap_or(0.0).clamp(0.0, 0.9);
+                let expect = shift / (1.0 - h);
+                let se = cmp.se.max(1e-12);
+                let ln_lr = ((cmp.diff * expect - 0.5 * expect * expect) / (se * se))
+                    .clamp(-HOLDOUT_LR_MAX.ln(), HOLDOUT_LR_MAX.ln());
+                if !c.reversal && ln_lr.is_finite() {
+                    c.score = round3(c.score * ln_lr.exp());
                 }
-                c.evidence
-                    .push_str(&format!("; treatment vs holdout: {}", cmp.evidence()));
+                c.evidence.push_str(&format!(
+                    "; treatment vs holdout: {} (likelihood ratio {:.2} for this change having caused the shift)",
+                    cmp.evidence(),
+                    ln_lr.exp()
+                ));
             } else if g.srm_flagged {
                 c.evidence.push_str(
                     "; treatment/holdout split is broken (sample-ratio mismatch): no causal evidence",
@@ -71,12 +88,7 @@ impl Engine {
                 ));
             }
         }
-        cands.sort_by(|a, b| {
-            b.score
-                .partial_cmp(&a.score)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then_with(|| a.change_id.cmp(&b.change_id))
-        });
+        crate::attribute::rank(cands);
         let top = cands.first()?;
         let g = self.latest_guard(&top.change_id)?;
         Some(
@@ -186,6 +198,9 @@ impl Engine {
         effect: Option<(f64, f64)>,
     ) -> usize {
         let at = inc.detected_ms;
+        if inc.group_id.is_empty() {
+            inc.group_id = self.group_of(&inc);
+        }
         let top = inc.candidates.first().cloned();
         let change = top.as_ref().and_then(|c| self.registry.get(&c.change_id));
         inc.change_owner = change.and_then(|c| c.owner.clone());
@@ -218,6 +233,15 @@ impl Engine {
                 .map(|m| m.cfg.severity)
                 .unwrap_or(crate::config::Severity::Warning);
             inc.decision = policy::decide(&self.cfg.policy, top.as_ref(), change, pending, at, sev);
+            if let Some(t) = &top {
+                policy::close_call(
+                    &mut inc.decision,
+                    t,
+                    inc.candidates.get(1),
+                    &self.cfg.attribution,
+                    at + self.cfg.policy.escalate_after_secs as i64 * 1000,
+                );
+            }
             let vetoed = inc
                 .decision
                 .change_id
@@ -309,6 +333,66 @@ impl Engine {
             self.act_automatically(idx, at);
         }
         idx
+    }
+
+    /// The group of a new incident: its top candidate change's when that candidate is a
+    /// credible one (score at least `attribution.min_score_to_act`); otherwise that of a firing
+    /// incident whose best onset lies in this one's onset set and the other way round (widened
+    /// by the window and the clock skew), on a nested series of the same metric (the total and a
+    /// segment) or the same segment of another metric: the echo of a segment's shift in the
+    /// total joins the segment's group. Else a group of its own.
+    fn group_of(&self, inc: &Incident) -> String {
+        if let Some(top) = inc
+            .candidates
+            .first()
+            .filter(|c| c.score >= self.cfg.attribution.min_score_to_act)
+        {
+            return self.change_group(&top.change_id);
+        }
+        let slack = self.schema.window_ms + self.cfg.attribution.clock_skew_secs as i64 * 1000;
+        let span = |i: &Incident| {
+            (
+                i.onset_low_ms.unwrap_or(i.onset_ms),
+                i.onset_high_ms.unwrap_or(i.onset_ms),
+            )
+        };
+        let (lo, hi) = span(inc);
+        let dims = |i: &Incident| i.series_idx.map(|si| &self.series[si].dims);
+        let nested = |a: &[(String, String)], b: &[(String, String)]| {
+            a.iter().all(|d| b.contains(d)) || b.iter().all(|d| a.contains(d))
+        };
+        let mine = dims(inc);
+        for o in self.incidents.iter().rev() {
+            if o.status != IncidentStatus::Firing || o.group_id.is_empty() {
+                continue;
+            }
+            // Each one's best onset inside the other's set: a vague onset (a slow drop found
+            // after hours) does not swallow every shift that happened meanwhile.
+            let (olo, ohi) = span(o);
+            let inside = |t: i64, a: i64, b: i64| a - slack <= t && t <= b + slack;
+            if !inside(o.onset_ms, lo, hi) || !inside(inc.onset_ms, olo, ohi) {
+                continue;
+            }
+            let related = match (mine, dims(o)) {
+                (Some(a), Some(b)) if o.metric_idx == inc.metric_idx => nested(a, b),
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            };
+            if related {
+                return o.group_id.clone();
+            }
+        }
+        stable_id("grp-", &[&inc.id])
+    }
+
+    /// The group of the incidents blamed on a change (as applied now).
+    fn change_group(&self, change_id: &str) -> String {
+        let applied = self
+            .registry
+            .get(change_id)
+            .and_then(|c| c.applied_ms)
+            .unwrap_or(0);
+        stable_id("grp-", &[change_id, &applied.to_string()])
     }
 
     /// The record of incident `idx`'s detection.
@@ -1225,6 +1309,9 @@ impl Engine {
             change_id: g.change_id.clone(),
             score: 1.0,
             evidence: String::new(),
+            reversal: false,
+            within_scope: true,
+            distance: 0,
         }];
         inc
     }
@@ -1411,13 +1498,7 @@ impl Engine {
         });
         inc.delay_windows = (end - onset_ms).div_euclid(self.schema.window_ms);
         let dims = [("surface".to_string(), surface.to_string())];
-        inc.candidates = self.registry.candidates(
-            &dims,
-            None,
-            end,
-            self.schema.window_ms,
-            self.cfg.policy.candidate_lookback_secs as i64 * 1000,
-        );
+        inc.candidates = self.point_candidates(&dims, None, end);
         inc
     }
 
