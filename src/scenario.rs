@@ -27,7 +27,8 @@
 //! [[holidays]]    # date = "2026-11-11", volume_mult = 0.6
 //! [[gaps]]        # start, duration, country?: no events at all
 //! [late]          # share, max_delay_secs (<= lateness), too_late_share, too_late_min_secs, ..max..
-//! [[incidents]]   # id, type, start, duration, then per type (see IncidentSpec)
+//! [[incidents]]   # id, type, start, duration, then per type (see IncidentSpec); `change`:
+//!                 # change_id, holdout, *_mult, tier, change_kind, country, record_skew, rollout
 //! ```
 
 use std::cmp::Reverse;
@@ -278,6 +279,28 @@ pub enum IncidentType {
     /// An automated change in `country` (or everywhere) with `conversion_mult`, `ctr_mult`,
     /// `ticket_mult` on exposed users; with `holdout`, that share of users is held out, and
     /// events carry `change_id` and `arm`. Applied at `start`, rolled back at the end.
+    ///
+    /// A change whose multipliers are all absent or do no harm (conversion and click
+    /// multipliers >= 1, ticket multiplier <= 1) is *harmless*: it has no truth records, only
+    /// its entry in [`Truth::changes`], and a rollback of it is a wrong decision.
+    ///
+    /// `record_skew` (`"-5m"`, `"+90s"`, within +-10 minutes) moves the `applied` record's `ts`
+    /// off the true start (a change log whose clock runs early or late); the effect still
+    /// begins at `start`, and the `rolled_back` record keeps the true end.
+    ///
+    /// `rollout` (`[{share = 0.1, at = "+0m"}, {share = 0.5, at = "+30m"}, {share = 1.0, at =
+    /// "+1h"}]`, offsets from `start`, the first at `+0m`, shares non-decreasing in (0, 1]) is a
+    /// gradual rollout: the share of users reached over time, picked by a stable hash of the
+    /// user (independent of the holdout's) so that a user once reached stays reached. Of the
+    /// users reached, the `holdout` share is held out and the rest exposed, so the share of
+    /// non-holdout users exposed is the rollout's share and the arms keep their declared ratio
+    /// (no sample-ratio mismatch); users not reached yet carry neither `change_id` nor `arm`.
+    /// Without it every user is reached from the start. The truth's records start at `start`
+    /// with the full-rollout magnitude.
+    ///
+    /// Changes may overlap in time and scope (a user exposed to several gets every effect);
+    /// at most one of the overlapping ones may have a `holdout` (events carry one
+    /// `change_id`). The truth's magnitudes assume one harmful change per series at a time.
     Change,
 }
 
@@ -314,6 +337,8 @@ impl IncidentType {
                 "tier",
                 "change_kind",
                 "country",
+                "record_skew",
+                "rollout",
             ],
         }
     }
@@ -357,6 +382,12 @@ pub struct IncidentSpec {
     pub tier: Option<String>,
     #[serde(default)]
     pub change_kind: Option<String>,
+    /// `change`: the applied record's clock error, a signed duration (`"-5m"`, `"+90s"`).
+    #[serde(default)]
+    pub record_skew: Option<String>,
+    /// `change`: a gradual rollout, steps of the exposed share of non-holdout users.
+    #[serde(default)]
+    pub rollout: Option<Vec<RolloutStep>>,
     /// The metric the truth names (default by type, from [`CATALOG`]).
     #[serde(default)]
     pub metric: Option<String>,
@@ -388,8 +419,19 @@ impl IncidentSpec {
         add("ticket_mult", self.ticket_mult.is_some());
         add("tier", self.tier.is_some());
         add("change_kind", self.change_kind.is_some());
+        add("record_skew", self.record_skew.is_some());
+        add("rollout", self.rollout.is_some());
         v
     }
+}
+
+/// One step of a gradual rollout: from `at` (an offset from the change's start, `"+30m"`) the
+/// share `share` of the non-holdout users is exposed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutStep {
+    pub share: f64,
+    pub at: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,6 +483,28 @@ pub struct ChangeEffect {
     pub tier: String,
     pub change_kind: String,
     pub country: Option<usize>,
+    /// The applied record's `ts` minus the true start.
+    pub record_skew_ms: i64,
+    /// (offset from the start in ms, exposed share of non-holdout users), the first at 0;
+    /// empty: everyone from the start.
+    pub rollout: Vec<(i64, f64)>,
+}
+
+impl ChangeEffect {
+    /// Whether the change hurts any metric: conversions or clicks down, tickets up.
+    pub fn harmful(&self) -> bool {
+        self.conversion_mult < 1.0 || self.ctr_mult < 1.0 || self.ticket_mult > 1.0
+    }
+
+    /// The exposed share of non-holdout users `since_ms` after the start.
+    pub fn rollout_share(&self, since_ms: i64) -> f64 {
+        self.rollout
+            .iter()
+            .take_while(|(at, _)| *at <= since_ms)
+            .last()
+            .map(|(_, s)| *s)
+            .unwrap_or(1.0)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -567,6 +631,18 @@ pub fn parse_duration_ms(s: &str) -> Option<i64> {
     }
     Some(total.round() as i64)
 }
+
+/// A signed duration: `-5m`, `+90s`, `3m` (positive), `0s`.
+pub fn parse_signed_duration_ms(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Some(d) = s.strip_prefix('-') {
+        return parse_duration_ms(d).map(|d| -d);
+    }
+    parse_duration_ms(s.strip_prefix('+').unwrap_or(s))
+}
+
+/// Largest clock error of a change record (`record_skew`).
+pub const MAX_RECORD_SKEW_MS: i64 = 10 * MIN_MS;
 
 /// A time: RFC 3339, or `+<duration>` after `base_ms`.
 fn parse_when(s: &str, base_ms: i64) -> Option<i64> {
@@ -998,6 +1074,70 @@ impl Scenario {
                             errs.push(format!("{what}: holdout must be in (0, 1), got {h}"));
                         }
                     }
+                    let record_skew_ms = match &s.record_skew {
+                        None => 0,
+                        Some(k) => match parse_signed_duration_ms(k) {
+                            Some(v) if v.abs() <= MAX_RECORD_SKEW_MS => v,
+                            Some(_) => {
+                                errs.push(format!(
+                                    "{what}: record_skew must be within +-10m, got {k:?}"
+                                ));
+                                0
+                            }
+                            None => {
+                                errs.push(format!(
+                                    "{what}: record_skew {k:?} is not a signed duration like \"-5m\" or \"+90s\""
+                                ));
+                                0
+                            }
+                        },
+                    };
+                    let mut rollout = Vec::new();
+                    if let Some(steps) = &s.rollout {
+                        if steps.is_empty() {
+                            errs.push(format!(
+                                "{what}: rollout needs at least one step {{share, at}}"
+                            ));
+                        }
+                        for (j, st) in steps.iter().enumerate() {
+                            let at = st.at.trim();
+                            let at_ms = parse_duration_ms(at.strip_prefix('+').unwrap_or(at))
+                                .or_else(|| (at.trim_start_matches('+') == "0").then_some(0));
+                            let Some(at_ms) = at_ms else {
+                                errs.push(format!(
+                                    "{what}: rollout[{j}].at {:?} is not an offset from the start like \"+30m\"",
+                                    st.at
+                                ));
+                                continue;
+                            };
+                            if !(st.share > 0.0 && st.share <= 1.0) {
+                                errs.push(format!(
+                                    "{what}: rollout[{j}].share must be in (0, 1], got {}",
+                                    st.share
+                                ));
+                            }
+                            if j == 0 && at_ms != 0 {
+                                errs.push(format!(
+                                    "{what}: rollout[0].at must be \"+0m\" (the effect starts at `start`), got {:?}",
+                                    st.at
+                                ));
+                            }
+                            if at_ms >= d && d > 0 {
+                                errs.push(format!(
+                                    "{what}: rollout[{j}].at {:?} is not before the change's end",
+                                    st.at
+                                ));
+                            }
+                            if let Some(&(prev_at, prev_share)) = rollout.last() {
+                                if at_ms <= prev_at || st.share < prev_share {
+                                    errs.push(format!(
+                                        "{what}: rollout steps must come in time order with non-decreasing shares (rollout[{j}])"
+                                    ));
+                                }
+                            }
+                            rollout.push((at_ms, st.share));
+                        }
+                    }
                     let c = ChangeEffect {
                         change_id,
                         holdout: s.holdout,
@@ -1007,6 +1147,8 @@ impl Scenario {
                         tier: s.tier.clone().unwrap_or_else(|| "human".into()),
                         change_kind: s.change_kind.clone().unwrap_or_else(|| "offer".into()),
                         country,
+                        record_skew_ms,
+                        rollout,
                     };
                     for (k, v) in [
                         ("conversion_mult", c.conversion_mult),
@@ -1036,15 +1178,17 @@ impl Scenario {
                 required: s.required.unwrap_or(true),
             });
         }
-        // Two changes must not expose the same users at once: events carry one change_id.
+        // Changes may overlap, but two with a holdout must not tag the same users at once:
+        // events carry one change_id and arm.
         for (i, a) in incidents.iter().enumerate() {
             for b in &incidents[..i] {
                 if let (Effect::Change(ca), Effect::Change(cb)) = (&a.effect, &b.effect) {
                     let overlap_scope =
                         ca.country.is_none() || cb.country.is_none() || ca.country == cb.country;
-                    if overlap_scope && a.from_ms < b.to_ms && b.from_ms < a.to_ms {
+                    let both_tagged = ca.holdout.is_some() && cb.holdout.is_some();
+                    if both_tagged && overlap_scope && a.from_ms < b.to_ms && b.from_ms < a.to_ms {
                         errs.push(format!(
-                            "incidents {} and {}: two changes overlap in time and scope (events carry one change_id)",
+                            "incidents {} and {}: two changes with a holdout overlap in time and scope (events carry one change_id)",
                             b.id, a.id
                         ));
                     }
@@ -1207,7 +1351,8 @@ struct SegState {
     channel_cdf: Vec<f64>,
     suppress_all: bool,
     suppress: Vec<String>,
-    change: Option<usize>,
+    /// The changes in force (incident indexes, in file order).
+    changes: Vec<usize>,
 }
 
 fn cdf(shares: &[f64]) -> Vec<f64> {
@@ -1247,6 +1392,14 @@ fn str_hash(s: &str) -> u64 {
 pub fn in_holdout(user: u64, change_id: &str, holdout: f64) -> bool {
     let h = splitmix(user ^ str_hash(change_id));
     (h >> 11) as f64 / (1u64 << 53) as f64 <= holdout
+}
+
+/// Whether `user` is among the exposed `share` of a gradual rollout of `change_id`: a stable
+/// hash independent of [`in_holdout`]'s, so a user once exposed stays exposed as the share
+/// grows.
+pub fn in_rollout(user: u64, change_id: &str, share: f64) -> bool {
+    let h = splitmix(splitmix(user ^ str_hash(change_id)) ^ 0x0052_4f4c_4c4f_5554_u64);
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < share
 }
 
 struct Burst {
@@ -1358,19 +1511,25 @@ impl<W: Write> Gen<'_, W> {
         let (mut conv, mut ctr, mut ticket) = (st.conv, st.ctr, st.ticket);
         let mut exposure = None;
         let mut variant = "control";
-        if let Some(k) = st.change {
-            if let Effect::Change(c) = &sc.incidents[k].effect {
-                let holdout = c
-                    .holdout
-                    .map(|h| in_holdout(user, &c.change_id, h))
-                    .unwrap_or(false);
-                if !holdout {
+        for &k in &st.changes {
+            let inc = &sc.incidents[k];
+            if let Effect::Change(c) = &inc.effect {
+                // Reached by the rollout so far (everyone without one); of those, the
+                // holdout share is held out, so the arms keep their declared ratio.
+                let reached = c.rollout.is_empty()
+                    || in_rollout(user, &c.change_id, c.rollout_share(t - inc.from_ms));
+                let holdout = reached
+                    && c.holdout
+                        .map(|h| in_holdout(user, &c.change_id, h))
+                        .unwrap_or(false);
+                let exposed = reached && !holdout;
+                if exposed {
                     conv *= c.conversion_mult;
                     ctr *= c.ctr_mult;
                     ticket *= c.ticket_mult;
                     variant = "treatment";
                 }
-                if c.holdout.is_some() {
+                if c.holdout.is_some() && reached {
                     exposure = Some((
                         c.change_id.as_str(),
                         if holdout { "holdout" } else { "treatment" },
@@ -1450,7 +1609,7 @@ impl Scenario {
         let mut chan: Vec<f64> = self.channels.iter().map(|d| d.1).collect();
         st.suppress_all = self.in_gap(t, seg);
         st.suppress.clear();
-        st.change = None;
+        st.changes.clear();
         for (k, inc) in self.incidents.iter().enumerate() {
             if !inc.applies(t, seg) {
                 continue;
@@ -1492,7 +1651,7 @@ impl Scenario {
                     None => st.suppress_all = true,
                     Some(e) => st.suppress.push(e.clone()),
                 },
-                Effect::Change(_) => st.change = Some(k),
+                Effect::Change(_) => st.changes.push(k),
             }
         }
         st.device_cdf = cdf(&dev);
@@ -1598,8 +1757,8 @@ pub fn generate(sc: &Scenario, out: &mut dyn Write) -> io::Result<GenStats> {
     Ok(g.stats)
 }
 
-/// The change records (contract section 2): each `change` incident applied at its start and
-/// rolled back at its end.
+/// The change records (contract section 2): each `change` incident applied at its start (plus
+/// its `record_skew`) and rolled back at its (true) end.
 pub fn changes(sc: &Scenario) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for inc in &sc.incidents {
@@ -1612,7 +1771,7 @@ pub fn changes(sc: &Scenario) -> Vec<serde_json::Value> {
         }
         let mut rec = serde_json::json!({
             "change_id": c.change_id,
-            "ts": fmt_time(inc.from_ms),
+            "ts": fmt_time(inc.from_ms + c.record_skew_ms),
             "action": "applied",
             "actor": {"kind": "agent", "name": format!("scenario-{}", sc.name)},
             "kind": c.change_kind,
@@ -1698,6 +1857,36 @@ pub struct Truth {
     pub series_weeks: f64,
     #[serde(default)]
     pub generated: GenStats,
+    /// Every change of the scenario, harmful or not (absent from older truth files).
+    #[serde(default)]
+    pub changes: Vec<TruthChange>,
+}
+
+/// A change of the scenario as the scorer sees it: what a rollback of it would be worth.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TruthChange {
+    pub change_id: String,
+    /// Hurts some metric (conversions or clicks down, tickets up); a rollback of a harmless
+    /// change is a wrong decision.
+    pub harmful: bool,
+    /// True application time: where the effect begins.
+    pub start: String,
+    /// The `ts` of its `applied` record (`start` + `record_skew`).
+    pub record_ts: String,
+    /// Rolled back (the `rolled_back` record's `ts`).
+    pub end: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<f64>,
+    /// Rolled out gradually.
+    #[serde(default)]
+    pub rollout: bool,
+    /// The scenario incident.
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub tier: String,
 }
 
 impl Truth {
@@ -1728,6 +1917,10 @@ fn metric_has_countries(metric: &str) -> bool {
 }
 
 /// Builds the truth for a scenario (`stats`: what [`generate`] reported).
+/// How long after a gain ends the fall back to the old level may still be reported (the
+/// baseline relearns the old level within hours).
+const GAIN_END_MS: i64 = 6 * HOUR_MS;
+
 pub fn truth(sc: &Scenario, stats: GenStats) -> Truth {
     let mut out: Vec<TruthIncident> = Vec::new();
     let wm = TRUTH_WINDOW_SECS as i64 * 1000;
@@ -2043,6 +2236,9 @@ pub fn truth(sc: &Scenario, stats: GenStats) -> Truth {
                 }
             }
             Effect::Change(c) => {
+                // A harmless change has no records (only its entry in `changes`). A gradual
+                // rollout's records start at the true start with the full-rollout magnitude
+                // (the effect grows into it); a skewed record moves none of them.
                 let h = c.holdout.unwrap_or(0.0);
                 let harms: Vec<(&str, &str, RateKind, f64)> = [
                     (
@@ -2146,6 +2342,64 @@ pub fn truth(sc: &Scenario, stats: GenStats) -> Truth {
                         ));
                     }
                 }
+                // A gain's end: the level its series learnt while it lasted falls back, a real
+                // move the engine may report (blaming the change's rollback). Not required,
+                // and not a false alarm, for a few hours after the end.
+                let gains = [
+                    (
+                        "conversion_rate",
+                        "drop",
+                        RateKind::Conversion,
+                        c.conversion_mult > 1.0,
+                        c.conversion_mult,
+                    ),
+                    (
+                        "click_through_rate",
+                        "drop",
+                        RateKind::Ctr,
+                        c.ctr_mult > 1.0,
+                        c.ctr_mult,
+                    ),
+                    (
+                        "support_tickets_per_session",
+                        "spike",
+                        RateKind::Ticket,
+                        c.ticket_mult < 1.0,
+                        c.ticket_mult,
+                    ),
+                ];
+                let (ea, eb) = (b, b + GAIN_END_MS);
+                for (metric, kind, rate, gained, mult) in gains {
+                    if !gained {
+                        continue;
+                    }
+                    let seen = (1.0 - h) * mult + h;
+                    let mut scopes: Vec<Option<usize>> = vec![seg];
+                    if seg.is_none() {
+                        scopes.extend((0..sc.segments.len()).map(Some));
+                    } else {
+                        scopes.push(None);
+                    }
+                    for sg in scopes {
+                        let pre = sc.base_rate(rate, sg);
+                        let name = country(sg).unwrap_or("total");
+                        let mut r = rec(
+                            format!("{}~end~{name}:{metric}", inc.id),
+                            kind,
+                            metric,
+                            dims(country(sg)),
+                            ea,
+                            eb,
+                            pre * seen,
+                            pre,
+                            per_window(sg, ea, eb, 1.0),
+                            inc,
+                            false,
+                        );
+                        r.cause = "the end of a gain (rolled back)".into();
+                        out.push(r);
+                    }
+                }
             }
         }
     }
@@ -2202,6 +2456,25 @@ pub fn truth(sc: &Scenario, stats: GenStats) -> Truth {
         }
     }
     let weeks = (sc.end_ms - sc.start_ms) as f64 / WEEK_MS;
+    let changes = sc
+        .incidents
+        .iter()
+        .filter_map(|inc| match &inc.effect {
+            Effect::Change(c) => Some(TruthChange {
+                change_id: c.change_id.clone(),
+                harmful: c.harmful(),
+                start: fmt_time(inc.from_ms),
+                record_ts: fmt_time(inc.from_ms + c.record_skew_ms),
+                end: fmt_time(inc.to_ms),
+                country: c.country.map(|i| sc.segments[i].country.clone()),
+                holdout: c.holdout,
+                rollout: !c.rollout.is_empty(),
+                source: inc.id.clone(),
+                tier: c.tier.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
     Truth {
         scenario: sc.name.clone(),
         seed: sc.seed,
@@ -2212,6 +2485,7 @@ pub fn truth(sc: &Scenario, stats: GenStats) -> Truth {
         series_weeks: round6(series.len() as f64 * weeks),
         series,
         generated: stats,
+        changes,
     }
 }
 
@@ -2419,6 +2693,278 @@ mod tests {
         let ch = changes(&sc);
         assert_eq!(ch[0]["holdout"], 0.2);
         assert_eq!(ch[1]["action"], "rolled_back");
+    }
+
+    /// FR and LU; a harmful FR change with a holdout, a gradual rollout and a record 5
+    /// minutes early, and a harmless FR change overlapping it.
+    const OVERLAP: &str = r#"
+        name = "overlap"
+        start = "2026-11-02T12:00:00Z"
+        duration = "3h"
+        seed = 5
+        peak_sessions_per_min = 900
+        [[segments]]
+        country = "FR"
+        share = 0.9
+        [[segments]]
+        country = "LU"
+        share = 0.1
+        [[incidents]]
+        id = "harm"
+        type = "change"
+        change_id = "chg-harm"
+        start = "+30m"
+        duration = "2h"
+        country = "FR"
+        holdout = 0.2
+        conversion_mult = 0.6
+        record_skew = "-5m"
+        rollout = [{share = 0.1, at = "+0m"}, {share = 0.5, at = "+30m"}, {share = 1.0, at = "+1h"}]
+        [[incidents]]
+        id = "nice"
+        type = "change"
+        change_id = "chg-nice"
+        start = "+20m"
+        duration = "2h"
+        country = "FR"
+        tier = "autonomous"
+        conversion_mult = 1.0
+    "#;
+
+    #[test]
+    fn signed_durations() {
+        assert_eq!(parse_signed_duration_ms("-5m"), Some(-300_000));
+        assert_eq!(parse_signed_duration_ms("+90s"), Some(90_000));
+        assert_eq!(parse_signed_duration_ms("3m"), Some(180_000));
+        assert_eq!(parse_signed_duration_ms("0s"), Some(0));
+        assert_eq!(parse_signed_duration_ms("-"), None);
+        assert_eq!(parse_signed_duration_ms("5"), None);
+    }
+
+    #[test]
+    fn skewed_records_rollouts_and_harmless_overlapping_changes() {
+        let sc = Scenario::from_str_named(OVERLAP, "overlap.toml").unwrap();
+        let t0 = sc.start_ms;
+        // The applied record runs 5 minutes early; the rollback keeps the true end.
+        let ch = changes(&sc);
+        let rec = |id: &str, action: &str| {
+            ch.iter()
+                .find(|c| c["change_id"] == id && c["action"] == action)
+                .unwrap()["ts"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(rec("chg-harm", "applied"), fmt_time(t0 + 25 * MIN_MS));
+        assert_eq!(rec("chg-harm", "rolled_back"), fmt_time(t0 + 150 * MIN_MS));
+        assert_eq!(rec("chg-nice", "applied"), fmt_time(t0 + 20 * MIN_MS));
+        // The events: the users reached grow 10% -> 50% -> 100%, a fifth of them held out;
+        // only exposed users convert less.
+        let mut buf = Vec::new();
+        let stats = generate(&sc, &mut buf).unwrap();
+        // [phase][treatment, holdout, untagged] sessions; conversions of treatment, holdout.
+        let mut sess = [[0u64; 3]; 3];
+        let mut conv = [[0u64; 3]; 3];
+        for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let e = crate::event::decode_event(line, 4096).unwrap();
+            let mut c = [None];
+            e.scan_dims(&["country"], &mut c);
+            let since = e.ts_ms - (t0 + 30 * MIN_MS);
+            if c[0].as_deref() != Some("FR") || !(0..90 * MIN_MS).contains(&since) {
+                if e.change_id.is_some() {
+                    assert_eq!(c[0].as_deref(), Some("FR"), "only FR is tagged");
+                    // (A session's later events may trail its second by up to 2 s.)
+                    assert!(
+                        (0..120 * MIN_MS + 3000).contains(&since),
+                        "tagged out of time"
+                    );
+                }
+                continue;
+            }
+            let phase = (since / (30 * MIN_MS)) as usize;
+            let arm = match (e.change_id.as_deref(), e.arm.as_deref()) {
+                (Some("chg-harm"), Some("treatment")) => 0,
+                (Some("chg-harm"), Some("holdout")) => 1,
+                (None, None) => 2,
+                other => panic!("unexpected tag {other:?}"),
+            };
+            match e.ty.as_ref() {
+                "session" => sess[phase][arm] += 1,
+                "conversion" => conv[phase][arm] += 1,
+                _ => {}
+            }
+        }
+        for (phase, share) in [(0, 0.1), (1, 0.5), (2, 1.0)] {
+            let n: u64 = sess[phase].iter().sum();
+            let treat = sess[phase][0] as f64 / n as f64;
+            let hold = sess[phase][1] as f64 / n as f64;
+            assert!((treat - 0.8 * share).abs() < 0.03, "{phase}: {treat}");
+            assert!((hold - 0.2 * share).abs() < 0.03, "{phase}: {hold}");
+        }
+        let rate = |arm: usize| {
+            let c: u64 = conv.iter().map(|p| p[arm]).sum();
+            let n: u64 = sess.iter().map(|p| p[arm]).sum();
+            c as f64 / n as f64
+        };
+        assert!((rate(0) - 0.06).abs() < 0.012, "treatment {}", rate(0));
+        assert!((rate(1) - 0.10).abs() < 0.015, "holdout {}", rate(1));
+        assert!(
+            (rate(2) - 0.10).abs() < 0.015,
+            "not yet exposed {}",
+            rate(2)
+        );
+        // The truth: both changes listed, only the harmful one has records, from the true
+        // start, with the full-rollout magnitude.
+        let t = truth(&sc, stats);
+        assert_eq!(t.changes.len(), 2);
+        let harm = t
+            .changes
+            .iter()
+            .find(|c| c.change_id == "chg-harm")
+            .unwrap();
+        assert!(harm.harmful && harm.rollout);
+        assert_eq!(harm.start, fmt_time(t0 + 30 * MIN_MS));
+        assert_eq!(harm.record_ts, fmt_time(t0 + 25 * MIN_MS));
+        assert_eq!(harm.end, fmt_time(t0 + 150 * MIN_MS));
+        assert_eq!(
+            (harm.country.as_deref(), harm.holdout),
+            (Some("FR"), Some(0.2))
+        );
+        let nice = t
+            .changes
+            .iter()
+            .find(|c| c.change_id == "chg-nice")
+            .unwrap();
+        assert!(!nice.harmful && !nice.rollout && nice.holdout.is_none());
+        assert_eq!(nice.tier, "autonomous");
+        assert!(t.incidents.iter().all(|i| i.source != "nice"));
+        let fr = t.incidents.iter().find(|i| i.id == "harm~FR").unwrap();
+        assert_eq!(fr.start, harm.start);
+        assert!((fr.magnitude - 0.8 * -0.4).abs() < 1e-9, "{fr:?}");
+        assert_eq!(fr.change_id.as_deref(), Some("chg-harm"));
+        // An old truth file (no `changes`) still reads.
+        let mut v = serde_json::to_value(&t).unwrap();
+        v.as_object_mut().unwrap().remove("changes");
+        let old: Truth = serde_json::from_value(v).unwrap();
+        assert!(old.changes.is_empty());
+    }
+
+    #[test]
+    fn rollout_exposure_only_grows_and_is_independent_of_the_holdout() {
+        let n = 200_000u64;
+        let (mut a, mut b, mut both) = (0, 0, 0);
+        for u in 0..n {
+            let x = in_rollout(u, "chg-x", 0.1);
+            let y = in_rollout(u, "chg-x", 0.5);
+            assert!(!x || y, "user {u} exposed at 10% but not at 50%");
+            a += x as u64;
+            b += y as u64;
+            both += (y && in_holdout(u, "chg-x", 0.2)) as u64;
+        }
+        assert!((a as f64 / n as f64 - 0.1).abs() < 0.005);
+        assert!((b as f64 / n as f64 - 0.5).abs() < 0.005);
+        assert!((both as f64 / b as f64 - 0.2).abs() < 0.01);
+        assert!(in_rollout(7, "chg-x", 1.0) && !in_rollout(7, "chg-x", 0.0));
+    }
+
+    #[test]
+    fn change_keys_are_validated() {
+        let bad = OVERLAP
+            .replace("record_skew = \"-5m\"", "record_skew = \"-11m\"")
+            .replace(
+                "{share = 0.1, at = \"+0m\"}",
+                "{share = 0.6, at = \"+10m\"}",
+            );
+        let e = Scenario::from_str_named(&bad, "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("record_skew must be within +-10m"), "{e}");
+        assert!(e.contains("rollout[0].at must be \"+0m\""), "{e}");
+        assert!(e.contains("non-decreasing shares (rollout[1])"), "{e}");
+        let bad = OVERLAP.replace("record_skew = \"-5m\"", "record_skew = \"soon\"");
+        let e = Scenario::from_str_named(&bad, "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("record_skew \"soon\" is not a signed duration"),
+            "{e}"
+        );
+        // Two changes with a holdout must not overlap in time and scope.
+        let two = OVERLAP.replace(
+            "conversion_mult = 1.0",
+            "conversion_mult = 1.0\nholdout = 0.1",
+        );
+        let e = Scenario::from_str_named(&two, "two.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("incidents harm and nice: two changes with a holdout overlap"),
+            "{e}"
+        );
+        // Elsewhere (LU) they may.
+        let lu = two.replace(
+            "change_id = \"chg-nice\"\n        start = \"+20m\"\n        duration = \"2h\"\n        country = \"FR\"",
+            "change_id = \"chg-nice\"\n        start = \"+20m\"\n        duration = \"2h\"\n        country = \"LU\"",
+        );
+        assert_ne!(lu, two);
+        Scenario::from_str_named(&lu, "lu.toml").unwrap();
+    }
+
+    #[test]
+    fn a_change_in_a_tiny_country_has_its_truth() {
+        let tiny = r#"
+            start = "2026-11-02T12:00:00Z"
+            duration = "2h"
+            seed = 1
+            peak_sessions_per_min = 2000
+            [rates]
+            ticket = 0.004
+            [[segments]]
+            country = "US"
+            share = 0.999
+            [[segments]]
+            country = "LU"
+            share = 0.001
+            ticket_mult = 2.5
+            conversion_mult = 0.8
+            [[incidents]]
+            id = "lu"
+            type = "change"
+            start = "+1h"
+            duration = "1h"
+            country = "LU"
+            conversion_mult = 0.7
+            ticket_mult = 3.0
+        "#;
+        let sc = Scenario::from_str_named(tiny, "tiny.toml").unwrap();
+        let t = truth(&sc, GenStats::default());
+        let get = |id: &str| t.incidents.iter().find(|i| i.id == id).unwrap();
+        let sessions = sc.expected_sessions(Some(1), sc.start_ms + HOUR_MS, sc.end_ms) / 12.0;
+        // 2 sessions a minute at the peak: about 10 a window.
+        assert!(sessions > 5.0 && sessions < 12.0, "{sessions}");
+        let conv = get("lu");
+        assert_eq!(conv.metric, "conversion_rate");
+        assert_eq!(conv.series.get("country").map(String::as_str), Some("LU"));
+        assert!(conv.required && conv.kind == "drop");
+        assert!((conv.pre - 0.08).abs() < 1e-9 && (conv.post - 0.056).abs() < 1e-9);
+        assert!(
+            (conv.volume_per_window / sessions - 1.0).abs() < 1e-3,
+            "{conv:?}"
+        );
+        let tick = get("lu:support_tickets_per_session");
+        assert!(tick.required && tick.kind == "spike");
+        assert!((tick.pre - 0.01).abs() < 1e-9 && (tick.post - 0.03).abs() < 1e-9);
+        assert!((tick.magnitude - 2.0).abs() < 1e-9);
+        // 0.01 tickets per session x ~10 sessions: well under one ticket per window.
+        assert!(tick.pre * tick.volume_per_window < 0.15);
+        for id in ["lu~total", "lu~total:support_tickets_per_session"] {
+            let r = get(id);
+            assert!(!r.required && r.series.is_empty(), "{r:?}");
+            assert!(r.magnitude.abs() < 0.01 && r.magnitude != 0.0, "{r:?}");
+        }
+        assert!(t.incidents.iter().all(|i| i.metric != "click_through_rate"));
+        assert_eq!(t.changes.len(), 1);
+        assert!(t.changes[0].harmful);
     }
 
     #[test]

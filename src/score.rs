@@ -59,6 +59,18 @@ pub struct Alert {
     pub expected_low: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_high: Option<f64>,
+    /// The confidence set of the onset, window-start times (drop, spike and shift alerts of
+    /// engines that report it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onset_low_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onset_high_ms: Option<i64>,
+    /// Alerts with one cause share it; None: the alert is its own group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// The candidate changes' ids, best first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<String>,
 }
 
 impl Alert {
@@ -83,12 +95,23 @@ impl Alert {
             expected: None,
             expected_low: None,
             expected_high: None,
+            onset_low_ms: None,
+            onset_high_ms: None,
+            group_id: None,
+            candidates: Vec::new(),
         }
+    }
+
+    /// The page this alert belongs to: its `group_id`, else its own incident.
+    pub fn group(&self) -> &str {
+        self.group_id.as_deref().unwrap_or(&self.id)
     }
 }
 
 /// The firing alerts of an `alerts.jsonl` (contract section 3), the first message of each
-/// incident (escalations re-send it).
+/// incident (escalations re-send it). `onset_low`, `onset_high`, `group_id` and
+/// `candidate_changes` are optional: without them an alert's onset interval is unknown (not
+/// covered), it is its own group and it names no change.
 pub fn read_alerts(path: &Path) -> anyhow::Result<Vec<Alert>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading alerts {}", path.display()))?;
@@ -128,6 +151,19 @@ pub fn read_alerts(path: &Path) -> anyhow::Result<Vec<Alert>> {
                     .collect()
             })
             .unwrap_or_default();
+        let opt_time = |k: &str| {
+            v[k].as_str()
+                .and_then(parse_time_str)
+                .or_else(|| v[k].as_i64())
+        };
+        let candidates = v["candidate_changes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c["change_id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
         out.push(Alert {
             id,
             metric: v["metric"].as_str().unwrap_or_default().into(),
@@ -138,6 +174,13 @@ pub fn read_alerts(path: &Path) -> anyhow::Result<Vec<Alert>> {
             expected: v["expected"].as_f64(),
             expected_low: v["expected_low"].as_f64(),
             expected_high: v["expected_high"].as_f64(),
+            onset_low_ms: opt_time("onset_low"),
+            onset_high_ms: opt_time("onset_high"),
+            group_id: v["group_id"]
+                .as_str()
+                .filter(|g| !g.is_empty())
+                .map(str::to_string),
+            candidates,
         });
     }
     Ok(out)
@@ -304,6 +347,9 @@ pub struct DetectorScore {
     pub outcomes: Vec<Outcome>,
     pub false_alarm_list: Vec<AlertBrief>,
     pub misread_list: Vec<AlertBrief>,
+    /// Blame, rollbacks, onset intervals and pages ([`attribution`]); guardrail only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
 }
 
 /// Percentile by linear interpolation between order statistics (R's type 7): the median of
@@ -320,6 +366,49 @@ pub fn percentile(xs: &[f64], q: f64) -> Option<f64> {
     Some(v[lo] + (v[hi] - v[lo]) * (pos - lo as f64))
 }
 
+/// What one alert matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Match {
+    /// The index of the truth record it reports.
+    Truth(usize),
+    /// A business change reported on this data-quality record.
+    Misread(usize),
+    /// A false alarm.
+    None,
+}
+
+/// Matches every alert to at most one truth record (module documentation).
+fn match_alerts(ts: &[TruthT], alerts: &[Alert], rules: &Rules) -> Vec<Match> {
+    let w = rules.window_ms;
+    let in_time = |a: &Alert, t: &TruthT| {
+        let (lo, hi) = (t.start - w, t.end + rules.slack_ms);
+        (a.onset_ms >= lo && a.onset_ms <= hi) || (a.detected_ms >= lo && a.detected_ms <= hi)
+    };
+    alerts
+        .iter()
+        .map(|a| {
+            let cands: Vec<usize> = (0..ts.len())
+                .filter(|&i| {
+                    let t = &ts[i];
+                    t.t.metric == a.metric && same_series(&t.t.series, &a.series) && in_time(a, t)
+                })
+                .collect();
+            let best = cands
+                .iter()
+                .copied()
+                .filter(|&i| compatible(&ts[i].t.kind, ts[i].t.magnitude, &a.kind))
+                .min_by_key(|&i| (!ts[i].t.required, (ts[i].start - a.onset_ms).abs()));
+            if let Some(i) = best {
+                Match::Truth(i)
+            } else if let Some(&i) = cands.iter().find(|&&i| is_misread(&ts[i].t.kind, &a.kind)) {
+                Match::Misread(i)
+            } else {
+                Match::None
+            }
+        })
+        .collect()
+}
+
 /// Scores `alerts` against `truth`. `data` (per-window series) gives delays in events.
 pub fn score(
     detector: &str,
@@ -331,42 +420,29 @@ pub fn score(
 ) -> anyhow::Result<DetectorScore> {
     let ts = parse_truth(truth)?;
     let w = rules.window_ms;
-    let in_time = |a: &Alert, t: &TruthT| {
-        let (lo, hi) = (t.start - w, t.end + rules.slack_ms);
-        (a.onset_ms >= lo && a.onset_ms <= hi) || (a.detected_ms >= lo && a.detected_ms <= hi)
-    };
     // Earliest alert per truth incident.
     let mut first: Vec<Option<&Alert>> = vec![None; ts.len()];
     let mut misread_of: Vec<bool> = vec![false; ts.len()];
     let (mut matched, mut misread) = (0, 0);
     let mut fa_list = Vec::new();
     let mut misread_list = Vec::new();
-    for a in alerts {
-        let cands: Vec<usize> = (0..ts.len())
-            .filter(|&i| {
-                let t = &ts[i];
-                t.t.metric == a.metric && same_series(&t.t.series, &a.series) && in_time(a, t)
-            })
-            .collect();
-        let best = cands
-            .iter()
-            .copied()
-            .filter(|&i| compatible(&ts[i].t.kind, ts[i].t.magnitude, &a.kind))
-            .min_by_key(|&i| (!ts[i].t.required, (ts[i].start - a.onset_ms).abs()));
-        if let Some(i) = best {
-            matched += 1;
-            if first[i]
-                .map(|f| a.detected_ms < f.detected_ms)
-                .unwrap_or(true)
-            {
-                first[i] = Some(a);
+    for (a, m) in alerts.iter().zip(match_alerts(&ts, alerts, rules)) {
+        match m {
+            Match::Truth(i) => {
+                matched += 1;
+                if first[i]
+                    .map(|f| a.detected_ms < f.detected_ms)
+                    .unwrap_or(true)
+                {
+                    first[i] = Some(a);
+                }
             }
-        } else if let Some(&i) = cands.iter().find(|&&i| is_misread(&ts[i].t.kind, &a.kind)) {
-            misread += 1;
-            misread_of[i] = true;
-            misread_list.push(AlertBrief::of(a, Some(&ts[i].t.id)));
-        } else {
-            fa_list.push(AlertBrief::of(a, None));
+            Match::Misread(i) => {
+                misread += 1;
+                misread_of[i] = true;
+                misread_list.push(AlertBrief::of(a, Some(&ts[i].t.id)));
+            }
+            Match::None => fa_list.push(AlertBrief::of(a, None)),
         }
     }
     let mut outcomes = Vec::new();
@@ -446,7 +522,275 @@ pub fn score(
         outcomes,
         false_alarm_list: fa_list,
         misread_list,
+        attribution: None,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attribution: which change is blamed, what is rolled back, where the onset is, how many pages
+
+/// A rollback request of `rollbacks.jsonl` (contract section 4) as the scorer needs it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RollbackReq {
+    /// The CloudEvent `id`.
+    pub id: String,
+    pub change_id: String,
+    pub incident_id: String,
+}
+
+impl RollbackReq {
+    pub fn new(id: &str, change_id: &str, incident_id: &str) -> RollbackReq {
+        RollbackReq {
+            id: id.into(),
+            change_id: change_id.into(),
+            incident_id: incident_id.into(),
+        }
+    }
+}
+
+/// The rollback requests of a `rollbacks.jsonl`, once each by CloudEvent `id` (a missing file
+/// has none).
+pub fn read_rollbacks(path: &Path) -> anyhow::Result<Vec<RollbackReq>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let id = v["id"].as_str().unwrap_or_default().to_string();
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        out.push(RollbackReq {
+            id,
+            change_id: v["data"]["change_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            incident_id: v["data"]["incident_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// A detected truth record whose detecting alert did not name its change first.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AttributionMiss {
+    /// The truth record.
+    pub id: String,
+    pub change_id: String,
+    pub alert_id: String,
+    /// The alert's first candidate (None: it named no change).
+    pub named: Option<String>,
+}
+
+/// Pages of one cause (a scenario incident).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CausePages {
+    pub source: String,
+    /// Alerts matched to the cause's truth records.
+    pub alerts: usize,
+    /// Distinct `group_id` among them.
+    pub pages: usize,
+}
+
+/// Blame, rollbacks, onset intervals and pages of one detector's alerts.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Attribution {
+    /// Detected required truth records that have a `change_id`.
+    pub top1_n: usize,
+    /// ... whose detecting alert names that change first.
+    pub top1_correct: usize,
+    pub top1_accuracy: Option<f64>,
+    pub top1_misses: Vec<AttributionMiss>,
+    /// Rollback requests (distinct CloudEvent ids).
+    pub rollbacks: usize,
+    /// Requests naming a harmless change of the truth (must be 0).
+    pub harmless_rolled_back: usize,
+    /// The harmless changes they name.
+    pub harmless_rolled_back_changes: Vec<String>,
+    /// Requests per harmful change (0: never rolled back; ideally 1).
+    pub rollbacks_per_harmful_change: BTreeMap<String, usize>,
+    /// Requests naming a change the truth does not know.
+    pub unknown_change_rollbacks: usize,
+    /// Detected required drop and spike records.
+    pub onset_n: usize,
+    /// ... whose detecting alert's onset interval holds the true start:
+    /// `onset_low <= start < onset_high + window`.
+    pub onset_covered: usize,
+    pub onset_coverage: Option<f64>,
+    /// ... whose detecting alert has an onset interval at all.
+    pub onset_intervals: usize,
+    /// Windows in the interval, `(onset_high - onset_low) / window + 1`, median.
+    pub onset_width_windows_median: Option<f64>,
+    /// `|onset - true start|` in windows, median.
+    pub onset_error_windows_median: Option<f64>,
+    /// Causes (scenario incidents) with a detected required record.
+    pub causes: usize,
+    pub pages_per_cause_mean: Option<f64>,
+    pub pages_per_cause_max: Option<usize>,
+    pub pages: Vec<CausePages>,
+    /// All firing alerts (first message per incident) and their distinct groups.
+    pub firing_alerts: usize,
+    pub groups: usize,
+}
+
+/// Scores attribution: `scored` is [`score`]'s result for the same `truth` and `alerts`.
+///
+/// - **Top-1 attribution accuracy**: over the detected required truth records with a
+///   `change_id`, the share whose detecting alert (the earliest matching one, as for recall)
+///   has that change as its first candidate.
+/// - **Harmless changes rolled back**: requests naming a change that `truth.changes` lists as
+///   harmless; and requests per harmful change (a change of `truth.changes` marked harmful,
+///   or named by a required truth record).
+/// - **Onset-interval coverage**: over the detected required drops and spikes, the share whose
+///   detecting alert has `onset_low <= start < onset_high + window` (no interval: not
+///   covered); the median width of the interval in windows and the median `|onset - start|`.
+/// - **Pages per cause**: alerts are matched to truth records as for precision; per scenario
+///   incident (`source`) with a detected required record, the distinct `group_id` of the
+///   alerts matched to any of its records (an alert without a group is its own).
+pub fn attribution(
+    truth: &Truth,
+    alerts: &[Alert],
+    scored: &DetectorScore,
+    rollbacks: &[RollbackReq],
+    rules: &Rules,
+) -> anyhow::Result<Attribution> {
+    let ts = parse_truth(truth)?;
+    anyhow::ensure!(
+        scored.outcomes.len() == ts.len(),
+        "attribution: the score is of another truth ({} outcomes, {} records)",
+        scored.outcomes.len(),
+        ts.len()
+    );
+    let w = rules.window_ms as f64;
+    let by_id: HashMap<&str, &Alert> = alerts.iter().map(|a| (a.id.as_str(), a)).collect();
+    let detecting = |i: usize| {
+        scored.outcomes[i]
+            .alert_id
+            .as_deref()
+            .and_then(|id| by_id.get(id).copied())
+    };
+    let mut r = Attribution::default();
+    let (mut widths, mut errors) = (Vec::new(), Vec::new());
+    for (i, t) in ts.iter().enumerate() {
+        let Some(a) = detecting(i).filter(|_| t.t.required) else {
+            continue;
+        };
+        if let Some(c) = &t.t.change_id {
+            r.top1_n += 1;
+            let named = a.candidates.first();
+            if named == Some(c) {
+                r.top1_correct += 1;
+            } else {
+                r.top1_misses.push(AttributionMiss {
+                    id: t.t.id.clone(),
+                    change_id: c.clone(),
+                    alert_id: a.id.clone(),
+                    named: named.cloned(),
+                });
+            }
+        }
+        if matches!(t.t.kind.as_str(), "drop" | "spike") {
+            r.onset_n += 1;
+            errors.push((a.onset_ms - t.start).abs() as f64 / w);
+            if let (Some(lo), Some(hi)) = (a.onset_low_ms, a.onset_high_ms) {
+                r.onset_intervals += 1;
+                widths.push(((hi - lo) as f64 / w + 1.0).max(0.0));
+                if lo <= t.start && t.start < hi + rules.window_ms {
+                    r.onset_covered += 1;
+                }
+            }
+        }
+    }
+    let share = |n: usize, d: usize| (d > 0).then(|| n as f64 / d as f64);
+    r.top1_accuracy = share(r.top1_correct, r.top1_n);
+    r.onset_coverage = share(r.onset_covered, r.onset_n);
+    r.onset_width_windows_median = percentile(&widths, 0.5);
+    r.onset_error_windows_median = percentile(&errors, 0.5);
+
+    // Rollbacks.
+    let mut harmful: BTreeMap<String, usize> = truth
+        .changes
+        .iter()
+        .filter(|c| c.harmful)
+        .map(|c| (c.change_id.clone(), 0))
+        .collect();
+    for t in truth.incidents.iter().filter(|t| t.required) {
+        if let Some(c) = &t.change_id {
+            harmful.entry(c.clone()).or_insert(0);
+        }
+    }
+    let harmless: Vec<&str> = truth
+        .changes
+        .iter()
+        .filter(|c| !c.harmful && !harmful.contains_key(&c.change_id))
+        .map(|c| c.change_id.as_str())
+        .collect();
+    let known = |c: &str| truth.changes.iter().any(|x| x.change_id == c);
+    r.rollbacks = rollbacks.len();
+    for rb in rollbacks {
+        if let Some(n) = harmful.get_mut(&rb.change_id) {
+            *n += 1;
+        } else if harmless.contains(&rb.change_id.as_str()) {
+            r.harmless_rolled_back += 1;
+            if !r.harmless_rolled_back_changes.contains(&rb.change_id) {
+                r.harmless_rolled_back_changes.push(rb.change_id.clone());
+            }
+        } else if !known(&rb.change_id) {
+            r.unknown_change_rollbacks += 1;
+        }
+    }
+    r.rollbacks_per_harmful_change = harmful;
+
+    // Pages per cause.
+    let matches = match_alerts(&ts, alerts, rules);
+    let mut groups: BTreeMap<&str, (usize, std::collections::BTreeSet<&str>)> = BTreeMap::new();
+    for (a, m) in alerts.iter().zip(&matches) {
+        if let Match::Truth(i) = m {
+            let e = groups.entry(ts[*i].t.source.as_str()).or_default();
+            e.0 += 1;
+            e.1.insert(a.group());
+        }
+    }
+    for (i, t) in ts.iter().enumerate() {
+        if !(t.t.required && scored.outcomes[i].detected) {
+            continue;
+        }
+        if r.pages.iter().any(|p| p.source == t.t.source) {
+            continue;
+        }
+        let (n, g) = groups
+            .get(t.t.source.as_str())
+            .map(|(n, g)| (*n, g.len()))
+            .unwrap_or((0, 0));
+        r.pages.push(CausePages {
+            source: t.t.source.clone(),
+            alerts: n,
+            pages: g,
+        });
+    }
+    r.causes = r.pages.len();
+    r.pages_per_cause_mean = (r.causes > 0)
+        .then(|| r.pages.iter().map(|p| p.pages as f64).sum::<f64>() / r.causes as f64);
+    r.pages_per_cause_max = r.pages.iter().map(|p| p.pages).max();
+    r.firing_alerts = alerts.len();
+    r.groups = alerts
+        .iter()
+        .map(Alert::group)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    Ok(r)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -756,6 +1100,10 @@ pub fn naive_alerts(data: &SeriesData, rule: &NaiveRule) -> Vec<Alert> {
                     expected: Some(tn / td),
                     expected_low: Some(rule.below * tn / td),
                     expected_high: Some(rule.above * tn / td),
+                    onset_low_ms: None,
+                    onset_high_ms: None,
+                    group_id: None,
+                    candidates: Vec::new(),
                 });
             }
             state = now;
@@ -1409,6 +1757,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         series_weeks,
         Some(&data),
     )?;
+    let rollbacks = read_rollbacks(&replay_out.join("rollbacks.jsonl"))?;
+    engine.attribution = Some(attribution(&truth, &alerts, &engine, &rollbacks, &rules)?);
     let rule = NaiveRule {
         trailing_windows: (7 * 86_400_000 / window_ms) as usize,
         warmup_windows: cfg.detection.warmup_windows as usize,
@@ -1576,6 +1926,89 @@ fn pct(m: f64, kind: &str) -> String {
     }
 }
 
+fn frac(n: usize, d: usize, x: Option<f64>) -> String {
+    match x {
+        Some(x) => format!("{n}/{d} = {x:.2}"),
+        None => "– (none)".into(),
+    }
+}
+
+/// The attribution section of the report.
+pub fn attribution_md(a: &Attribution) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "\n**Attribution** (guardrail): top-1 = the detecting alert's first candidate is the truth's change (detected required records with a change); harmless rolled back = rollback requests naming a harmless change (must be 0); onset coverage = the detecting alert's onset interval holds the true start (detected required drops and spikes); pages = distinct `group_id` per cause.\n");
+    let _ = writeln!(o, "| top-1 attribution | harmless changes rolled back | rollbacks per harmful change (mean / max; never) | onset-interval coverage | interval width, median (windows) | onset error, median (windows) | pages per cause (mean / max) | firing alerts / groups |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    let per: Vec<usize> = a.rollbacks_per_harmful_change.values().copied().collect();
+    let never = per.iter().filter(|n| **n == 0).count();
+    let mean = (!per.is_empty()).then(|| per.iter().sum::<usize>() as f64 / per.len() as f64);
+    let _ = writeln!(
+        o,
+        "| {} | {} | {} / {}; {} of {} | {} ({} with an interval) | {} | {} | {} / {} over {} causes | {} / {} |",
+        frac(a.top1_correct, a.top1_n, a.top1_accuracy),
+        a.harmless_rolled_back,
+        opt(mean, 2),
+        per.iter().max().map(|m| m.to_string()).unwrap_or_else(|| "–".into()),
+        never,
+        per.len(),
+        frac(a.onset_covered, a.onset_n, a.onset_coverage),
+        a.onset_intervals,
+        opt(a.onset_width_windows_median, 1),
+        opt(a.onset_error_windows_median, 1),
+        opt(a.pages_per_cause_mean, 2),
+        a.pages_per_cause_max.map(|m| m.to_string()).unwrap_or_else(|| "–".into()),
+        a.causes,
+        a.firing_alerts,
+        a.groups,
+    );
+    if !a.top1_misses.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nNot named first: {}.",
+            a.top1_misses
+                .iter()
+                .map(|m| format!(
+                    "{} ({} named {})",
+                    m.id,
+                    m.alert_id,
+                    m.named.as_deref().unwrap_or("none")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    if !a.rollbacks_per_harmful_change.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nRollback requests per harmful change: {}.",
+            a.rollbacks_per_harmful_change
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if a.harmless_rolled_back > 0 || a.unknown_change_rollbacks > 0 {
+        let _ = writeln!(
+            o,
+            "\n**Harmless changes rolled back: {}** ({} requests); requests naming an unknown change: {}.",
+            a.harmless_rolled_back_changes.join(", "),
+            a.harmless_rolled_back,
+            a.unknown_change_rollbacks
+        );
+    }
+    let many: Vec<String> = a
+        .pages
+        .iter()
+        .filter(|p| p.pages > 1)
+        .map(|p| format!("{} {} ({} alerts)", p.source, p.pages, p.alerts))
+        .collect();
+    if !many.is_empty() {
+        let _ = writeln!(o, "\nCauses paged more than once: {}.", many.join(", "));
+    }
+    o
+}
+
 impl BenchReport {
     fn detectors(&self) -> [&DetectorScore; 3] {
         [&self.engine, &self.static_rule, &self.static_rule_for]
@@ -1642,6 +2075,9 @@ impl BenchReport {
                 opt(d.delay_events_median, 0),
                 opt(d.delay_events_p90, 0),
             );
+        }
+        if let Some(a) = &self.engine.attribution {
+            o.push_str(&attribution_md(a));
         }
         let _ = writeln!(o, "\n**Recall by kind** (required incidents)\n");
         let _ = writeln!(
@@ -1822,6 +2258,274 @@ mod tests {
         // At the pre rate it never crosses.
         let w: Vec<(f64, f64)> = (0..20).map(|_| (100.0, 1000.0)).collect();
         assert_eq!(cusum_oracle(Family::Binomial, &w, 0.1, 0.08, 0.0, h), None);
+    }
+
+    const W: i64 = 300_000;
+
+    fn t0() -> i64 {
+        parse_time_str("2026-11-02T00:00:00Z").unwrap()
+    }
+
+    fn rec(
+        id: &str,
+        kind: &str,
+        series: &[(&str, &str)],
+        start_w: i64,
+        change: Option<&str>,
+    ) -> TruthIncident {
+        TruthIncident {
+            id: id.into(),
+            kind: kind.into(),
+            metric: if kind == "spike" {
+                "support_tickets_per_session".into()
+            } else {
+                "conversion_rate".into()
+            },
+            series: series
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            start: fmt_time(t0() + start_w * W + 60_000),
+            end: fmt_time(t0() + (start_w + 24) * W),
+            magnitude: if kind == "spike" { 1.0 } else { -0.3 },
+            pre: 0.1,
+            post: 0.07,
+            volume_per_window: 100.0,
+            change_id: change.map(str::to_string),
+            required: !id.contains('~'),
+            source: id.split(['~', ':']).next().unwrap().into(),
+            cause: "change".into(),
+            sd: None,
+        }
+    }
+
+    fn change(id: &str, harmful: bool) -> crate::scenario::TruthChange {
+        crate::scenario::TruthChange {
+            change_id: id.into(),
+            harmful,
+            start: fmt_time(t0()),
+            record_ts: fmt_time(t0()),
+            end: fmt_time(t0() + 86_400_000),
+            country: None,
+            holdout: None,
+            rollout: false,
+            source: id.into(),
+            tier: "human".into(),
+        }
+    }
+
+    /// Two harmful changes (FR conversions and tickets; US conversions), a DE drop without a
+    /// change, a harmless change; the FR drop's echo in the total.
+    fn attr_truth() -> Truth {
+        let fr = [("country", "FR")];
+        Truth {
+            scenario: "attr".into(),
+            seed: 0,
+            start: fmt_time(t0()),
+            end: fmt_time(t0() + 86_400_000),
+            window_secs: 300,
+            incidents: vec![
+                rec("fr", "drop", &fr, 100, Some("chg-fr")),
+                rec("fr:tickets", "spike", &fr, 100, Some("chg-fr")),
+                rec("fr~total", "drop", &[], 100, Some("chg-fr")),
+                rec("us", "drop", &[("country", "US")], 150, Some("chg-us")),
+                rec("de", "drop", &[("country", "DE")], 200, None),
+            ],
+            series: Vec::new(),
+            series_weeks: 1.0,
+            generated: Default::default(),
+            changes: vec![
+                change("chg-fr", true),
+                change("chg-us", true),
+                change("chg-nice", false),
+            ],
+        }
+    }
+
+    fn al(id: &str, truth: &TruthIncident, onset_w: i64, det_w: i64) -> Alert {
+        let series: Vec<(&str, &str)> = truth
+            .series
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Alert::new(
+            id,
+            &truth.metric,
+            &series,
+            &truth.kind,
+            t0() + onset_w * W,
+            t0() + det_w * W,
+        )
+    }
+
+    #[test]
+    fn attribution_scores_blame_rollbacks_onsets_and_pages() {
+        let truth = attr_truth();
+        let t = &truth.incidents;
+        let rules = Rules {
+            window_ms: W,
+            slack_ms: 6 * W,
+        };
+        let mut a = vec![
+            // fr: named right; its interval [99, 101] holds the start (inside window 100).
+            al("a-fr", &t[0], 100, 104),
+            // fr's tickets: the harmless change named first; no interval.
+            al("a-frt", &t[1], 101, 110),
+            // A later alert on fr (not the detecting one): it names nothing.
+            al("a-fr2", &t[0], 100, 120),
+            // The echo in the total, in fr's group.
+            al("a-tot", &t[2], 102, 108),
+            // us: right; the interval [152, 153] starts after the true start (window 150).
+            al("a-us", &t[3], 152, 156),
+            // de: no change to name (not in top-1); the interval [199, 200] holds the start
+            // in its last window (the start is 1 minute into window 200).
+            al("a-de", &t[4], 199, 203),
+            // A false alarm.
+            al("a-fa", &t[4], 400, 405),
+        ];
+        a[0].candidates = vec!["chg-fr".into(), "chg-nice".into()];
+        a[0].onset_low_ms = Some(t0() + 99 * W);
+        a[0].onset_high_ms = Some(t0() + 101 * W);
+        a[0].group_id = Some("g-fr".into());
+        a[1].candidates = vec!["chg-nice".into(), "chg-fr".into()];
+        a[1].group_id = Some("g-fr-tickets".into());
+        a[3].group_id = Some("g-fr".into());
+        a[3].candidates = vec!["chg-fr".into()];
+        a[4].candidates = vec!["chg-us".into()];
+        a[4].onset_low_ms = Some(t0() + 152 * W);
+        a[4].onset_high_ms = Some(t0() + 153 * W);
+        a[5].onset_low_ms = Some(t0() + 199 * W);
+        a[5].onset_high_ms = Some(t0() + 200 * W);
+        let s = score("guardrail", &truth, &a, &rules, 1.0, None).unwrap();
+        assert_eq!((s.required, s.detected, s.false_alarms), (4, 4, 1));
+        let rb = [
+            RollbackReq::new("rb-1", "chg-fr", "inc-1"),
+            RollbackReq::new("rb-1", "chg-fr", "inc-1"), // the same request re-read
+            RollbackReq::new("rb-2", "chg-fr", "inc-2"),
+            RollbackReq::new("rb-3", "chg-nice", "inc-3"),
+            RollbackReq::new("rb-4", "chg-nope", "inc-4"),
+        ];
+        // read_rollbacks dedups by id; given twice here, both count.
+        let x = attribution(&truth, &a, &s, &rb, &rules).unwrap();
+        // Top-1: fr right, fr:tickets wrong (named chg-nice), us right; de has no change and
+        // the echo is not required.
+        assert_eq!((x.top1_n, x.top1_correct), (3, 2));
+        assert!((x.top1_accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(
+            x.top1_misses,
+            vec![AttributionMiss {
+                id: "fr:tickets".into(),
+                change_id: "chg-fr".into(),
+                alert_id: "a-frt".into(),
+                named: Some("chg-nice".into()),
+            }]
+        );
+        // Onsets: fr covered, fr:tickets no interval, us not covered, de covered.
+        assert_eq!((x.onset_n, x.onset_intervals, x.onset_covered), (4, 3, 2));
+        assert_eq!(x.onset_coverage, Some(0.5));
+        // Widths 3, 2, 2 windows; |onset - start| 0.2, 0.8, 1.8, 1.2 windows (the starts are
+        // 1 minute into their window).
+        assert_eq!(x.onset_width_windows_median, Some(2.0));
+        assert!((x.onset_error_windows_median.unwrap() - 1.0).abs() < 1e-9);
+        // Rollbacks: chg-fr 3 (rb-1 twice as given), chg-us 0, chg-nice 1 (harmless), one
+        // unknown.
+        assert_eq!(x.rollbacks, 5);
+        assert_eq!(x.harmless_rolled_back, 1);
+        assert_eq!(x.harmless_rolled_back_changes, vec!["chg-nice".to_string()]);
+        assert_eq!(x.unknown_change_rollbacks, 1);
+        assert_eq!(
+            x.rollbacks_per_harmful_change,
+            [("chg-fr".to_string(), 3), ("chg-us".to_string(), 0)]
+                .into_iter()
+                .collect()
+        );
+        // Pages: fr's four alerts (a-fr, a-frt, a-fr2, a-tot) in three groups (g-fr,
+        // g-fr-tickets, a-fr2 alone); us one, de one.
+        assert_eq!(x.causes, 3);
+        let p = |src: &str| x.pages.iter().find(|p| p.source == src).unwrap().clone();
+        assert_eq!((p("fr").alerts, p("fr").pages), (4, 3));
+        assert_eq!((p("us").alerts, p("us").pages), (1, 1));
+        assert_eq!(x.pages_per_cause_max, Some(3));
+        assert!((x.pages_per_cause_mean.unwrap() - 5.0 / 3.0).abs() < 1e-12);
+        assert_eq!((x.firing_alerts, x.groups), (7, 6));
+        // The markdown names the miss and the harmless rollback.
+        let md = attribution_md(&x);
+        assert!(md.contains("| 2/3 = 0.67 | 1 |"), "{md}");
+        assert!(md.contains("fr:tickets (a-frt named chg-nice)"), "{md}");
+        assert!(
+            md.contains("Harmless changes rolled back: chg-nice"),
+            "{md}"
+        );
+        // Without the engine's new fields: nothing named, nothing covered, one group each.
+        let plain: Vec<Alert> = a
+            .iter()
+            .map(|x| Alert::new(&x.id, &x.metric, &[], &x.kind, x.onset_ms, x.detected_ms))
+            .map(|mut y| {
+                y.series = a.iter().find(|z| z.id == y.id).unwrap().series.clone();
+                y
+            })
+            .collect();
+        let s = score("guardrail", &truth, &plain, &rules, 1.0, None).unwrap();
+        let x = attribution(&truth, &plain, &s, &[], &rules).unwrap();
+        assert_eq!((x.top1_n, x.top1_correct, x.onset_covered), (3, 0, 0));
+        assert_eq!(x.top1_misses[0].named, None);
+        assert_eq!(x.onset_width_windows_median, None);
+        assert_eq!((x.firing_alerts, x.groups), (7, 7));
+        assert_eq!(x.harmless_rolled_back, 0);
+        assert!(attribution_md(&x).contains("a-fr named none"));
+    }
+
+    #[test]
+    fn alerts_and_rollbacks_are_read_with_and_without_the_new_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("alerts.jsonl");
+        std::fs::write(
+            &p,
+            concat!(
+                r#"{"incident_id":"i1","status":"firing","metric":"m","series":{"country":"FR"},"kind":"drop","onset":"2026-11-02T10:00:00Z","detected_at":"2026-11-02T10:30:00Z","onset_low":"2026-11-02T09:50:00Z","onset_high":"2026-11-02T10:05:00Z","group_id":"g1","candidate_changes":[{"change_id":"c1","score":0.9,"evidence":"x"},{"change_id":"c2","score":0.1,"evidence":"y"}]}"#,
+                "\n",
+                r#"{"incident_id":"i1","status":"firing","metric":"m","series":{},"kind":"drop","onset":"2026-11-02T10:00:00Z","detected_at":"2026-11-02T11:00:00Z","group_id":"other"}"#,
+                "\n",
+                r#"{"incident_id":"i2","status":"firing","metric":"m","series":{},"kind":"spike","onset":"2026-11-02T12:00:00Z","detected_at":"2026-11-02T12:30:00Z","candidate_changes":[]}"#,
+                "\n",
+                r#"{"incident_id":"i2","status":"resolved","metric":"m","series":{},"kind":"spike","onset":"2026-11-02T12:00:00Z","detected_at":"2026-11-02T12:30:00Z"}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let a = read_alerts(&p).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].onset_low_ms, parse_time_str("2026-11-02T09:50:00Z"));
+        assert_eq!(a[0].onset_high_ms, parse_time_str("2026-11-02T10:05:00Z"));
+        assert_eq!(a[0].group(), "g1");
+        assert_eq!(a[0].candidates, vec!["c1".to_string(), "c2".to_string()]);
+        assert_eq!((a[1].onset_low_ms, a[1].onset_high_ms), (None, None));
+        assert_eq!(a[1].group(), "i2");
+        assert!(a[1].candidates.is_empty());
+        let r = dir.path().join("rollbacks.jsonl");
+        assert!(
+            read_rollbacks(&r).unwrap().is_empty(),
+            "no file, no requests"
+        );
+        std::fs::write(
+            &r,
+            concat!(
+                r#"{"specversion":"1.0","id":"rb-1","data":{"change_id":"c1","incident_id":"i1"}}"#,
+                "\n",
+                r#"{"specversion":"1.0","id":"rb-1","data":{"change_id":"c1","incident_id":"i1"}}"#,
+                "\n",
+                r#"{"specversion":"1.0","id":"rb-2","data":{"change_id":"c2","incident_id":"i2"}}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            read_rollbacks(&r).unwrap(),
+            vec![
+                RollbackReq::new("rb-1", "c1", "i1"),
+                RollbackReq::new("rb-2", "c2", "i2")
+            ]
+        );
     }
 
     #[test]

@@ -130,6 +130,7 @@ fn hand_truth() -> Truth {
         }],
         series_weeks: 2.0,
         generated: GenStats::default(),
+        changes: Vec::new(),
     }
 }
 
@@ -584,6 +585,40 @@ fn small_scenario_reports_outages_and_mix_shifts_as_their_own_kinds() {
     assert!(brand.detected, "{brand:?}");
     // Every required incident is found.
     assert_eq!(e.detected, e.required, "{:#?}", e.outcomes);
+}
+
+#[test]
+fn small_scenario_rolls_back_no_harmless_change() {
+    let (r, _, truth) = small_bench();
+    // The scenario has a harmless change in force beside a harmful one, and a sparse side
+    // effect (LU tickets, well under one a window).
+    assert!(
+        truth.changes.iter().any(|c| !c.harmful),
+        "{:?}",
+        truth.changes
+    );
+    assert!(truth
+        .incidents
+        .iter()
+        .any(|t| t.source == "chg-lu-sparse" && t.required && t.pre * t.volume_per_window < 1.0));
+    let a = r
+        .engine
+        .attribution
+        .as_ref()
+        .expect("the engine's score has its attribution section");
+    println!("{}", guardrail::score::attribution_md(a));
+    assert_eq!(
+        a.harmless_rolled_back, 0,
+        "harmless changes rolled back: {:?}",
+        a.harmless_rolled_back_changes
+    );
+    assert!(a.top1_n >= 3, "{a:#?}");
+    // The floors of issue 18 on the CI scenario (measured: 4/4, 8/8, at most 1 page a cause).
+    assert!(a.top1_accuracy.unwrap_or(0.0) >= 0.95, "top-1: {a:#?}");
+    assert!(a.onset_coverage.unwrap_or(0.0) >= 0.85, "onset coverage: {a:#?}");
+    assert!(a.pages_per_cause_max.unwrap_or(99) <= 2, "pages: {a:#?}");
+    // Every alert carries a group, and every drop or spike its onset's set.
+    assert_eq!(a.onset_intervals, a.onset_n, "{a:#?}");
 }
 
 #[test]
