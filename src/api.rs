@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub changes: Vec<ChangeState>,
     pub watermark: Option<String>,
     pub series: usize,
+    /// The engine's window, in ms (0: unknown; pages then infer it from a series' history).
+    pub window_ms: i64,
 }
 
 impl Snapshot {
@@ -88,6 +90,7 @@ impl Snapshot {
             changes: eng.registry.all().cloned().collect(),
             watermark: eng.watermark_ms().map(fmt_time),
             series: eng.series_count(),
+            window_ms: eng.window_ms(),
         }
     }
 }
@@ -374,13 +377,22 @@ async fn whoami(
     Ok(Json(authorize_actor(&s, &headers, Permission::Read)?))
 }
 
+/// The query of `GET /api/incidents`: `?group=GRP` lists one group's incidents. Other
+/// parameters are ignored, as they were before there were any.
+#[derive(Debug, Default, Deserialize)]
+struct ListQuery {
+    group: Option<String>,
+}
+
 async fn list_incidents(
     State(s): State<Arc<ApiState>>,
     headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Permission::Read)?;
     let watermark = s.snap().watermark.clone();
-    let (incidents, peers) = group_incidents(&s, &headers, "/api/incidents").await;
+    let (incidents, peers) =
+        group_incidents(&s, &headers, "/api/incidents", q.group.as_deref()).await;
     Ok(incident_list(watermark, incidents, peers))
 }
 
@@ -538,16 +550,20 @@ async fn gather_from_peers(
 }
 
 /// Every incident of the instance group: this instance's, then its peers' (asked at
-/// `peer_path`), one per id, in the order they were detected.
+/// `peer_path`), one per id, in the order they were detected. `group`: only the incidents of
+/// that group (`group_id`); peers are asked for their whole list and filtered here, so a peer
+/// that does not know groups yet still answers.
 async fn group_incidents(
     s: &ApiState,
     headers: &HeaderMap,
     peer_path: &str,
+    group: Option<&str>,
 ) -> (Vec<serde_json::Value>, Vec<PeerReport>) {
     let snap = s.snap();
     let mut list: Vec<serde_json::Value> = snap
         .incidents
         .iter()
+        .filter(|i| group.map_or(true, |g| i.incident.group_id == g))
         .map(|i| serde_json::to_value(i).unwrap_or_default())
         .collect();
     let (theirs, reports) = gather_from_peers(s, headers, peer_path, "incidents").await;
@@ -557,13 +573,69 @@ async fn group_incidents(
             .filter_map(|v| v["id"].as_str().map(str::to_string))
             .collect();
         list.extend(theirs.into_iter().filter(|v| {
-            v["id"]
-                .as_str()
-                .is_some_and(|id| seen.insert(id.to_string()))
+            group.map_or(true, |g| v["group_id"].as_str() == Some(g))
+                && v["id"]
+                    .as_str()
+                    .is_some_and(|id| seen.insert(id.to_string()))
         }));
         list.sort_by_key(|v| v["detected_ms"].as_i64().unwrap_or(0));
     }
     (list, reports)
+}
+
+/// An incident's group id in its JSON: `None` when it has none (an older peer's incident, or
+/// one the engine left ungrouped), so that it forms a group of its own.
+fn group_of(v: &serde_json::Value) -> Option<&str> {
+    v["group_id"].as_str().filter(|g| !g.is_empty())
+}
+
+/// The incidents (as JSON) gathered by cause: one group per `group_id`, and one per incident
+/// without one. In each group the leader comes first: the most specific series (most
+/// dimensions), then the highest score, then the earliest detection (then the id, so the
+/// choice never depends on the order incidents arrived in); the other members follow in order
+/// of detection. Groups come newest activity first (latest detection of a member), as the
+/// incidents did before they were grouped.
+fn group_by_cause(incidents: &[serde_json::Value]) -> Vec<Vec<&serde_json::Value>> {
+    let mut groups: Vec<Vec<&serde_json::Value>> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for v in incidents {
+        match group_of(v) {
+            Some(g) => match index.get(g) {
+                Some(k) => groups[*k].push(v),
+                None => {
+                    index.insert(g, groups.len());
+                    groups.push(vec![v]);
+                }
+            },
+            None => groups.push(vec![v]),
+        }
+    }
+    let detected = |v: &serde_json::Value| v["detected_ms"].as_i64().unwrap_or(0);
+    let id = |v: &serde_json::Value| v["id"].as_str().unwrap_or("").to_string();
+    let dims = |v: &serde_json::Value| v["series"].as_object().map_or(0, |m| m.len());
+    let score = |v: &serde_json::Value| v["score"].as_f64().unwrap_or(f64::NEG_INFINITY);
+    for g in &mut groups {
+        g.sort_by_key(|a| (detected(a), id(a)));
+        let lead = (0..g.len())
+            .max_by(|i, j| {
+                let (a, b) = (g[*i], g[*j]);
+                dims(a)
+                    .cmp(&dims(b))
+                    .then(score(a).total_cmp(&score(b)))
+                    .then(detected(b).cmp(&detected(a)))
+                    .then(id(b).cmp(&id(a)))
+            })
+            .unwrap_or(0);
+        let leader = g.remove(lead);
+        g.insert(0, leader);
+    }
+    let latest = |g: &Vec<&serde_json::Value>| g.iter().map(|v| detected(v)).max().unwrap_or(0);
+    groups.sort_by(|a, b| {
+        latest(b)
+            .cmp(&latest(a))
+            .then_with(|| id(a[0]).cmp(&id(b[0])))
+    });
+    groups
 }
 
 async fn list_changes(
@@ -769,7 +841,8 @@ th{background:#f4f4f6}.firing{color:#b00}.resolved{color:#070}.num{text-align:ri
 .chartbox{border:1px solid #ddd;padding:.5em;display:inline-block;background:#fff}\
 .legend{font-size:.85em;color:#444;margin:.3em 0 0}.legend span{margin-right:1.2em;white-space:nowrap}\
 .sw{display:inline-block;width:1.6em;height:.7em;vertical-align:middle;margin-right:.35em}\
-.action{font-weight:bold;font-size:1.1em}code{background:#f4f4f6;padding:0 .2em}";
+.action{font-weight:bold;font-size:1.1em}code{background:#f4f4f6;padding:0 .2em}\
+tr.group-row td{border-bottom:none}tr.group-line td{border-top:none;padding-top:0;font-size:.85em;color:#444}";
 
 fn status_str(inc: &Incident) -> &'static str {
     if inc.status == crate::engine::IncidentStatus::Firing {
@@ -819,10 +892,62 @@ fn hhmm(ms: i64) -> String {
 
 /// `?format=json` on `/incidents`: the page's data, with the page's (open) access. Peers
 /// gather each other's lists for the page this way, since the page itself carries no token.
+/// `?group=GRP`: one group's incidents (HTML: one row each; JSON: the filtered list).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PageQuery {
     format: Option<String>,
+    group: Option<String>,
+}
+
+/// The cells of an incident's row on the list, from its JSON (the peers' come as JSON):
+/// id, status, metric, series, kind, severity, effect, decision, detected.
+fn incident_cells(v: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| esc(v.as_str().unwrap_or("-"));
+    let series = v["series"].as_object().map(series_str).unwrap_or_default();
+    format!(
+        "<td><a href=\"/incidents/{href}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:+.1}%</td><td>{}</td><td>{}</td>",
+        text(&v["metric"]),
+        esc(&series),
+        text(&v["kind"]),
+        text(&v["severity"]),
+        v["effect"].as_f64().unwrap_or(0.0) * 100.0,
+        text(&v["decision"]["action"]),
+        text(&v["detected_at"]),
+        href = pct_encode(v["id"].as_str().unwrap_or("")),
+        id = text(&v["id"]),
+        st = json_status(v),
+    )
+}
+
+fn json_status(v: &serde_json::Value) -> &'static str {
+    if v["status"] == "firing" {
+        "firing"
+    } else {
+        "resolved"
+    }
+}
+
+/// `metric series` of an incident's JSON, escaped: `conversion_rate country=FR`.
+fn json_label(v: &serde_json::Value) -> String {
+    let series = v["series"].as_object().map(series_str).unwrap_or_default();
+    esc(&format!("{} {series}", v["metric"].as_str().unwrap_or("-")))
+}
+
+/// The link to the list of one group's incidents.
+fn group_href(group: &str) -> String {
+    format!("/incidents?group={}", pct_encode(group))
+}
+
+/// `N incident(s)`, and how many fire when some do.
+fn count_str(members: &[&serde_json::Value]) -> String {
+    let n = members.len();
+    let firing = members.iter().filter(|v| v["status"] == "firing").count();
+    let mut out = format!("{n} incident{}", if n == 1 { "" } else { "s" });
+    if firing > 0 && n > 1 {
+        out.push_str(&format!(", {firing} firing"));
+    }
+    out
 }
 
 async fn incidents_page(
@@ -841,27 +966,81 @@ async fn incidents_page(
         }
     };
     let watermark = s.snap().watermark.clone();
-    let (incidents, peers) = group_incidents(&s, &headers, "/incidents?format=json").await;
+    let group = q.group.as_deref();
+    let (incidents, peers) = group_incidents(&s, &headers, "/incidents?format=json", group).await;
     if json {
         return incident_list(watermark, incidents, peers);
     }
-    // Rendered from the incidents' JSON: the peers' come as JSON, and this keeps one table.
-    let text = |v: &serde_json::Value| esc(v.as_str().unwrap_or("-"));
     let mut rows = String::new();
-    for v in incidents.iter().rev() {
-        let series = v["series"].as_object().map(series_str).unwrap_or_default();
+    let (title, intro) = match group {
+        // One group: every member, newest first.
+        Some(g) => {
+            for v in incidents.iter().rev() {
+                rows.push_str(&format!(
+                    "<tr class=\"incident\">{}</tr>",
+                    incident_cells(v)
+                ));
+            }
+            let all: Vec<&serde_json::Value> = incidents.iter().collect();
+            (
+                format!("Incidents of group <code>{}</code>", esc(g)),
+                format!(
+                    "<p class=\"group-summary\" data-members=\"{}\">{}, one cause. <a href=\"/incidents\">&larr; all incidents</a></p>",
+                    all.len(),
+                    count_str(&all)
+                ),
+            )
+        }
+        // Every incident: one row per group, its leader's, and under it a line with the
+        // group, its count and the other members.
+        None => {
+            for members in group_by_cause(&incidents) {
+                let lead = members[0];
+                let mut line = match group_of(lead) {
+                    Some(g) => format!(
+                        "group <a href=\"{}\"><code>{}</code></a> &middot; {}",
+                        esc(&group_href(g)),
+                        esc(g),
+                        count_str(&members)
+                    ),
+                    None => format!("no group &middot; {}", count_str(&members)),
+                };
+                let others: Vec<String> = members[1..]
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "<a href=\"/incidents/{}\">{}</a> <span class=\"{st}\">{st}</span>",
+                            pct_encode(v["id"].as_str().unwrap_or("")),
+                            json_label(v),
+                            st = json_status(v),
+                        )
+                    })
+                    .collect();
+                if !others.is_empty() {
+                    line.push_str(&format!(
+                        " &middot; members: <span class=\"members\">{}</span>",
+                        others.join(", ")
+                    ));
+                }
+                rows.push_str(&format!(
+                    "<tr class=\"group-row\">{}</tr><tr class=\"group-line\"><td></td><td colspan=\"8\" class=\"group\" data-group=\"{}\" data-members=\"{}\">{line}</td></tr>",
+                    incident_cells(lead),
+                    esc(group_of(lead).unwrap_or("")),
+                    members.len(),
+                ));
+            }
+            ("Incidents".to_string(), String::new())
+        }
+    };
+    if rows.is_empty() {
         rows.push_str(&format!(
-            "<tr><td><a href=\"/incidents/{href}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{:+.1}%</td><td>{}</td><td>{}</td></tr>",
-            text(&v["metric"]),
-            esc(&series),
-            text(&v["kind"]),
-            text(&v["severity"]),
-            v["effect"].as_f64().unwrap_or(0.0) * 100.0,
-            text(&v["decision"]["action"]),
-            text(&v["detected_at"]),
-            href = pct_encode(v["id"].as_str().unwrap_or("")),
-            id = text(&v["id"]),
-            st = if v["status"] == "firing" { "firing" } else { "resolved" },
+            "<tr><td colspan=\"{}\" class=\"muted\">no incidents{}</td></tr>",
+            9,
+            if group.is_some() {
+                " in this group"
+            } else {
+                ""
+            }
         ));
     }
     let mut notes = String::new();
@@ -872,13 +1051,18 @@ async fn incidents_page(
             esc(p.error.as_deref().unwrap_or(p.status))
         ));
     }
-    let group = if peers.is_empty() {
+    let instances = if peers.is_empty() {
         String::new()
     } else {
         format!(" &middot; this instance and {} peer(s)", peers.len())
     };
+    let lead_note = if group.is_none() {
+        " &middot; one row per group of incidents with one cause (its most specific series)"
+    } else {
+        ""
+    };
     Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>guardrail incidents</title><style>{STYLE}</style></head><body><h1>Incidents</h1><p class=\"muted\">watermark {}{group}</p>{notes}<table><tr><th>id</th><th>status</th><th>metric</th><th>series</th><th>kind</th><th>severity</th><th>effect</th><th>decision</th><th>detected</th></tr>{rows}</table></body></html>",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>guardrail incidents</title><style>{STYLE}</style></head><body><h1>{title}</h1><p class=\"muted\">watermark {}{instances}{lead_note}</p>{intro}{notes}<table><tr><th>id</th><th>status</th><th>metric</th><th>series</th><th>kind</th><th>severity</th><th>effect</th><th>decision</th><th>detected</th></tr>{rows}</table></body></html>",
         esc(watermark.as_deref().unwrap_or("-"))
     ))
     .into_response()
@@ -933,16 +1117,13 @@ const M_TOP: f64 = 12.0;
 const M_BOTTOM: f64 = 40.0;
 
 /// The inline SVG chart of an incident's series: observed, expected and its band, change
-/// markers, onset, detection and resolution.
-fn chart_svg(i: &IncidentView, changes: &[ChangeState]) -> String {
+/// markers, onset (its estimate, and its 95% confidence set as a shaded band), detection and
+/// resolution.
+/// Also returns whether it drew the onset's confidence set (for the legend).
+fn chart_svg(i: &IncidentView, changes: &[ChangeState], window_ms: i64) -> (String, bool) {
     let inc = &i.incident;
     let h = &i.history;
-    let win = h
-        .windows(2)
-        .map(|p| p[1].start_ms - p[0].start_ms)
-        .filter(|d| *d > 0)
-        .min()
-        .unwrap_or(300_000);
+    let win = window_of(h, window_ms);
     let (t0, t1) = match (h.first(), h.last()) {
         (Some(a), Some(b)) => (a.start_ms, b.start_ms + win),
         _ => {
@@ -1013,6 +1194,24 @@ fn chart_svg(i: &IncidentView, changes: &[ChangeState]) -> String {
             x(span_b) - x(span_a),
             if inc.resolved_ms.is_some() { "resolution" } else { "now (firing)" }
         ));
+    }
+    // The onset's 95% confidence set: the windows it may have started in, shaded.
+    let mut drew_set = false;
+    if let Some((a, b)) = onset_span(inc, win) {
+        let (ca, cb) = (a.clamp(t0, t1), b.clamp(t0, t1));
+        if cb > ca {
+            // At least two pixels, so that a one-window set on a long chart stays visible.
+            let w = (x(cb) - x(ca)).max(2.0);
+            svg.push_str(&format!(
+                "<rect class=\"onset-set\" x=\"{:.1}\" y=\"{M_TOP}\" width=\"{w:.1}\" height=\"{ph:.1}\" fill=\"#ffb74d\" fill-opacity=\"0.45\" stroke=\"#ef6c00\" stroke-opacity=\"0.6\" stroke-dasharray=\"3 2\"><title>onset, 95% confidence set: {} to {} ({}); estimate {}</title></rect>",
+                x(ca),
+                esc(&fmt_time(a)),
+                esc(&fmt_time(b)),
+                windows_str((b - a) / win.max(1)),
+                esc(&fmt_time(inc.onset_ms)),
+            ));
+            drew_set = true;
+        }
     }
     // Value grid and ticks.
     // Enough decimals to tell the ticks apart (0.0025 needs four).
@@ -1231,17 +1430,154 @@ fn chart_svg(i: &IncidentView, changes: &[ChangeState]) -> String {
         ));
     }
     svg.push_str("</svg>");
-    svg
+    (svg, drew_set)
 }
 
-const LEGEND: &str = "<p class=\"legend\">\
+/// The chart's legend; `onset_set`: the chart shows the onset's confidence set.
+fn legend(onset_set: bool) -> String {
+    let mut out = String::from("<p class=\"legend\">\
 <span><i class=\"sw\" style=\"border-top:2px solid #0b2f6b;height:0\"></i>observed</span>\
 <span><i class=\"sw\" style=\"border-top:2px dashed #3a5a85;height:0\"></i>expected</span>\
 <span><i class=\"sw\" style=\"background:#8fb3e0;opacity:.6\"></i>99% band</span>\
 <span><i class=\"sw\" style=\"background:#d32f2f;width:.6em;height:.6em;border-radius:50%\"></i>outside the band</span>\
-<span><i class=\"sw\" style=\"background:#fde8e8\"></i>incident</span>\
-<span><i class=\"sw\" style=\"border-top:2px solid #7b1fa2;height:0\"></i>change applied</span>\
-<span><i class=\"sw\" style=\"border-top:2px dashed #00897b;height:0\"></i>change rolled back</span></p>";
+<span><i class=\"sw\" style=\"background:#fde8e8\"></i>incident</span>");
+    if onset_set {
+        out.push_str("<span class=\"legend-onset\"><i class=\"sw\" style=\"border-top:2px dotted #ef6c00;height:0\"></i>onset (estimate)</span>\
+<span class=\"legend-onset-set\"><i class=\"sw\" style=\"background:#ffb74d;opacity:.6;outline:1px dashed #ef6c00\"></i>onset 95% set</span>");
+    }
+    out.push_str("<span><i class=\"sw\" style=\"border-top:2px solid #7b1fa2;height:0\"></i>change applied</span>\
+<span><i class=\"sw\" style=\"border-top:2px dashed #00897b;height:0\"></i>change rolled back</span></p>");
+    out
+}
+
+/// The window length for an incident's page: the engine's when known, else the spacing of
+/// the series' history, else 5 minutes.
+fn window_of(h: &[HistoryPoint], known: i64) -> i64 {
+    if known > 0 {
+        return known;
+    }
+    h.windows(2)
+        .map(|p| p[1].start_ms - p[0].start_ms)
+        .filter(|d| *d > 0)
+        .min()
+        .unwrap_or(300_000)
+}
+
+/// The onset's 95% confidence set as a time span: from its first window's start to its last
+/// window's end (`onset_high_ms` is the last window's start).
+fn onset_span(inc: &Incident, win: i64) -> Option<(i64, i64)> {
+    let (a, b) = (inc.onset_low_ms?, inc.onset_high_ms?);
+    Some((a.min(b), a.max(b) + win))
+}
+
+fn windows_str(n: i64) -> String {
+    format!("{n} window{}", if n == 1 { "" } else { "s" })
+}
+
+/// A time shown next to `reference`: `HH:MM` (`HH:MM:SS` off the minute) on the same UTC
+/// day, else with its date.
+fn near_time(ms: i64, reference: i64) -> String {
+    let (Some(t), Some(r)) = (
+        chrono::DateTime::from_timestamp_millis(ms),
+        chrono::DateTime::from_timestamp_millis(reference),
+    ) else {
+        return fmt_time(ms);
+    };
+    let clock = if ms.rem_euclid(60_000) == 0 {
+        "%H:%M"
+    } else {
+        "%H:%M:%S"
+    };
+    if t.date_naive() == r.date_naive() {
+        t.format(clock).to_string()
+    } else {
+        t.format(&format!("%Y-%m-%d {clock}")).to_string()
+    }
+}
+
+/// The onset's 95% confidence set in words, e.g. `95% set 13:50 to 14:15 UTC (5 windows)`;
+/// `None` for incidents without one (guards that are not a drop, spike or shift).
+fn onset_set_text(inc: &Incident, win: i64) -> Option<String> {
+    let (a, b) = onset_span(inc, win)?;
+    Some(format!(
+        "95% set {} to {} UTC ({})",
+        near_time(a, inc.onset_ms),
+        near_time(b, inc.onset_ms),
+        windows_str((b - a) / win.max(1))
+    ))
+}
+
+/// An incident's group on its page: a line under the title ("Group grp-... with 3
+/// incidents", linking to the group's list) and a section listing the other members, from
+/// this instance and its peers. Both empty when the incident has no group.
+async fn group_html(s: &ApiState, headers: &HeaderMap, inc: &Incident) -> (String, String) {
+    let g = inc.group_id.as_str();
+    if g.is_empty() {
+        return (String::new(), String::new());
+    }
+    let (members, peers) = group_incidents(s, headers, "/incidents?format=json", Some(g)).await;
+    let all: Vec<&serde_json::Value> = members.iter().collect();
+    let link = format!(
+        "<a href=\"{}\"><code>{}</code></a>",
+        esc(&group_href(g)),
+        esc(g)
+    );
+    let line = format!(
+        "<p class=\"group-summary\" data-group=\"{}\" data-members=\"{}\">Group {link} with {}.</p>",
+        esc(g),
+        all.len(),
+        count_str(&all)
+    );
+    let why = match inc.candidates.first() {
+        Some(c) => format!(
+            "incidents whose top candidate is change <code>{}</code>",
+            esc(&c.change_id)
+        ),
+        None => "incidents without a candidate change whose onset sets meet, on nested series"
+            .to_string(),
+    };
+    let mut rows = String::new();
+    for v in all
+        .iter()
+        .filter(|v| v["id"].as_str() != Some(inc.id.as_str()))
+    {
+        rows.push_str(&format!(
+            "<tr class=\"member\"><td><a href=\"/incidents/{}\">{}</a></td><td class=\"{st}\">{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            pct_encode(v["id"].as_str().unwrap_or("")),
+            esc(v["id"].as_str().unwrap_or("-")),
+            esc(v["metric"].as_str().unwrap_or("-")),
+            esc(&v["series"].as_object().map(series_str).unwrap_or_default()),
+            esc(v["kind"].as_str().unwrap_or("-")),
+            esc(v["onset"].as_str().unwrap_or("-")),
+            esc(v["detected_at"].as_str().unwrap_or("-")),
+            st = json_status(v),
+        ));
+    }
+    if rows.is_empty() {
+        rows.push_str(
+            "<tr><td colspan=\"7\" class=\"muted\">no other incident in this group</td></tr>",
+        );
+    }
+    let mut notes = String::new();
+    for p in peers.iter().filter(|p| p.status != "ok") {
+        notes.push_str(&format!(
+            "<p class=\"firing\">Incomplete: peer {} could not be asked ({}); its members are missing here.</p>",
+            esc(&p.url),
+            esc(p.error.as_deref().unwrap_or(p.status))
+        ));
+    }
+    if Peers::is_forwarded(headers) {
+        notes.push_str(&format!(
+            "<p class=\"muted\">Members as known to the instance that holds this incident; the group's <a href=\"{}\">list</a> asks every instance.</p>",
+            esc(&group_href(g))
+        ));
+    }
+    let section = format!(
+        "<h2>Group</h2><p>Group {link} with {}: {why}.</p>{notes}<table><tr><th>incident</th><th>status</th><th>metric</th><th>series</th><th>kind</th><th>onset</th><th>detected</th></tr>{rows}</table>",
+        count_str(&all)
+    );
+    (line, section)
+}
 
 async fn incident_page(
     State(s): State<Arc<ApiState>>,
@@ -1313,7 +1649,14 @@ async fn incident_page(
             fmt_val(p.volume),
         ));
     }
-    let chart = chart_svg(i, &snap.changes);
+    let win = window_of(&i.history, snap.window_ms);
+    let (chart, drew_set) = chart_svg(i, &snap.changes, win);
+    let legend = legend(drew_set);
+    let onset = match onset_set_text(inc, win) {
+        Some(set) => format!("{}, {set}", i.onset),
+        None => i.onset.clone(),
+    };
+    let (group_line, group_section) = group_html(&s, &headers, inc).await;
     // What people and deadlines add to the decision, and the guard's own evidence.
     let mut govern = String::new();
     let mut row = |k: &str, v: String| {
@@ -1351,10 +1694,10 @@ async fn incident_page(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{id} &middot; {metric}</title><style>{STYLE}</style></head><body>\
 <p><a href=\"/incidents\">&larr; all incidents</a></p>\
 <h1>{metric} {kind} <span class=\"{st}\">{st}</span></h1>\
-<p class=\"muted\">Incident <code>{id}</code> &middot; series {series} &middot; severity {sev}</p>\
+<p class=\"muted\">Incident <code>{id}</code> &middot; series {series} &middot; severity {sev}</p>{group_line}\
 <p>Observed <b>{obs}</b> against expected <b>{exp}</b> (99% band {lo} to {hi}): effect <b>{eff:+.1}%</b>. \
 <b>Decision:</b> <span class=\"action\">{action}</span>{chg}.</p>\
-<div class=\"chartbox\">{chart}{LEGEND}</div>\
+<div class=\"chartbox\">{chart}{legend}</div>\
 <h2>Evidence</h2><table class=\"kv\">\
 <tr><th>metric</th><td>{metric}</td></tr><tr><th>series</th><td>{series}</td></tr>\
 <tr><th>kind</th><td>{kind}</td></tr><tr><th>severity</th><td>{sev}</td></tr>\
@@ -1362,12 +1705,13 @@ async fn incident_page(
 <tr><th>observed</th><td class=\"num\">{obs}</td></tr><tr><th>expected</th><td class=\"num\">{exp}</td></tr>\
 <tr><th>99% band</th><td class=\"num\">{lo} to {hi}</td></tr>\
 <tr><th>effect</th><td class=\"num\">{eff:+.1}%</td></tr><tr><th>score</th><td class=\"num\">{score:.2}</td></tr>\
-<tr><th>onset</th><td>{onset}</td></tr><tr><th>detected</th><td>{det} ({dw} windows, {de:.0} events after onset)</td></tr>\
+<tr><th>onset</th><td class=\"onset\">{onset}</td></tr><tr><th>detected</th><td>{det} ({dw} windows, {de:.0} events after onset)</td></tr>\
 <tr><th>resolved</th><td>{res}</td></tr></table>\
 <h2>Decision</h2><table class=\"kv\">\
 <tr><th>action</th><td class=\"action\">{action}</td></tr><tr><th>change</th><td>{dchange}</td></tr>\
 <tr><th>tier</th><td>{tier}</td></tr><tr><th>policy</th><td><code>{policy}</code></td></tr>\
 <tr><th>reason</th><td>{reason}</td></tr>{govern}<tr><th>rollback id</th><td><code>{rb}</code></td></tr></table>\
+{group_section}\
 <h2>Candidate changes</h2><table><tr><th>change</th><th>score</th><th>evidence</th><th>actor</th><th>tier</th><th>description</th><th>applied</th><th>rolled back</th></tr>{cands}</table>\
 <h2>Top segments</h2><table><tr><th>segment</th><th>contribution</th></tr>{segs}</table>\
 <h2>Decision trail</h2><table><tr><th>at</th><th>action</th><th>actor kind</th><th>actor</th><th>change</th><th>audit id</th></tr>{trail}</table>\
@@ -1386,7 +1730,7 @@ async fn incident_page(
             .map(|r| format!(" ({})", esc(r)))
             .unwrap_or_default(),
         series = esc(&series_str(&inc.series)),
-        onset = esc(&i.onset),
+        onset = esc(&onset),
         det = esc(&i.detected_at),
         dw = inc.delay_windows,
         de = inc.delay_events,
@@ -1411,4 +1755,287 @@ async fn incident_page(
         n = i.history.len(),
     ))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::IncidentHead;
+    use serde_json::json;
+
+    const MIN: i64 = 60_000;
+    /// 2026-11-22T14:00:00Z.
+    const T14: i64 = 1_795_356_000_000;
+
+    fn incident(id: &str, series: serde_json::Value, group: &str) -> Incident {
+        let mut inc = Incident::blank(IncidentHead {
+            id: id.into(),
+            metric: "conversion_rate".into(),
+            metric_idx: Some(0),
+            series_idx: Some(0),
+            label: String::new(),
+            series: series.as_object().cloned().unwrap_or_default(),
+            kind: "drop",
+            severity: "page",
+            onset_ms: T14,
+            detected_ms: T14 + 20 * MIN,
+        });
+        inc.group_id = group.into();
+        inc
+    }
+
+    fn view(inc: Incident, history: Vec<HistoryPoint>) -> IncidentView {
+        IncidentView {
+            onset: fmt_time(inc.onset_ms),
+            detected_at: fmt_time(inc.detected_ms),
+            resolved_at: inc.resolved_ms.map(fmt_time),
+            incident: inc,
+            history,
+        }
+    }
+
+    /// Two hours of 5-minute windows from 12:30, flat at 0.05 with a band.
+    fn history() -> Vec<HistoryPoint> {
+        (0..24)
+            .map(|k| HistoryPoint {
+                start_ms: T14 - 90 * MIN + k * 5 * MIN,
+                observed: Some(0.05),
+                volume: 1000.0,
+                expected: Some(0.05),
+                expected_low: Some(0.045),
+                expected_high: Some(0.055),
+            })
+            .collect()
+    }
+
+    fn brief(
+        id: &str,
+        group: Option<&str>,
+        dims: usize,
+        score: f64,
+        detected: i64,
+    ) -> serde_json::Value {
+        let series: serde_json::Map<String, serde_json::Value> =
+            [("country", "FR"), ("device", "mobile")]
+                .iter()
+                .take(dims)
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+        let mut v = json!({"id": id, "metric": "conversion_rate", "series": series,
+            "score": score, "detected_ms": detected, "status": "firing"});
+        if let Some(g) = group {
+            v["group_id"] = json!(g);
+        }
+        v
+    }
+
+    fn ids(g: &[&serde_json::Value]) -> Vec<String> {
+        g.iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn api_groups_lead_with_the_most_specific_series() {
+        let list = vec![
+            brief("total", Some("grp-a"), 0, 9.0, 100),
+            brief("fr", Some("grp-a"), 1, 5.0, 200),
+            brief("fr-mobile", Some("grp-a"), 2, 1.0, 220),
+            brief("be", Some("grp-a"), 1, 7.0, 150),
+            brief("old-peer", None, 1, 3.0, 300),
+            brief("empty-group", Some(""), 0, 3.0, 50),
+            brief("alone", Some("grp-b"), 0, 3.0, 250),
+        ];
+        let groups = group_by_cause(&list);
+        let got: Vec<Vec<String>> = groups.iter().map(|g| ids(g)).collect();
+        assert_eq!(
+            got,
+            vec![
+                vec!["old-peer".to_string()],
+                vec!["alone".to_string()],
+                // Leader: two dims; then the others by detection.
+                vec!["fr-mobile".into(), "total".into(), "be".into(), "fr".into()],
+                vec!["empty-group".to_string()],
+            ]
+        );
+        // Ties on dims: the highest score, then the earliest detection.
+        let list = vec![
+            brief("fr", Some("g"), 1, 5.0, 200),
+            brief("be", Some("g"), 1, 7.0, 150),
+        ];
+        assert_eq!(ids(&group_by_cause(&list)[0]), ["be", "fr"]);
+        let list = vec![
+            brief("late", Some("g"), 1, 5.0, 200),
+            brief("early", Some("g"), 1, 5.0, 150),
+        ];
+        assert_eq!(ids(&group_by_cause(&list)[0]), ["early", "late"]);
+        // The order of arrival never matters.
+        let mut list = vec![
+            brief("a", Some("g"), 1, 5.0, 150),
+            brief("b", Some("g"), 1, 5.0, 150),
+        ];
+        let first = ids(&group_by_cause(&list)[0]);
+        list.reverse();
+        assert_eq!(ids(&group_by_cause(&list)[0]), first);
+    }
+
+    #[test]
+    fn api_onset_set_text_spans_its_windows() {
+        let mut inc = incident("i", json!({}), "g");
+        assert_eq!(onset_set_text(&inc, 5 * MIN), None);
+        inc.onset_low_ms = Some(T14 - 10 * MIN);
+        inc.onset_high_ms = Some(T14 + 10 * MIN);
+        assert_eq!(
+            onset_set_text(&inc, 5 * MIN).unwrap(),
+            "95% set 13:50 to 14:15 UTC (5 windows)"
+        );
+        inc.onset_low_ms = Some(T14);
+        inc.onset_high_ms = Some(T14);
+        assert_eq!(
+            onset_set_text(&inc, 5 * MIN).unwrap(),
+            "95% set 14:00 to 14:05 UTC (1 window)"
+        );
+        // Across midnight: the other day's end carries its date.
+        inc.onset_ms = T14 + 595 * MIN; // 23:55
+        inc.onset_low_ms = Some(inc.onset_ms - 5 * MIN);
+        inc.onset_high_ms = Some(inc.onset_ms);
+        assert_eq!(
+            onset_set_text(&inc, 5 * MIN).unwrap(),
+            "95% set 23:50 to 2026-11-23 00:00 UTC (2 windows)"
+        );
+    }
+
+    #[test]
+    fn api_chart_shades_the_onset_set() {
+        let mut inc = incident("i", json!({"country": "FR"}), "g");
+        let (svg, drew) = chart_svg(&view(inc.clone(), history()), &[], 5 * MIN);
+        assert!(!drew && !svg.contains("onset-set"), "no set, no band");
+        inc.onset_low_ms = Some(T14 - 10 * MIN);
+        inc.onset_high_ms = Some(T14 + 10 * MIN);
+        let (svg, drew) = chart_svg(&view(inc, history()), &[], 5 * MIN);
+        assert!(drew);
+        let tag = &svg[svg.find("<rect class=\"onset-set\"").expect("band")..];
+        let num = |name: &str| -> f64 {
+            let k = format!(" {name}=\"");
+            let i = tag.find(&k).unwrap() + k.len();
+            tag[i..].split('"').next().unwrap().parse().unwrap()
+        };
+        // The chart spans 12:30 to 14:30 over the plot's width; the set 13:50 to 14:15.
+        let pw = CHART_W - M_LEFT - M_RIGHT;
+        let x = |t: i64| M_LEFT + (t - (T14 - 90 * MIN)) as f64 / (120 * MIN) as f64 * pw;
+        assert!((num("x") - x(T14 - 10 * MIN)).abs() < 0.2, "{tag:.200}");
+        assert!((num("width") - (x(T14 + 15 * MIN) - x(T14 - 10 * MIN))).abs() < 0.2);
+        assert!(tag.contains("95% confidence set"));
+        // The onset estimate's line is still drawn, inside the band.
+        assert!(svg.contains("<line class=\"onset\""));
+        assert!(legend(true).contains("onset 95% set"));
+        assert!(!legend(false).contains("onset 95% set"));
+    }
+
+    async fn body(r: Response) -> String {
+        let b = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn api_pages_show_the_onset_set_and_the_groups() {
+        let s = ApiState::new(Arc::new(Telemetry::new()));
+        let mut lead = incident("inc-fr", json!({"country": "FR"}), "grp-<1>");
+        lead.onset_low_ms = Some(T14 - 10 * MIN);
+        lead.onset_high_ms = Some(T14 + 10 * MIN);
+        let mut total = incident("inc-total", json!({}), "grp-<1>");
+        total.score = 9.0;
+        let other = incident("inc-other", json!({}), "grp-2");
+        s.publish(Snapshot {
+            incidents: vec![
+                view(total, history()),
+                view(lead, history()),
+                view(other, history()),
+            ],
+            window_ms: 5 * MIN,
+            ..Snapshot::default()
+        });
+        let page = |q: PageQuery| {
+            incidents_page(State(s.clone()), HeaderMap::new(), axum::extract::Query(q))
+        };
+        let list = body(
+            page(PageQuery {
+                format: None,
+                group: None,
+            })
+            .await,
+        )
+        .await;
+        assert_eq!(
+            list.matches("<tr class=\"group-row\">").count(),
+            2,
+            "{list}"
+        );
+        assert!(!list.contains("grp-<1>"), "the group id is escaped");
+        assert!(
+            list.contains("data-group=\"grp-&lt;1&gt;\" data-members=\"2\""),
+            "{list}"
+        );
+        assert!(
+            list.contains("href=\"/incidents?group=grp-%3C1%3E\""),
+            "{list}"
+        );
+        // The leader (the segment) has the row; the total is listed under it.
+        let row = list
+            .split("<tr class=\"group-row\">")
+            .find(|r| r.contains("grp-&lt;1&gt;"))
+            .unwrap();
+        assert!(
+            row.starts_with("<td><a href=\"/incidents/inc-fr\">"),
+            "{row}"
+        );
+        assert!(
+            row.contains("<a href=\"/incidents/inc-total\">conversion_rate total</a>"),
+            "{row}"
+        );
+
+        let one = body(
+            page(PageQuery {
+                format: None,
+                group: Some("grp-<1>".into()),
+            })
+            .await,
+        )
+        .await;
+        assert_eq!(one.matches("<tr class=\"incident\">").count(), 2, "{one}");
+        assert!(one.contains("data-members=\"2\""));
+        assert!(!one.contains("inc-other"));
+        let json = body(
+            page(PageQuery {
+                format: Some("json".into()),
+                group: Some("grp-2".into()),
+            })
+            .await,
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["incidents"].as_array().unwrap().len(), 1);
+        assert_eq!(v["incidents"][0]["group_id"], "grp-2");
+
+        let r = incident_page(State(s.clone()), Path("inc-fr".into()), HeaderMap::new()).await;
+        let p = body(r).await;
+        assert!(
+            p.contains("2026-11-22T14:00:00.000Z, 95% set 13:50 to 14:15 UTC (5 windows)"),
+            "{p}"
+        );
+        assert!(p.contains("<rect class=\"onset-set\""));
+        assert!(p.contains("onset 95% set"));
+        assert!(p.contains("Group <a href=\"/incidents?group=grp-%3C1%3E\"><code>grp-&lt;1&gt;</code></a> with 2 incidents, 2 firing."), "{p}");
+        assert!(
+            p.contains("<tr class=\"member\"><td><a href=\"/incidents/inc-total\">inc-total</a>")
+        );
+        assert!(!p.contains("grp-<1>"));
+        // Without a set, no band and no legend entry.
+        let p =
+            body(incident_page(State(s.clone()), Path("inc-total".into()), HeaderMap::new()).await)
+                .await;
+        assert!(!p.contains("onset-set") && !p.contains("95% set"));
+    }
 }
