@@ -378,27 +378,42 @@ mod tests {
     fn onset_set_covers_the_true_onset() {
         let mut rng = SmallRng::seed_from_u64(11);
         for (mu, factor, after) in [(0.5, 2.0, 60), (5.0, 0.7, 20), (200.0, 0.9, 12)] {
-            let mut covered = 0;
-            let runs = 400;
-            for _ in 0..runs {
-                let at = 40;
-                let xs: Vec<(f64, f64)> = (0..at + after)
-                    .map(|w| {
-                        let m = if w >= at { mu * factor } else { mu };
-                        let x: f64 = rng.sample(Poisson::new(m).unwrap());
-                        (x, mu)
-                    })
-                    .collect();
-                let side = if factor > 1.0 { Side::Up } else { Side::Down };
-                let o = estimate(&spans(&xs), Model::Rate { scale: 1.0 }, side, COVERAGE).unwrap();
-                if o.low_window <= at as i64 && at as i64 <= o.high_window {
-                    covered += 1;
+            let c = coverage(&mut rng, 400, 40, after, mu, |w| {
+                if w >= 40 {
+                    factor
+                } else {
+                    1.0
                 }
-            }
-            let c = covered as f64 / runs as f64;
+            });
             eprintln!("mu {mu} x{factor}: coverage {c:.3}");
             assert!(c >= 0.88, "mu {mu}: coverage {c}");
         }
+    }
+
+    /// Share of `runs` Poisson series (forecast `mu`, true rate `mu * factor(w)`, `at + after`
+    /// windows, the shift at `at`) whose onset set holds `at`.
+    fn coverage(
+        rng: &mut SmallRng,
+        runs: usize,
+        at: usize,
+        after: usize,
+        mu: f64,
+        factor: impl Fn(usize) -> f64,
+    ) -> f64 {
+        let side = if factor(at) > factor(at - 1) {
+            Side::Up
+        } else {
+            Side::Down
+        };
+        let mut covered = 0;
+        for _ in 0..runs {
+            let xs: Vec<(f64, f64)> = (0..at + after)
+                .map(|w| (rng.sample(Poisson::new(mu * factor(w)).unwrap()), mu))
+                .collect();
+            let o = estimate(&spans(&xs), Model::Rate { scale: 1.0 }, side, COVERAGE).unwrap();
+            covered += (o.low_window <= at as i64 && at as i64 <= o.high_window) as usize;
+        }
+        covered as f64 / runs as f64
     }
 
     #[test]
@@ -430,33 +445,11 @@ mod tests {
     #[test]
     fn a_biased_forecast_does_not_pull_the_onset_back() {
         let mut rng = SmallRng::seed_from_u64(5);
-        let (mu, at, runs) = (96.0, 40usize, 300);
-        let mut covered = 0;
-        for _ in 0..runs {
-            let xs: Vec<(f64, f64)> = (0..at + 8)
-                .map(|w| {
-                    let f = if w >= at {
-                        0.82
-                    } else if w >= at - 11 {
-                        0.95
-                    } else {
-                        1.0
-                    };
-                    (rng.sample(Poisson::new(mu * f).unwrap()), mu)
-                })
-                .collect();
-            let o = estimate(
-                &spans(&xs),
-                Model::Rate { scale: 1.0 },
-                Side::Down,
-                COVERAGE,
-            )
-            .unwrap();
-            if o.low_window <= at as i64 && at as i64 <= o.high_window {
-                covered += 1;
-            }
-        }
-        let c = covered as f64 / runs as f64;
+        let c = coverage(&mut rng, 300, 40, 8, 96.0, |w| match w {
+            w if w >= 40 => 0.82,
+            w if w >= 29 => 0.95,
+            _ => 1.0,
+        });
         eprintln!("biased forecast: coverage {c:.3}");
         assert!(c >= 0.85, "{c}");
     }

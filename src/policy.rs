@@ -282,7 +282,6 @@ pub fn close_call(
     cfg: &crate::config::AttributionConfig,
     escalate_at_ms: i64,
 ) {
-    let min_ratio = cfg.min_score_ratio;
     let automatic = matches!(
         d.action,
         DecisionAction::RollbackRequested | DecisionAction::AwaitingVetoWindow
@@ -290,40 +289,27 @@ pub fn close_call(
     if !automatic {
         return;
     }
-    if !top.within_scope {
-        d.action = DecisionAction::NeedsHumanDecision;
-        d.reason = format!(
-            "this series also aggregates segments outside {}'s scope, so its shift alone does not show the change's harm; guardrail acts alone only on a series inside the scope: a person decides (escalates at {})",
-            top.change_id,
-            fmt_time(escalate_at_ms)
-        );
-        d.set_deadline(Some(escalate_at_ms));
+    let id = &top.change_id;
+    let why = if !top.within_scope {
+        format!(
+            "this series also aggregates segments outside {id}'s scope, so its shift alone does not show the change's harm; guardrail acts alone only on a series inside the scope"
+        )
+    } else if top.score < cfg.min_score_to_act {
+        format!(
+            "{id} is the best candidate but a weak one (score {:.2}, under the {:.2} needed to act alone)",
+            top.score, cfg.min_score_to_act
+        )
+    } else if let Some(second) = runner_up.filter(|s| top.score < cfg.min_score_ratio * s.score) {
+        format!(
+            "{id} and {} explain the shift about equally well (scores {:.2} and {:.2}, under the {:.1}x needed to act alone)",
+            second.change_id, top.score, second.score, cfg.min_score_ratio
+        )
+    } else {
         return;
-    }
-    if top.score < cfg.min_score_to_act {
-        d.action = DecisionAction::NeedsHumanDecision;
-        d.reason = format!(
-            "{} is the best candidate but a weak one (score {:.2}, under the {:.2} needed to act alone): a person decides (escalates at {})",
-            top.change_id,
-            top.score,
-            cfg.min_score_to_act,
-            fmt_time(escalate_at_ms)
-        );
-        d.set_deadline(Some(escalate_at_ms));
-        return;
-    }
-    let Some(second) = runner_up else { return };
-    if top.score >= min_ratio * second.score {
-        return;
-    }
+    };
     d.action = DecisionAction::NeedsHumanDecision;
     d.reason = format!(
-        "{} and {} explain the shift about equally well (scores {:.2} and {:.2}, under the {:.1}x needed to act alone): a person decides (escalates at {})",
-        top.change_id,
-        second.change_id,
-        top.score,
-        second.score,
-        min_ratio,
+        "{why}: a person decides (escalates at {})",
         fmt_time(escalate_at_ms)
     );
     d.set_deadline(Some(escalate_at_ms));
@@ -363,6 +349,45 @@ mod tests {
             within_scope: true,
             distance: 0,
         }
+    }
+
+    #[test]
+    fn close_calls_weak_candidates_and_wider_series_go_to_a_person() {
+        let cfg = crate::config::AttributionConfig::default();
+        let auto = || {
+            let mut d = Decision::new(DecisionAction::RollbackRequested, "r", String::new());
+            d.change_id = Some("c1".into());
+            d
+        };
+        let second = |score| Candidate {
+            change_id: "c2".into(),
+            score,
+            ..cand()
+        };
+        let mut d = auto();
+        close_call(&mut d, &cand(), Some(&second(0.3)), &cfg, 1000);
+        assert_eq!(d.action, DecisionAction::RollbackRequested, "clear: acts");
+        close_call(&mut d, &cand(), Some(&second(0.6)), &cfg, 1000);
+        assert_eq!(d.action, DecisionAction::NeedsHumanDecision);
+        assert!(d.reason.contains("about equally well"), "{}", d.reason);
+        assert_eq!(d.deadline_ms, Some(1000));
+        let mut d = auto();
+        let weak = Candidate {
+            score: 0.2,
+            ..cand()
+        };
+        close_call(&mut d, &weak, None, &cfg, 1000);
+        assert!(d.reason.contains("weak one"), "{}", d.reason);
+        let mut d = auto();
+        let wide = Candidate {
+            within_scope: false,
+            ..cand()
+        };
+        close_call(&mut d, &wide, None, &cfg, 1000);
+        assert!(d.reason.contains("outside c1's scope"), "{}", d.reason);
+        let mut d = Decision::new(DecisionAction::NeedsHumanDecision, "r", "asks".into());
+        close_call(&mut d, &weak, None, &cfg, 1000);
+        assert_eq!(d.reason, "asks", "a human tier stays as it is");
     }
 
     fn d(p: &PolicyConfig, ch: &ChangeState, pending: bool, sev: Severity) -> Decision {

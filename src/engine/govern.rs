@@ -337,10 +337,11 @@ impl Engine {
 
     /// The group of a new incident: its top candidate change's when that candidate is a
     /// credible one (score at least `attribution.min_score_to_act`); otherwise that of a firing
-    /// incident whose best onset lies in this one's onset set and the other way round (widened
-    /// by the window and the clock skew), on a nested series of the same metric (the total and a
-    /// segment) or the same segment of another metric: the echo of a segment's shift in the
-    /// total joins the segment's group. Else a group of its own.
+    /// incident whose onset set meets this one's (widened by the window and the clock skew), on
+    /// a nested series of the same metric (the total and a segment) or the same segment of
+    /// another metric: the echo of a segment's shift in the total joins the segment's group
+    /// (a vague onset of one metric's total does not swallow other metrics' shifts). Else a
+    /// group of its own.
     fn group_of(&self, inc: &Incident) -> String {
         if let Some(top) = inc
             .candidates
@@ -366,11 +367,8 @@ impl Engine {
             if o.status != IncidentStatus::Firing || o.group_id.is_empty() {
                 continue;
             }
-            // Each one's best onset inside the other's set: a vague onset (a slow drop found
-            // after hours) does not swallow every shift that happened meanwhile.
             let (olo, ohi) = span(o);
-            let inside = |t: i64, a: i64, b: i64| a - slack <= t && t <= b + slack;
-            if !inside(o.onset_ms, lo, hi) || !inside(inc.onset_ms, olo, ohi) {
+            if olo > hi + slack || lo > ohi + slack {
                 continue;
             }
             let related = match (mine, dims(o)) {
