@@ -615,7 +615,10 @@ fn small_scenario_rolls_back_no_harmless_change() {
     assert!(a.top1_n >= 3, "{a:#?}");
     // The floors of issue 18 on the CI scenario (measured: 4/4, 8/8, at most 1 page a cause).
     assert!(a.top1_accuracy.unwrap_or(0.0) >= 0.95, "top-1: {a:#?}");
-    assert!(a.onset_coverage.unwrap_or(0.0) >= 0.85, "onset coverage: {a:#?}");
+    assert!(
+        a.onset_coverage.unwrap_or(0.0) >= 0.85,
+        "onset coverage: {a:#?}"
+    );
     assert!(a.pages_per_cause_max.unwrap_or(99) <= 2, "pages: {a:#?}");
     // Every alert carries a group, and every drop or spike its onset's set.
     assert_eq!(a.onset_intervals, a.onset_n, "{a:#?}");

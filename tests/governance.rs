@@ -67,7 +67,7 @@ async fn tiers_decide_as_configured_and_people_are_accountable() {
     h.send_change(&change("chg-sup", t0, "supervised")).await;
     sim.scenario_mut()
         .effects
-        .push(effect("chg-sup", t0, 1.3, 3.0));
+        .push(effect("chg-sup", t0, 1.2, 3.0));
     let inc = drive_until_incident(&h, &mut sim, t0 + 40 * MIN, "chg-sup", VICTOR)
         .await
         .expect("the ticket spike is detected and blamed on chg-sup");
@@ -76,7 +76,10 @@ async fn tiers_decide_as_configured_and_people_are_accountable() {
         guardrail::event::parse_time_str(inc["decision"]["deadline"].as_str().unwrap()).unwrap();
     let detected = guardrail::event::parse_time_str(inc["detected_at"].as_str().unwrap()).unwrap();
     assert_eq!(deadline - detected, 20 * MIN);
-    // Local gain (clicks +30%), global loss (tickets x3), observational: no holdout here.
+    // Local gain (clicks +20%), global loss (tickets x3), observational: no holdout here.
+    // (The baseline learns a gain, as it is no harm: a larger one, once rolled back, would be
+    // a click drop of its own, blamed on the rollback, holding the series when chg-hum hurts
+    // clicks below.)
     assert_eq!(inc["comparison"], "observational", "{inc:#}");
     let lg = &inc["local_gain_global_loss"];
     assert_eq!(lg["target"]["metric"], "click_through_rate", "{inc:#}");
@@ -121,9 +124,11 @@ async fn tiers_decide_as_configured_and_people_are_accountable() {
     let t1 = t0 + 90 * MIN;
     h.drive(&mut sim, t1, 5 * MIN, |_| {}).await;
     h.send_change(&change("chg-veto", t1, "supervised")).await;
+    // Tickets only: a click gain reverted by hand below would itself be a click drop (blamed
+    // on the revert) that holds the click series when chg-hum hurts clicks later.
     sim.scenario_mut()
         .effects
-        .push(effect("chg-veto", t1, 1.3, 3.0));
+        .push(effect("chg-veto", t1, 1.0, 3.0));
     let inc = drive_until_incident(&h, &mut sim, t1 + 40 * MIN, "chg-veto", VICTOR)
         .await
         .expect("chg-veto's spike is detected");

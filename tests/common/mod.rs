@@ -415,7 +415,7 @@ pub fn tiered_effect(id: &str, at: i64, ctr: f64, tickets: f64) -> guardrail::si
     }
 }
 
-/// Drives in 5-minute ticks until `to`, returning the first firing incident blamed on
+/// Drives in 5-minute ticks until `to`, returning the first firing incident on a segment blamed on
 /// `change` seen through the API with `token` (if any by then).
 pub async fn drive_until_incident(
     h: &Harness,
@@ -448,7 +448,11 @@ pub async fn drive_until_incident(
             } else {
                 i
             };
-            i["status"] == "firing" && i["decision"]["change_id"] == change
+            // A segment's incident: the total also holds segments outside the change's scope,
+            // so its decision goes to a person whatever the tier.
+            i["status"] == "firing"
+                && i["decision"]["change_id"] == change
+                && i["series"].as_object().is_some_and(|s| !s.is_empty())
         }) {
             return Some(if i["incident"].is_object() {
                 i["incident"].clone()
@@ -458,10 +462,28 @@ pub async fn drive_until_incident(
         }
         last = body;
     }
+    // One line per incident: what was there instead.
+    let v: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+    let seen: Vec<String> = v["incidents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            format!(
+                "{} {} {} {} {} {}",
+                i["metric"],
+                i["label"],
+                i["kind"],
+                i["status"],
+                i["decision"]["action"],
+                i["decision"]["change_id"]
+            )
+        })
+        .collect();
     eprintln!(
-        "no incident for {change} by {}: {}",
+        "no incident for {change} by {}:\n{}",
         guardrail::event::fmt_time(to),
-        &last[..last.len().min(3000)]
+        seen.join("\n")
     );
     None
 }
