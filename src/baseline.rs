@@ -584,11 +584,6 @@ impl Baseline {
         self.phi = phi.clamp(0.0, 1e4) as f32;
     }
 
-    /// The dispersion factor as forecasts use it (floored at 1).
-    pub fn dispersion(&self) -> f64 {
-        (self.phi as f64).max(1.0)
-    }
-
     /// Gauge: one value per window. The level is learnt from the residual clipped at HUBER_C
     /// robust sd, and the variance is the EWMA of the same clipped squared residuals (a Huber
     /// scale: one spike cannot inflate it, a regime with a wider spread raises it within a few

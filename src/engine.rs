@@ -1720,6 +1720,26 @@ impl Engine {
         crate::onset::estimate(&spans, model, a.side, crate::onset::COVERAGE)
     }
 
+    /// What attribution needs of an incident on a series with `dims`, with the configured
+    /// lookback and clock skew.
+    fn attribution_query<'a>(
+        &self,
+        dims: &'a [(String, String)],
+        surface: Option<&'a str>,
+        timing: Timing<'a>,
+        onset_ms: i64,
+    ) -> Query<'a> {
+        Query {
+            dims,
+            surface,
+            timing,
+            onset_ms,
+            window_ms: self.schema.window_ms,
+            lookback_ms: self.cfg.policy.candidate_lookback_secs as i64 * 1000,
+            skew_ms: self.cfg.attribution.clock_skew_secs as i64 * 1000,
+        }
+    }
+
     /// Candidates for an incident known by a point onset (drifts, guard findings).
     pub(super) fn point_candidates(
         &self,
@@ -1727,15 +1747,9 @@ impl Engine {
         surface: Option<&str>,
         onset_ms: i64,
     ) -> Vec<Candidate> {
-        self.registry.candidates(&Query {
-            dims,
-            surface,
-            timing: Timing::Point { onset_ms },
-            onset_ms,
-            window_ms: self.schema.window_ms,
-            lookback_ms: self.cfg.policy.candidate_lookback_secs as i64 * 1000,
-            skew_ms: self.cfg.attribution.clock_skew_secs as i64 * 1000,
-        })
+        let timing = Timing::Point { onset_ms };
+        self.registry
+            .candidates(&self.attribution_query(dims, surface, timing, onset_ms))
     }
 
     /// A blank incident on series `si`, owned by its metric's owner.
@@ -1833,15 +1847,12 @@ impl Engine {
             Some(o) => Timing::Estimate(o),
             None => Timing::Point { onset_ms },
         };
-        let mut candidates = self.registry.candidates(&Query {
-            dims: &s.dims,
-            surface: surface.as_deref(),
+        let mut candidates = self.registry.candidates(&self.attribution_query(
+            &s.dims,
+            surface.as_deref(),
             timing,
             onset_ms,
-            window_ms: wm,
-            lookback_ms: self.cfg.policy.candidate_lookback_secs as i64 * 1000,
-            skew_ms: self.cfg.attribution.clock_skew_secs as i64 * 1000,
-        });
+        ));
         let comparison = self.weigh_candidates(&mut candidates, s.metric, observed - expected);
         let top_segments = self.top_segments(si, onset_window, w);
         let delay_events: f64 = (onset_window..=w)

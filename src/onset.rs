@@ -142,15 +142,6 @@ pub struct Onset {
 }
 
 impl Onset {
-    /// Log-likelihood of "the shift began at window `w`" below the best onset's (<= 0): the
-    /// span holding `w`, or None outside the history searched.
-    pub fn log_ratio_at(&self, w: i64) -> Option<f64> {
-        self.profile
-            .iter()
-            .find(|(s, _)| s.first_window <= w && w <= s.last_window())
-            .map(|(_, l)| l - self.best)
-    }
-
     /// The onset's likelihood in windows `[from, to]` relative to the best onset's, averaged
     /// over the windows (a uniform prior over a change source's clock error). None when no
     /// span of the history meets the range.
@@ -351,9 +342,9 @@ mod tests {
         .unwrap();
         assert_eq!(o.window, 30);
         assert!(o.low_window >= 29 && o.high_window <= 31, "{o:?}");
-        assert_eq!(o.log_ratio_at(30), Some(0.0));
-        assert!(o.log_ratio_at(20).unwrap() < -10.0);
-        assert!(o.log_ratio_at(100).is_none());
+        assert_eq!(o.mean_ratio_in(30, 30), Some(1.0));
+        assert!(o.mean_ratio_in(20, 20).unwrap() < (-10.0f64).exp());
+        assert!(o.mean_ratio_in(100, 100).is_none());
     }
 
     #[test]
