@@ -146,6 +146,16 @@ impl HistEntry {
     };
 }
 
+/// The series an incident opened on and how far it moved, for weighing candidate changes.
+#[derive(Debug, Clone, Copy)]
+struct Shifted {
+    series: usize,
+    /// The window of detection.
+    window: i64,
+    /// Observed minus expected (rate, or mean).
+    shift: f64,
+}
+
 /// A closed window read back from the history.
 #[derive(Debug, Clone, Copy)]
 struct HistPoint {
@@ -1853,7 +1863,14 @@ impl Engine {
             timing,
             onset_ms,
         ));
-        let comparison = self.weigh_candidates(&mut candidates, s.metric, observed - expected);
+        let comparison = self.weigh_candidates(
+            &mut candidates,
+            Shifted {
+                series: si,
+                window: w,
+                shift: observed - expected,
+            },
+        );
         let top_segments = self.top_segments(si, onset_window, w);
         let delay_events: f64 = (onset_window..=w)
             .filter_map(|x| s.hist_at(x, w))

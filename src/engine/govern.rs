@@ -20,6 +20,9 @@ const HOUR_MS: i64 = 3_600_000;
 /// Bound on the holdout's likelihood ratio in a candidate's score: the comparison's normal
 /// approximation is not trusted further out.
 const HOLDOUT_LR_MAX: f64 = 100.0;
+/// Floor of the scope-fit factor: a change can hurt one segment of its audience only (a broken
+/// translation), so an audience that shows nothing lowers its score, never removes it.
+const SCOPE_FIT_MIN: f64 = 0.25;
 /// Wall time without any input after which decision deadlines follow the wall clock.
 pub const IDLE_GRACE_MS: i64 = 60_000;
 
@@ -28,6 +31,13 @@ fn human(name: &str, role: &str) -> Actor {
         kind: "human".into(),
         name: format!("{name} ({role})"),
     }
+}
+
+/// A relative effect against the forecast and its standard error.
+#[derive(Debug, Clone, Copy)]
+struct RelEffect {
+    rel: f64,
+    se: f64,
 }
 
 fn pct(x: f64) -> String {
@@ -53,15 +63,20 @@ impl Engine {
     pub(super) fn weigh_candidates(
         &self,
         cands: &mut [Candidate],
-        metric: usize,
-        shift: f64,
+        shifted: Shifted,
     ) -> Option<&'static str> {
+        let Shifted {
+            series: si,
+            window: w,
+            shift,
+        } = shifted;
+        let metric = self.series[si].metric;
         for c in cands.iter_mut() {
             let Some(g) = self.latest_guard(&c.change_id) else {
                 continue;
             };
-            let w = &g.metrics[metric];
-            if let Some(cmp) = w.comparison.as_ref().filter(|_| !g.srm_flagged) {
+            let mw = &g.metrics[metric];
+            if let Some(cmp) = mw.comparison.as_ref().filter(|_| !g.srm_flagged) {
                 let h = g.holdout.unwrap_or(0.0).clamp(0.0, 0.9);
                 let expect = shift / (1.0 - h);
                 let se = cmp.se.max(1e-12);
@@ -79,13 +94,16 @@ impl Engine {
                 c.evidence.push_str(
                     "; treatment/holdout split is broken (sample-ratio mismatch): no causal evidence",
                 );
-            } else if let Some((rel, lo, hi)) = w.observational.effect() {
+            } else if let Some((rel, lo, hi)) = mw.observational.effect() {
                 c.evidence.push_str(&format!(
                     "; observational (no holdout): post-change {} vs the seasonal forecast (95% CI {}..{})",
                     pct(rel),
                     pct(lo),
                     pct(hi)
                 ));
+                if !c.reversal {
+                    self.fit_scope(c, &mw.in_scope, (si, w), g.opened_ms);
+                }
             }
         }
         crate::attribute::rank(cands);
@@ -98,6 +116,78 @@ impl Engine {
                 "observational"
             },
         )
+    }
+
+    /// Scope fit of an observational candidate whose audience is wider than the series: if it
+    /// caused the shift evenly, the rest of its audience (the series of the same dimensions,
+    /// other values) moved like this series since the change; if it hurt this segment only,
+    /// they did not move. The score is multiplied by the likelihood ratio of the rest's effect
+    /// under the first against the second, bounded to [SCOPE_FIT_MIN, 1]: when a change scoped
+    /// to the segment and a wide one are both in force, the one that fits wins.
+    fn fit_scope(
+        &self,
+        c: &mut Candidate,
+        in_scope: &[usize],
+        (si, w): (usize, i64),
+        from_ms: i64,
+    ) {
+        let Some(change) = self.registry.get(&c.change_id) else {
+            return;
+        };
+        let keys = |i: usize| self.series[i].dims.iter().map(|(k, _)| k);
+        let rest: Vec<usize> = in_scope
+            .iter()
+            .copied()
+            .filter(|&i| i != si && keys(i).eq(keys(si)))
+            .filter(|&i| crate::attribute::dims_within(&change.scope, &self.series[i].dims))
+            .collect();
+        let from = (from_ms.div_euclid(self.schema.window_ms)).max(w - HISTORY as i64 + 1);
+        let (Some(this), Some(others)) = (
+            self.effect_since(&[si], from, w),
+            self.effect_since(&rest, from, w),
+        ) else {
+            return;
+        };
+        let normal = |x: f64, mean: f64, var: f64| -0.5 * (x - mean).powi(2) / var - 0.5 * var.ln();
+        let var_o = others.se.powi(2).max(1e-12);
+        let ln_lr =
+            normal(others.rel, this.rel, var_o + this.se.powi(2)) - normal(others.rel, 0.0, var_o);
+        let fit = ln_lr.exp().clamp(SCOPE_FIT_MIN, 1.0);
+        if fit < 1.0 {
+            c.score = round3(c.score * fit);
+        }
+        c.evidence.push_str(&format!(
+            "; scope fit {fit:.2}: since the change this segment moved {} and the rest of the change's audience ({} series like it) {} (95% CI {}..{})",
+            pct(this.rel),
+            rest.len(),
+            pct(others.rel),
+            pct(others.rel - 1.96 * others.se),
+            pct(others.rel + 1.96 * others.se),
+        ));
+    }
+
+    /// Relative effect against the forecast, and its standard error, of `series` summed over
+    /// windows `from..=w` (as a guard's observational comparison sums them).
+    fn effect_since(&self, series: &[usize], from: i64, w: i64) -> Option<RelEffect> {
+        let (mut observed, mut expected, mut variance) = (0.0, 0.0, 0.0);
+        for &i in series {
+            for x in from..=w {
+                let Some(h) = self.series[i].hist_at(x, w) else {
+                    continue;
+                };
+                if h.exp.is_nan() || h.sd.is_nan() {
+                    continue;
+                }
+                let (den, sd) = (h.den as f64, h.sd as f64);
+                observed += h.num as f64;
+                expected += h.exp as f64 * den;
+                variance += (sd * den).powi(2);
+            }
+        }
+        (expected > 0.0).then(|| RelEffect {
+            rel: observed / expected - 1.0,
+            se: variance.max(0.0).sqrt() / expected,
+        })
     }
 
     /// The most recent watch on a change (open or closed).
