@@ -326,6 +326,10 @@ impl Default for AttributionConfig {
     }
 }
 
+/// Upper bound of `engine.max_event_bytes`, leaving room for a dead letter's headers under
+/// librdkafka's default `message.max.bytes` of 1,000,000.
+pub const MAX_EVENT_BYTES_LIMIT: usize = 900_000;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
@@ -973,11 +977,11 @@ impl Config {
                 "must not be empty (leave it out for guardrail-{group_id}-{instance})".into(),
             ));
         }
-        if e.max_event_bytes < 64 {
+        if !(64..=MAX_EVENT_BYTES_LIMIT).contains(&e.max_event_bytes) {
             errs.push(at(
                 find_key(text, "max_event_bytes").unwrap_or(top),
                 "engine.max_event_bytes".into(),
-                "must be at least 64".into(),
+                format!("must be between 64 and {MAX_EVENT_BYTES_LIMIT}: a dead letter carries up to this many of the event's bytes and must fit the producer's message.max.bytes (1,000,000 by default)"),
             ));
         }
         if e.max_series_per_metric == 0 {

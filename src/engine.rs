@@ -450,6 +450,8 @@ pub struct EngineStats {
     pub missing_value: u64,
     pub missing_user: u64,
     pub series_overflow: u64,
+    /// Event times that jumped ahead of their partition's clock alone and were held.
+    pub clock_jumps_held: u64,
     /// Stage 2: alerts published after `[scale] hold_max_secs` without an owner's answer.
     pub holds_expired: u64,
     pub windows_closed: u64,
@@ -489,7 +491,19 @@ struct SourceClock {
     /// does not judge idleness by its own clock: markers stop during a rebalance, and the
     /// partition's windows must wait for its next reader then.
     idle: bool,
+    /// An event time that jumped ahead of `max_ts` by more than the allowed lateness, with no
+    /// ingestion time to vouch for it: it moves the clock only once the next event confirms
+    /// it (a stream resuming after a gap), never alone (one fast clock).
+    #[serde(default = "no_jump")]
+    jump: i64,
 }
+
+fn no_jump() -> i64 {
+    i64::MIN
+}
+
+/// Event times before 2000-01-01 are no product's events (a zero or year-0001 clock).
+pub const MIN_PLAUSIBLE_TS: i64 = 946_684_800_000;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Dedup {
@@ -867,9 +881,23 @@ impl Engine {
         bytes: &[u8],
         now_ms: i64,
     ) -> Result<(), Reject> {
+        self.process_event_ingested(source, bytes, now_ms, None)
+    }
+
+    /// As [`Engine::process_event_from`], for an event the broker received at `ingest_ms`
+    /// (the record's timestamp): event time is trusted up to that, so devices with fast
+    /// clocks cannot move the watermark past what has arrived, and the future is judged
+    /// against it as well as against the wall clock.
+    pub fn process_event_ingested(
+        &mut self,
+        source: i32,
+        bytes: &[u8],
+        now_ms: i64,
+        ingest_ms: Option<i64>,
+    ) -> Result<(), Reject> {
         self.stats.events += 1;
         self.last_event_wall_ms = now_ms;
-        let r = self.process_event_inner(source, bytes, now_ms);
+        let r = self.process_event_inner(source, bytes, now_ms, ingest_ms);
         match &r {
             Ok(()) => self.stats.accepted += 1,
             Err(e) => self.stats.rejected[e.code.index()] += 1,
@@ -882,6 +910,7 @@ impl Engine {
         source: i32,
         bytes: &[u8],
         now_ms: i64,
+        ingest_ms: Option<i64>,
     ) -> Result<(), Reject> {
         let ev = decode_event(bytes, self.schema.max_bytes)?;
         while self
@@ -894,13 +923,26 @@ impl Engine {
             self.apply_change(&c);
         }
         let sc = &self.schema;
-        if ev.ts_ms > now_ms + sc.skew_ms {
+        if ev.ts_ms < MIN_PLAUSIBLE_TS {
+            return Err(Reject::new(
+                ErrorCode::BadTimestamp,
+                format!(
+                    "ts {} is before 2000-01-01: not a plausible event time",
+                    fmt_time(ev.ts_ms)
+                ),
+            ));
+        }
+        let (clock, which) = match ingest_ms.filter(|&i| i < now_ms) {
+            Some(i) => (i, "the time the broker received it"),
+            None => (now_ms, "the clock"),
+        };
+        if ev.ts_ms > clock + sc.skew_ms {
             return Err(Reject::new(
                 ErrorCode::FutureTimestamp,
                 format!(
-                    "ts {} is {} ahead of the clock (limit {} s)",
+                    "ts {} is {} ahead of {which} (limit {} s)",
                     fmt_time(ev.ts_ms),
-                    human_duration(ev.ts_ms - now_ms),
+                    human_duration(ev.ts_ms - clock),
                     sc.skew_ms / 1000
                 ),
             ));
@@ -935,8 +977,36 @@ impl Engine {
             }
         }
         self.apply(&ev, w);
-        self.advance(source, ev.ts_ms, now_ms);
+        let trusted = match ingest_ms {
+            Some(i) => Some(ev.ts_ms.min(i)),
+            None => self.confirmed(source, ev.ts_ms),
+        };
+        if let Some(t) = trusted {
+            self.advance(source, t, now_ms);
+        }
         Ok(())
+    }
+
+    /// `ts` if it may move `source`'s clock: at most the allowed lateness ahead of it, or
+    /// confirmed by the event before (both ahead). A lone event far ahead is counted in its
+    /// window but held, so one fast clock cannot declare the rest of the stream late.
+    fn confirmed(&mut self, source: i32, ts: i64) -> Option<i64> {
+        let lateness = self.schema.lateness_ms;
+        let Some(c) = self.sources.iter_mut().find(|c| c.source == source) else {
+            return Some(ts);
+        };
+        if c.max_ts == i64::MIN || ts <= c.max_ts.saturating_add(lateness) {
+            c.jump = i64::MIN;
+            return Some(ts);
+        }
+        if c.jump != i64::MIN && ts >= c.jump.saturating_sub(lateness) {
+            let t = ts.min(c.jump);
+            c.jump = i64::MIN;
+            return Some(t);
+        }
+        self.stats.clock_jumps_held += 1;
+        c.jump = ts;
+        None
     }
 
     fn apply(&mut self, ev: &Event<'_>, w: i64) {
@@ -1191,6 +1261,7 @@ impl Engine {
                     max_ts: i64::MIN,
                     seen_ms: heard_ms,
                     idle: false,
+                    jump: i64::MIN,
                 });
                 self.sources.last_mut().expect("just pushed")
             }
@@ -1259,6 +1330,7 @@ impl Engine {
                     max_ts: i64::MIN,
                     seen_ms: now_ms,
                     idle: false,
+                    jump: i64::MIN,
                 });
             }
         }
@@ -2723,9 +2795,12 @@ numerator = { type = "session" }
         e.process_event(&ev("brand_signal", T0 + 25, ""), now)
             .unwrap();
         e.process_event(&ev("page_view", T0 + 26, ""), now).unwrap();
-        // Close the first window.
-        e.process_event(&ev("session", T0 + 300_000 + 61_000, ""), now)
-            .unwrap();
+        // Close the first window: two events past the lateness (one alone is held, as a fast
+        // clock would be).
+        for _ in 0..2 {
+            e.process_event(&ev("session", T0 + 300_000 + 61_000, ""), now)
+                .unwrap();
+        }
         assert_eq!(e.stats.missing_value, 1, "{:?}", e.stats);
         assert_eq!(e.stats.unselected, 1);
         let w = |s: &Series| s.hist_at(T0 / 300_000, T0 / 300_000).expect("closed");
@@ -2772,24 +2847,51 @@ dims = ["k"]
     fn watermark_follows_the_slowest_partition() {
         let mut e = engine(COUNT_X);
         let now = T0 + 86_400_000;
+        // As the service reads them: each record's timestamp (the broker received it then)
+        // vouches for its event time.
+        let from = |e: &mut Engine, p: i32, ts: i64, wall: i64| {
+            e.process_event_ingested(p, &ev("x", ts, ""), wall, Some(ts))
+        };
         e.assign_sources(&[0, 1], now);
         // Partition 0 runs an hour ahead while partition 1 has not delivered: nothing closes.
-        e.process_event_from(0, &ev("x", T0 + 3_600_000, ""), now)
-            .unwrap();
+        from(&mut e, 0, T0 + 3_600_000, now).unwrap();
         assert_eq!(e.watermark_ms(), None);
-        e.process_event_from(1, &ev("x", T0, ""), now).unwrap();
+        from(&mut e, 1, T0, now).unwrap();
         // Partition 1's old event is on time, and the watermark follows partition 1.
         assert!(e.watermark_ms().unwrap() <= T0);
-        e.process_event_from(1, &ev("x", T0 + 600_000, ""), now)
-            .unwrap();
+        from(&mut e, 1, T0 + 600_000, now).unwrap();
         assert_eq!(e.watermark_ms(), Some(T0 + 300_000));
         // Once partition 1 is idle (wall time), partition 0 alone moves event time.
         let later = now + SOURCE_IDLE_MS + 1;
-        e.process_event_from(0, &ev("x", T0 + 3_600_001, ""), later)
-            .unwrap();
+        from(&mut e, 0, T0 + 3_600_001, later).unwrap();
         assert!(e.watermark_ms().unwrap() > T0 + 3_000_000);
-        let late = e.process_event_from(1, &ev("x", T0 + 600_001, ""), later);
+        let late = from(&mut e, 1, T0 + 600_001, later);
         assert_eq!(late.unwrap_err().code, ErrorCode::TooLate);
+    }
+
+    #[test]
+    fn a_lone_jump_is_held_and_a_resumed_stream_moves_on() {
+        let mut e = engine(COUNT_X);
+        let now = T0 + 86_400_000;
+        for i in 0..10 {
+            e.process_event(&ev("x", T0 + i * 10_000, ""), now).unwrap();
+        }
+        let before = e.watermark_ms();
+        // One event 290 s ahead: counted, held.
+        e.process_event(&ev("x", T0 + 380_000, ""), now).unwrap();
+        assert_eq!(e.watermark_ms(), before);
+        assert_eq!(e.stats.clock_jumps_held, 1);
+        // The stream goes on where it was: nothing of it is late.
+        e.process_event(&ev("x", T0 + 95_000, ""), now).unwrap();
+        // After a real gap, the second event confirms the first.
+        e.process_event(&ev("x", T0 + 3_600_000, ""), now).unwrap();
+        assert_eq!(e.watermark_ms(), before);
+        e.process_event(&ev("x", T0 + 3_601_000, ""), now).unwrap();
+        assert!(e.watermark_ms().unwrap() > T0 + 3_000_000);
+        assert_eq!(e.stats.clock_jumps_held, 2);
+        // Year 0001 is no event time.
+        let r = e.process_event(br#"{"type":"x","ts":"0001-01-01T00:00:00Z"}"#, now);
+        assert_eq!(r.unwrap_err().code, ErrorCode::BadTimestamp);
     }
 
     #[test]

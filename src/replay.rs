@@ -87,6 +87,9 @@ pub struct ReplaySummary {
     pub events_accepted: u64,
     pub events_rejected: serde_json::Map<String, serde_json::Value>,
     pub events_unselected: u64,
+    /// Events stamped further ahead of event time than the allowed lateness, alone: counted,
+    /// but not allowed to move event time.
+    pub event_time_jumps_held: u64,
     pub changes_read: u64,
     pub changes_rejected: u64,
     pub series: usize,
@@ -926,7 +929,13 @@ fn load_changes(
             Ok(c) => out.push(c),
             Err(e) => {
                 rejected += 1;
-                sink.write(&dead_letter(&buf, e.code, &e.message, &input.position()))?;
+                sink.write(&dead_letter(
+                    &buf,
+                    max_bytes,
+                    e.code,
+                    &e.message,
+                    &input.position(),
+                ))?;
             }
         }
     }
@@ -1083,7 +1092,13 @@ pub fn replay_with_progress(
             }
         };
         if let Err(e) = r {
-            sink.write(&dead_letter(&buf, e.code, &e.message, &input.position()))?;
+            sink.write(&dead_letter(
+                &buf,
+                cfg.engine.max_event_bytes,
+                e.code,
+                &e.message,
+                &input.position(),
+            ))?;
         }
         if first_ts.is_none() {
             first_ts = engine.max_event_time_ms();
@@ -1115,6 +1130,7 @@ pub fn replay_with_progress(
         events_accepted: s.accepted,
         events_rejected: rejected,
         events_unselected: s.unselected,
+        event_time_jumps_held: s.clock_jumps_held,
         changes_read,
         changes_rejected,
         series: engine.series_count(),

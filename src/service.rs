@@ -350,8 +350,10 @@ async fn pipeline(
         producer,
         topics: cfg.kafka.topics.clone(),
         timeout: Duration::from_secs(cfg.kafka.produce_timeout_secs),
+        dead_letters_unwritable: state.telemetry.dead_letters_unwritable.clone(),
     };
     let events_topic = k.topics.events.clone();
+    let dead_limit = cfg.engine.max_event_bytes;
     let max_gauges = cfg.http.max_series_gauges;
 
     let flusher = Flusher {
@@ -496,7 +498,12 @@ async fn pipeline(
                 let res = if is_events && part == Part::Merge {
                     engine.process_partial(m.partition(), payload, now_ms())
                 } else if is_events {
-                    engine.process_event_from(m.partition(), payload, now_ms())
+                    engine.process_event_ingested(
+                        m.partition(),
+                        payload,
+                        now_ms(),
+                        m.timestamp().to_millis(),
+                    )
                 } else if part == Part::Aggregate {
                     let r = engine.forward_change(payload);
                     if let Err(e) = &r {
@@ -515,9 +522,13 @@ async fn pipeline(
                     telemetry.log_rate_limited(rej.code.as_str(), Duration::from_secs(10), || {
                         tracing::warn!(code = rej.code.as_str(), source = %src, error = %rej.message, "input dead-lettered")
                     });
-                    batch
-                        .dead
-                        .push(dead_letter(payload, rej.code, &rej.message, &src));
+                    batch.dead.push(dead_letter(
+                        payload,
+                        dead_limit,
+                        rej.code,
+                        &rej.message,
+                        &src,
+                    ));
                 }
                 batch.track(is_events, m.partition(), m.offset());
                 if engine.has_outputs() && batch.decided_at.is_none() {

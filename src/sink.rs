@@ -301,19 +301,54 @@ impl Encoded {
     }
 }
 
-/// A dead letter: the original bytes with the reason (contract section 6).
-pub fn dead_letter(bytes: &[u8], code: ErrorCode, message: &str, source: &str) -> Encoded {
+/// A dead letter: the original bytes with the reason (contract section 6). Bytes beyond
+/// `limit` (the engine's `max_event_bytes`) are cut, so that the record always fits the
+/// producer's `message.max.bytes`; the original's length and SHA-256 always travel in headers,
+/// so a cut letter can still be matched to its source.
+pub fn dead_letter(
+    bytes: &[u8],
+    limit: usize,
+    code: ErrorCode,
+    message: &str,
+    source: &str,
+) -> Encoded {
+    let kept = &bytes[..bytes.len().min(limit)];
+    let mut headers = vec![
+        ("guardrail-error-code", code.as_str().to_string()),
+        ("guardrail-error", message.chars().take(512).collect()),
+        ("guardrail-source", source.to_string()),
+        ("guardrail-original-bytes", bytes.len().to_string()),
+        (
+            "guardrail-original-sha256",
+            hex::encode(Sha256::digest(bytes)),
+        ),
+    ];
+    if kept.len() < bytes.len() {
+        headers.push(("guardrail-truncated", "true".to_string()));
+    }
     Encoded {
         stream: Stream::DeadLetters,
         key: String::new(),
-        value: bytes.to_vec(),
-        headers: vec![
-            ("guardrail-error-code", code.as_str().to_string()),
-            ("guardrail-error", message.chars().take(512).collect()),
-            ("guardrail-source", source.to_string()),
-        ],
+        value: kept.to_vec(),
+        headers,
         partition: None,
     }
+}
+
+/// A record the broker or the producer will never take (too large, malformed): retrying it
+/// cannot succeed.
+fn is_permanent(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::MessageBatchTooLarge
+                | C::InvalidRecord
+        )
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,6 +431,9 @@ impl FileSink {
                 "error_code": get("guardrail-error-code"),
                 "error": get("guardrail-error"),
                 "source": get("guardrail-source"),
+                "original_bytes": get("guardrail-original-bytes").parse::<u64>().ok(),
+                "original_sha256": get("guardrail-original-sha256"),
+                "truncated": !get("guardrail-truncated").is_empty(),
                 "value": String::from_utf8_lossy(&e.value),
             });
             serde_json::to_writer(&mut *w, &line)
@@ -445,6 +483,9 @@ pub struct KafkaSink {
     pub producer: FutureProducer,
     pub topics: TopicsConfig,
     pub timeout: Duration,
+    /// Dead letters the producer or broker refused for good: counted and logged, never
+    /// retried, so that one bad record cannot hold the pipeline.
+    pub dead_letters_unwritable: prometheus::IntCounter,
 }
 
 impl KafkaSink {
@@ -464,14 +505,18 @@ impl KafkaSink {
         if let Some(p) = e.partition {
             rec = rec.partition(p);
         }
-        self.producer
-            .send(rec, self.timeout)
-            .await
-            .map(|_| ())
-            .map_err(|(source, _)| SinkError::Kafka {
+        match self.producer.send(rec, self.timeout).await {
+            Ok(_) => Ok(()),
+            Err((source, _)) if e.stream == Stream::DeadLetters && is_permanent(&source) => {
+                self.dead_letters_unwritable.inc();
+                tracing::error!(error = %source, bytes = e.value.len(), topic, "dead letter refused for good; counted and skipped");
+                Ok(())
+            }
+            Err((source, _)) => Err(SinkError::Kafka {
                 topic: topic.to_string(),
                 source,
-            })
+            }),
+        }
     }
 
     /// Sends all, concurrently, and waits for every acknowledgement.

@@ -26,6 +26,7 @@ pub struct Telemetry {
     unselected: IntCounter,
     missing_value: IntCounterVec,
     series_overflow: IntCounter,
+    clock_jumps_held: IntCounter,
     holds_expired: IntCounter,
     windows_closed: IntCounter,
     changes: IntCounterVec,
@@ -34,6 +35,7 @@ pub struct Telemetry {
     rollbacks_confirmed: IntCounter,
     decisions: IntCounterVec,
     pub dlq_produced: IntCounterVec,
+    pub dead_letters_unwritable: IntCounter,
     pub output_errors: IntCounterVec,
     pub outputs_produced: IntCounterVec,
     /// Requests to peer instances' APIs, by result (`guardrail::peer`).
@@ -407,6 +409,13 @@ impl Telemetry {
             "Dead letters written to the dead-letter topic or file, by reason code.",
             &["error_code"],
         );
+        let dead_letters_unwritable = IntCounter::new(
+            "guardrail_dead_letters_unwritable_total",
+            "Dead letters the producer or broker refused for good (too large, malformed): skipped, not retried.",
+        )
+        .expect("metric");
+        r.register(Box::new(dead_letters_unwritable.clone()))
+            .expect("register");
         let output_errors = counter_vec(
             &r,
             "guardrail_output_errors_total",
@@ -504,6 +513,11 @@ impl Telemetry {
                 "guardrail_series_overflow_total",
                 "Events not tracked in a segment series because the metric reached max_series_per_metric (still counted in its total).",
             ),
+            clock_jumps_held: counter(
+                &r,
+                "guardrail_event_time_jumps_held_total",
+                "Events stamped further ahead of their partition's event time than the allowed lateness, with nothing to confirm them: counted in their window, but not allowed to move event time (one fast clock).",
+            ),
             holds_expired: counter(
                 &r,
                 "guardrail_holds_expired_total",
@@ -545,6 +559,7 @@ impl Telemetry {
                 c
             },
             dlq_produced,
+            dead_letters_unwritable,
             output_errors,
             outputs_produced,
             peer_requests,
@@ -605,6 +620,8 @@ impl Telemetry {
             .inc_by(s.missing_user - prev.missing_user);
         self.series_overflow
             .inc_by(s.series_overflow - prev.series_overflow);
+        self.clock_jumps_held
+            .inc_by(s.clock_jumps_held - prev.clock_jumps_held);
         self.holds_expired
             .inc_by(s.holds_expired - prev.holds_expired);
         self.windows_closed

@@ -194,16 +194,25 @@ fn counted(m: &str, name: &str, code: &str) -> f64 {
     metric_value(m, &format!("{name}{{error_code=\"{code}\"}}")).unwrap_or(0.0)
 }
 
-/// Checks the dead letters against what was sent: each bad message exactly once, byte for
-/// byte, with its code, a message and its source; nothing else.
-fn check_dead_letters(dlq: &[Out], topic: &str, partitions: i32, bad: &[Bad]) {
-    let mut by_value: BTreeMap<&[u8], Vec<&Out>> = BTreeMap::new();
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// Checks the dead letters against what was sent: each bad message exactly once, found by the
+/// SHA-256 of its bytes, carrying them (up to `max_event_bytes`, then cut and said so), with
+/// its code, a message and its source; nothing else.
+fn check_dead_letters(dlq: &[Out], topic: &str, partitions: i32, bad: &[Bad], limit: usize) {
+    let mut by_digest: BTreeMap<&str, Vec<&Out>> = BTreeMap::new();
     for d in dlq {
-        by_value.entry(d.value.as_slice()).or_default().push(d);
+        by_digest
+            .entry(d.headers["guardrail-original-sha256"].as_str())
+            .or_default()
+            .push(d);
     }
     for x in bad {
-        let found = by_value
-            .get(x.value.as_slice())
+        let found = by_digest
+            .get(sha256_hex(&x.value).as_str())
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         assert_eq!(
@@ -215,6 +224,13 @@ fn check_dead_letters(dlq: &[Out], topic: &str, partitions: i32, bad: &[Bad]) {
             found.len()
         );
         let d = found[0];
+        let cut = x.value.len() > limit;
+        assert_eq!(d.value, x.value[..x.value.len().min(limit)], "kept bytes");
+        assert_eq!(
+            d.headers["guardrail-original-bytes"],
+            x.value.len().to_string()
+        );
+        assert_eq!(d.headers.contains_key("guardrail-truncated"), cut);
         assert_eq!(
             d.headers["guardrail-error-code"],
             x.code,
@@ -351,7 +367,7 @@ async fn bad_input_at_scale_is_dead_lettered_counted_and_detection_holds() {
         0.0
     );
 
-    // On the dead-letter topic, each exactly once, byte for byte.
+    // On the dead-letter topic, each exactly once, its bytes cut at max_event_bytes.
     let t = h.cfg.kafka.topics.clone();
     let dlq = h.read_all(&[&t.dlq], Duration::from_secs(3));
     let bytes: usize = dlq.iter().map(|d| d.value.len()).sum();
@@ -359,7 +375,7 @@ async fn bad_input_at_scale_is_dead_lettered_counted_and_detection_holds() {
         bytes < 4 << 20 && dlq.len() < 90_000,
         "within what the mock broker keeps per partition: {bytes} bytes"
     );
-    check_dead_letters(&dlq, &t.events, 4, &bad);
+    check_dead_letters(&dlq, &t.events, 4, &bad, h.cfg.engine.max_event_bytes);
 
     // The incident in the good traffic is still detected, attributed and acted on.
     let outs = h.read_all(&[&t.alerts, &t.rollbacks], Duration::from_secs(2));
@@ -399,6 +415,155 @@ async fn bad_input_at_scale_is_dead_lettered_counted_and_detection_holds() {
     let report = h.stop().await;
     assert_eq!(report.events, sent + 1);
     assert_eq!(report.rejected, bad.len() as u64);
+}
+
+/// Issue 19: an event of a megabyte used to be copied whole into its dead letter, which the
+/// producer refused (`MessageSizeTooLarge`): the batch's transaction was retried forever and
+/// nothing after it was read. Now its dead letter keeps the first `max_event_bytes` with the
+/// original's length and digest, and the traffic behind it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_event_is_dead_lettered_cut_and_the_stream_goes_on() {
+    let h = start(|_| {}).await;
+    let topic = h.cfg.kafka.topics.events.clone();
+    let big_producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", h.cluster.bootstrap_servers())
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    let t0 = story_afternoon();
+    let mut huge = format!(r#"{{"type":"session","ts":{t0},"pad":""#).into_bytes();
+    huge.resize(1_000_100 - 2, b'x');
+    huge.extend_from_slice(b"\"}");
+    assert_eq!(huge.len(), 1_000_100);
+    big_producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&topic)
+                .key("k")
+                .payload(&huge),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the mock broker takes a megabyte");
+    // Good traffic behind it, on the same partition (same key).
+    let mut sent = 1u64;
+    for i in 0..50 {
+        let v = format!(
+            r#"{{"type":"session","ts":{},"id":"s-{i}","user":"u{i}"}}"#,
+            t0 + i * 1000
+        );
+        h.send(&topic, b"k", v.as_bytes()).await;
+        sent += 1;
+    }
+    h.heartbeat(t0 + 10 * MIN).await;
+    sent += 1;
+    assert!(
+        h.wait_event_time(t0 + 10 * MIN, Duration::from_secs(60))
+            .await,
+        "the events behind the megabyte are read"
+    );
+    let m = wait_received(&h, sent, Duration::from_secs(30)).await;
+    assert_eq!(
+        counted(&m, "guardrail_dead_letters_produced_total", "too_large"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&m, "guardrail_events_accepted_total"),
+        Some((sent - 1) as f64)
+    );
+    assert_eq!(
+        metric_value(&m, "guardrail_dead_letters_unwritable_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_value(&m, "guardrail_output_errors_total{stream=\"all\"}").unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(h.get("/readyz").await.0, 200);
+    let t = h.cfg.kafka.topics.clone();
+    let dlq = h.read_all(&[&t.dlq], Duration::from_secs(2));
+    let bad = [Bad {
+        key: b"k".to_vec(),
+        value: huge,
+        code: "too_large",
+    }];
+    check_dead_letters(&dlq, &t.events, 4, &bad, h.cfg.engine.max_event_bytes);
+    assert_eq!(dlq[0].value.len(), 64 * 1024);
+    let report = h.stop().await;
+    assert_eq!(report.rejected, 1);
+}
+
+/// Issue 19: devices whose clocks run minutes fast, in a stream read behind (the consumer
+/// catching up): event time follows what the broker has received (each record's timestamp),
+/// so their events count in their windows and make nobody else's late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_device_clocks_in_a_lagging_stream_make_nothing_late() {
+    let h = start(|c| c.detection.warmup_windows = 48).await;
+    let topic = h.cfg.kafka.topics.events.clone();
+    let start_ms = story_afternoon() - 2 * HOUR;
+    let end_ms = start_ms + 20 * MIN;
+    let mut sim = story_sim(start_ms);
+    let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let (mut sent, mut fast) = (0u64, 0u64);
+    let ts_of = |v: &[u8]| -> i64 {
+        match &serde_json::from_slice::<serde_json::Value>(v).unwrap()["ts"] {
+            serde_json::Value::Number(n) => n.as_i64().unwrap(),
+            serde_json::Value::String(s) => guardrail::event::parse_time_str(s).unwrap(),
+            other => panic!("ts {other}"),
+        }
+    };
+    while sim.now_ms() < end_ms {
+        let to = sim.now_ms() + 5 * MIN;
+        batch.clear();
+        sim.advance(to, &mut |k, v| batch.push((k.to_vec(), v.to_vec())));
+        for (i, (k, v)) in batch.iter().enumerate() {
+            // Received by the broker a second after it happened (the record's timestamp).
+            let ts = ts_of(v);
+            send_at(&h, &topic, k, v, ts + 1000).await;
+            sent += 1;
+            if i % 10 == 0 {
+                // One device in ten runs 4 minutes fast: twice the allowed lateness.
+                let skewed = format!(
+                    r#"{{"type":"session","ts":{},"id":"fast-{fast}","user":"fast-{fast}"}}"#,
+                    ts + 4 * MIN
+                );
+                send_at(&h, &topic, k, skewed.as_bytes(), ts + 1000).await;
+                sent += 1;
+                fast += 1;
+            }
+        }
+    }
+    let m = wait_received(&h, sent, Duration::from_secs(120)).await;
+    assert!(fast > 1000, "{fast} fast events");
+    assert_eq!(
+        counted(&m, "guardrail_events_rejected_total", "too_late"),
+        0.0
+    );
+    assert_eq!(
+        metric_value(&m, "guardrail_events_accepted_total"),
+        Some(sent as f64)
+    );
+    let report = h.stop().await;
+    assert_eq!(report.rejected, 0);
+}
+
+/// Produces `value` with the record timestamp `at` (when the broker received it).
+async fn send_at(h: &Harness, topic: &str, key: &[u8], value: &[u8], at: i64) {
+    loop {
+        let rec = rdkafka::producer::FutureRecord::to(topic)
+            .key(key)
+            .payload(value)
+            .timestamp(at);
+        match h.producer.send_result(rec) {
+            Ok(_) => return,
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                _,
+            )) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err((e, _)) => panic!("produce: {e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,7 +706,7 @@ async fn unknown_types_are_counted_not_dead_lettered_and_bad_changes_are() {
             code,
         })
         .collect();
-    check_dead_letters(&dlq, &t.changes, 1, &bad);
+    check_dead_letters(&dlq, &t.changes, 1, &bad, h.cfg.engine.max_event_bytes);
     // A good change after all that is still applied, and is the only one in the registry.
     h.send_change(&sim::story_change("chg-ok", now)).await;
     let deadline = Instant::now() + Duration::from_secs(30);

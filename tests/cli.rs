@@ -251,6 +251,78 @@ fn simulate_then_replay_writes_the_contract_outputs() {
     assert!(elapsed["event_time"].as_str().unwrap() >= deadline);
 }
 
+/// Issue 19: one event from a fast clock used to move event time for everyone: 290 s ahead
+/// (inside the future skew), it closed the windows the rest of the stream was still filling
+/// and 45,203 of 46,801 events became `too_late`. An event from year 0001 was accepted.
+#[test]
+fn one_fast_clock_makes_nothing_late_and_year_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let changes = dir.path().join("changes.jsonl");
+    let st = bin()
+        .args([
+            "simulate",
+            "--hours",
+            "1",
+            "--start",
+            "2026-11-02T10:00:00Z",
+        ])
+        .arg("--out")
+        .arg(&events)
+        .arg("--changes-out")
+        .arg(&changes)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let clean = dir.path().join("clean");
+    let o = replay(&events, &changes, &clean);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Ten minutes in: one event 290 s ahead of its neighbours, then one from year 0001.
+    let text = std::fs::read_to_string(&events).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.len() / 6;
+    let ts = serde_json::from_str::<serde_json::Value>(lines[at]).unwrap()["ts"].clone();
+    let ts = match ts {
+        serde_json::Value::Number(n) => n.as_i64().unwrap(),
+        serde_json::Value::String(s) => guardrail::event::parse_time_str(&s).unwrap(),
+        other => panic!("ts {other}"),
+    };
+    let fast = format!(
+        r#"{{"type":"session","ts":{},"user":"fast-clock"}}"#,
+        ts + 290_000
+    );
+    let ancient = r#"{"type":"session","ts":"0001-01-01T00:00:00Z","user":"year-one"}"#;
+    let mut skewed: Vec<&str> = lines.clone();
+    skewed.insert(at, ancient);
+    skewed.insert(at, &fast);
+    let skewed_events = dir.path().join("skewed.jsonl");
+    std::fs::write(&skewed_events, skewed.join("\n") + "\n").unwrap();
+    let out = dir.path().join("skewed");
+    let o = replay(&skewed_events, &changes, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("summary.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (summary(&clean), summary(&out));
+    assert_eq!(
+        b["events_accepted"].as_u64().unwrap(),
+        a["events_accepted"].as_u64().unwrap() + 1,
+        "every event of the clean replay, and the fast one: {a:#} vs {b:#}"
+    );
+    assert_eq!(
+        b["events_rejected"]["too_late"],
+        a["events_rejected"]["too_late"]
+    );
+    assert_eq!(b["events_rejected"]["bad_timestamp"], 1);
+    assert_eq!(b["event_time_jumps_held"], 1);
+    assert_eq!(a["event_time_jumps_held"], 0);
+    let dlq = std::fs::read_to_string(out.join("dead_letters.jsonl")).unwrap();
+    assert!(
+        dlq.contains("year-one") && dlq.contains("before 2000-01-01"),
+        "{dlq}"
+    );
+}
+
 #[test]
 fn replay_reports_missing_files_clearly() {
     let o = bin()
