@@ -240,7 +240,9 @@ fn decode_chunked(mut b: &[u8]) -> Result<Vec<u8>, &'static str> {
         if size == 0 {
             return Ok(out);
         }
-        if b.len() < size + 2 {
+        // A size from the network: checked, never trusted to fit in the arithmetic.
+        let end = size.checked_add(2).ok_or("chunk size out of range")?;
+        if b.len() < end {
             return Err("incomplete chunk");
         }
         out.extend_from_slice(&b[..size]);
@@ -876,6 +878,10 @@ mod tests {
         assert!(response_complete(c));
         assert!(!response_complete(&c[..c.len() - 5]));
         assert_eq!(parse_response(c).unwrap(), (400, b"abcde".to_vec()));
+        // Issue 19: this size used to overflow and panic the push task.
+        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc\r\n0\r\n\r\n";
+        assert!(!response_complete(huge));
+        assert!(parse_response(huge).is_err());
     }
 
     #[tokio::test]

@@ -406,6 +406,19 @@ async fn silence_passes_its_duration() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.message().contains("silence_secs"), "{}", r.body);
     assert_eq!(srv.calls.lock().unwrap().len(), 1);
+    // Issue 19: a duration that overflowed event time; now bounded to 30 days.
+    for secs in ["18446744073709551615", "2592001"] {
+        let r = post_as(
+            &srv,
+            &format!("/api/incidents/{KNOWN}/silence"),
+            BOB,
+            Some(&format!(r#"{{"silence_secs": {secs}}}"#)),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.message().contains("between 1 and 2592000"), "{}", r.body);
+    }
+    assert_eq!(srv.calls.lock().unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -551,6 +551,21 @@ async fn incident_page_renders_chart_and_decision_in_chromium() {
         );
     }
     assert!(!page.contains("<script"), "the page needs no script");
+    // Issue 19: and a browser would run none, nor sniff a JSON answer into HTML.
+    for path in [
+        format!("/incidents/{}", pct(&id)),
+        "/incidents?format=json".into(),
+    ] {
+        let (code, headers, _) =
+            common::http_with(&format!("{}{path}", h.http), "GET", &[], None).await;
+        assert_eq!(code, 200);
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        let csp = &headers["content-security-policy"];
+        assert!(
+            csp.contains("default-src 'none'") && !csp.contains("script-src"),
+            "{path}: {csp}"
+        );
+    }
 
     let Some(chromium) = chromium else {
         eprintln!("SKIP incident_page's browser half: chromium is not on PATH");

@@ -795,6 +795,13 @@ impl Engine {
                             "severity_from": from, "severity_to": to}),
                         json!({"rule": d.policy, "escalate_after_secs": self.cfg.policy.escalate_after_secs}),
                     );
+                    // A silenced incident escalates in its record, but does not page again.
+                    if self.incidents[idx]
+                        .silenced_until_ms
+                        .is_some_and(|u| u > now)
+                    {
+                        continue;
+                    }
                     let alert = self.alert_for(idx);
                     self.outputs.push(Output::Alert(Box::new(alert)));
                 }
@@ -931,11 +938,15 @@ impl Engine {
                     inc.decision.set_deadline(None);
                 }
                 if call.verb == Verb::Silence {
-                    let secs = call.silence_secs.unwrap_or(3600);
-                    inc.silenced_until_ms = Some(now + secs as i64 * 1000);
+                    // Bounded by the API; saturating anyway, since it comes from the network.
+                    let secs = call
+                        .silence_secs
+                        .unwrap_or(3600)
+                        .min(i64::MAX as u64 / 1000) as i64;
+                    inc.silenced_until_ms = Some(now.saturating_add(secs * 1000));
                     (
                         "silence",
-                        format!("silenced for {}", human_duration(secs as i64 * 1000)),
+                        format!("silenced for {}", human_duration(secs * 1000)),
                     )
                 } else {
                     (
