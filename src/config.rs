@@ -636,6 +636,9 @@ pub struct SprawlConfig {
     pub max_variants_per_surface: u32,
     pub window_secs: u64,
     pub severity: Severity,
+    /// Surfaces followed at once; beyond, new surfaces are counted in
+    /// `guardrail_tracked_overflow_total{map="sprawl_surfaces"}` and not followed.
+    pub max_surfaces: usize,
 }
 
 impl Default for SprawlConfig {
@@ -645,6 +648,7 @@ impl Default for SprawlConfig {
             max_variants_per_surface: 12,
             window_secs: 3600,
             severity: Severity::Warning,
+            max_surfaces: 10_000,
         }
     }
 }
@@ -662,6 +666,9 @@ pub struct PressureConfig {
     /// Recipients needed in the day before the ratio is judged.
     pub min_users: u64,
     pub severity: Severity,
+    /// Surfaces followed at once; beyond, new surfaces are counted in
+    /// `guardrail_tracked_overflow_total{map="pressure_surfaces"}` and not followed.
+    pub max_surfaces: usize,
 }
 
 impl Default for PressureConfig {
@@ -673,6 +680,7 @@ impl Default for PressureConfig {
             max_messages_per_user_day: 3.0,
             min_users: 50,
             severity: Severity::Warning,
+            max_surfaces: 10_000,
         }
     }
 }
@@ -1230,6 +1238,18 @@ impl Config {
                     loc(k),
                     format!("guards.{k}"),
                     format!("must be in (0, {hi}), got {v}"),
+                ));
+            }
+        }
+        for (key, n) in [
+            ("sprawl", g.sprawl.max_surfaces),
+            ("pressure", g.pressure.max_surfaces),
+        ] {
+            if n == 0 {
+                errs.push(at(
+                    loc("max_surfaces"),
+                    format!("guards.{key}.max_surfaces"),
+                    "must be at least 1".into(),
                 ));
             }
         }

@@ -452,6 +452,8 @@ pub struct EngineStats {
     pub series_overflow: u64,
     /// Event times that jumped ahead of their partition's clock alone and were held.
     pub clock_jumps_held: u64,
+    /// Events on surfaces not followed because `max_surfaces` were: sprawl, pressure.
+    pub untracked_surfaces: [u64; 2],
     /// Stage 2: alerts published after `[scale] hold_max_secs` without an owner's answer.
     pub holds_expired: u64,
     pub windows_closed: u64,
@@ -775,12 +777,14 @@ impl Engine {
                 Sprawl::new(
                     cfg.guards.sprawl.window_secs as i64 * 1000,
                     cfg.guards.sprawl.max_variants_per_surface as usize,
+                    cfg.guards.sprawl.max_surfaces,
                 )
             }),
             pressure: cfg.guards.pressure.enabled.then(|| {
                 Pressure::new(
                     cfg.guards.pressure.max_messages_per_user_day,
                     cfg.guards.pressure.min_users,
+                    cfg.guards.pressure.max_surfaces,
                 )
             }),
             auto_rollbacks: VecDeque::new(),
@@ -1054,16 +1058,24 @@ impl Engine {
         if let (Some(sp), Some(surface), Some(variant)) =
             (sprawl.as_mut(), &ev.surface, &ev.variant)
         {
-            sp.observe(keyed(surface), surface, keyed(variant), ev.ts_ms);
+            if !sp.observe(keyed(surface), surface, keyed(variant), ev.ts_ms) {
+                stats.untracked_surfaces[0] += 1;
+            }
         }
         if let Some(p) = pressure.as_mut() {
             let surface = ev.surface.as_deref().unwrap_or(MISSING_DIM);
-            if ev.ty.as_ref() == sc.message_event.as_str() {
-                if let Some(u) = &ev.user {
-                    p.message(keyed(surface), surface, user_of(u), ev.ts_ms);
+            let tracked = if ev.ty.as_ref() == sc.message_event.as_str() {
+                match &ev.user {
+                    Some(u) => p.message(keyed(surface), surface, user_of(u), ev.ts_ms),
+                    None => true,
                 }
             } else if ev.ty.as_ref() == sc.unsubscribe_event.as_str() {
-                p.unsubscribe(keyed(surface), surface, ev.ts_ms);
+                p.unsubscribe(keyed(surface), surface, ev.ts_ms)
+            } else {
+                true
+            };
+            if !tracked {
+                stats.untracked_surfaces[1] += 1;
             }
         }
         let Some(routes) = sc.routes.get(ev.ty.as_ref()) else {
@@ -1334,6 +1346,23 @@ impl Engine {
                 });
             }
         }
+    }
+
+    /// Entries held per bounded map, for `guardrail_tracked_entries{map}`.
+    pub fn tracked_entries(&self) -> [(&'static str, usize); 5] {
+        [
+            ("series", self.series.len()),
+            ("incidents", self.incidents.len()),
+            ("changes", self.registry.all().count()),
+            (
+                "sprawl_surfaces",
+                self.sprawl.as_ref().map_or(0, |s| s.len()),
+            ),
+            (
+                "pressure_surfaces",
+                self.pressure.as_ref().map_or(0, |p| p.len()),
+            ),
+        ]
     }
 
     /// Forgets a partition's clock (it was revoked), so it no longer holds the watermark back.
@@ -2867,6 +2896,39 @@ dims = ["k"]
         assert!(e.watermark_ms().unwrap() > T0 + 3_000_000);
         let late = from(&mut e, 1, T0 + 600_001, later);
         assert_eq!(late.unwrap_err().code, ErrorCode::TooLate);
+    }
+
+    #[test]
+    fn surfaces_are_bounded_counted_and_forgotten() {
+        let cfg = Config::from_str_named(
+            &format!("[guards.sprawl]\nmax_surfaces = 100\nwindow_secs = 3600\n[guards.pressure]\nmax_surfaces = 50\n{COUNT_X}"),
+            "t.toml",
+        )
+        .unwrap();
+        let mut e = Engine::new(&cfg).unwrap();
+        let now = T0 + 86_400_000;
+        // 1,000 surfaces, each with a variant and a message: one entry each, up to the bound.
+        for i in 0..1000 {
+            let x = format!(r#","surface":"s{i}","variant":"v","user":"u{i}""#);
+            e.process_event(&ev("x", T0 + i, &x), now).unwrap();
+            e.process_event(&ev("message_sent", T0 + i, &x), now)
+                .unwrap();
+        }
+        let held = |e: &Engine| e.tracked_entries().into_iter().collect::<HashMap<_, _>>();
+        assert_eq!(held(&e)["sprawl_surfaces"], 100);
+        assert_eq!(held(&e)["pressure_surfaces"], 50);
+        // Each event on an unfollowed surface is counted (both carry a variant).
+        assert_eq!(e.stats.untracked_surfaces, [1800, 950]);
+        // Two sprawl windows later, surfaces seen no more are forgotten; new ones are taken.
+        for _ in 0..2 {
+            e.process_event(&ev("x", T0 + 3 * 3_600_000 + 301_000, ""), now)
+                .unwrap();
+        }
+        assert_eq!(held(&e)["sprawl_surfaces"], 0);
+        let x = r#","surface":"new","variant":"v""#;
+        e.process_event(&ev("x", T0 + 3 * 3_600_000 + 302_000, x), now)
+            .unwrap();
+        assert_eq!(held(&e)["sprawl_surfaces"], 1);
     }
 
     #[test]

@@ -293,6 +293,13 @@ pub struct Sprawl {
     window_ms: i64,
     limit: usize,
     surfaces: HashMap<u64, SurfaceVariants>,
+    /// Surfaces tracked at most; set from the config, also after a restore.
+    #[serde(skip, default = "unbounded")]
+    max_surfaces: usize,
+}
+
+fn unbounded() -> usize {
+    usize::MAX
 }
 
 /// A surface over (or back under) its variant limit.
@@ -306,19 +313,45 @@ pub struct SprawlFinding {
 }
 
 impl Sprawl {
-    pub fn new(window_ms: i64, limit: usize) -> Sprawl {
+    pub fn new(window_ms: i64, limit: usize, max_surfaces: usize) -> Sprawl {
         Sprawl {
             window_ms,
             limit,
             surfaces: HashMap::new(),
+            max_surfaces,
         }
     }
 
-    /// Records that `variant` (hashed) was live on `surface` (hashed) at `ts`.
+    pub fn set_max_surfaces(&mut self, n: usize) {
+        self.max_surfaces = n;
+    }
+
+    /// Surfaces tracked now.
+    pub fn len(&self) -> usize {
+        self.surfaces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.surfaces.is_empty()
+    }
+
+    /// Forgets surfaces with no variant since the previous sprawl window and no incident: a
+    /// surface seen once does not stay forever.
+    pub fn prune(&mut self, end_ms: i64) {
+        let cur = (end_ms - 1).div_euclid(self.window_ms);
+        self.surfaces
+            .retain(|_, s| s.bucket >= cur - 1 || s.incident.is_some());
+    }
+
+    /// Records that `variant` (hashed) was live on `surface` (hashed) at `ts`; false when the
+    /// surface is new and `max_surfaces` are followed already (it is not followed).
     #[inline]
-    pub fn observe(&mut self, surface_key: u64, surface: &str, variant: u64, ts: i64) {
+    pub fn observe(&mut self, surface_key: u64, surface: &str, variant: u64, ts: i64) -> bool {
         let b = ts.div_euclid(self.window_ms);
         let cap = 4 * self.limit + 1;
+        if self.surfaces.len() >= self.max_surfaces && !self.surfaces.contains_key(&surface_key) {
+            return false;
+        }
         let s = self
             .surfaces
             .entry(surface_key)
@@ -338,11 +371,12 @@ impl Sprawl {
         } else if b < s.bucket {
             // A late event of the previous window: it can only raise that window's count,
             // which was judged already; not worth a second set.
-            return;
+            return true;
         }
         if s.variants.len() < cap && !s.variants.contains(&variant) {
             s.variants.push(variant);
         }
+        true
     }
 
     /// At the close of the engine window ending at `end_ms`: surfaces over the limit in the
@@ -449,19 +483,46 @@ pub struct Pressure {
     cap: f64,
     min_users: f64,
     surfaces: HashMap<u64, DayPressure>,
+    /// Surfaces tracked at most; set from the config, also after a restore.
+    #[serde(skip, default = "unbounded")]
+    max_surfaces: usize,
 }
 
 impl Pressure {
-    pub fn new(cap: f64, min_users: u64) -> Pressure {
+    pub fn new(cap: f64, min_users: u64, max_surfaces: usize) -> Pressure {
         Pressure {
             cap,
             min_users: min_users as f64,
             surfaces: HashMap::new(),
+            max_surfaces,
         }
+    }
+
+    pub fn set_max_surfaces(&mut self, n: usize) {
+        self.max_surfaces = n;
+    }
+
+    /// Surfaces tracked now.
+    pub fn len(&self) -> usize {
+        self.surfaces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.surfaces.is_empty()
+    }
+
+    /// Forgets surfaces with no message yesterday or today and no incident.
+    pub fn prune(&mut self, end_ms: i64) {
+        let today = (end_ms - 1).div_euclid(DAY_MS);
+        self.surfaces
+            .retain(|_, s| s.day >= today - 1 || s.incident.is_some());
     }
 
     fn day(&mut self, key: u64, surface: &str, ts: i64) -> Option<&mut DayPressure> {
         let d = ts.div_euclid(DAY_MS);
+        if self.surfaces.len() >= self.max_surfaces && !self.surfaces.contains_key(&key) {
+            return None;
+        }
         let s = self.surfaces.entry(key).or_insert_with(|| DayPressure {
             name: surface.to_string(),
             day: d,
@@ -485,19 +546,23 @@ impl Pressure {
         (d == s.day).then_some(s)
     }
 
+    /// False when the surface is new and `max_surfaces` are followed already.
     #[inline]
-    pub fn message(&mut self, key: u64, surface: &str, user: u64, ts: i64) {
+    pub fn message(&mut self, key: u64, surface: &str, user: u64, ts: i64) -> bool {
         if let Some(s) = self.day(key, surface, ts) {
             s.messages += 1.0;
             s.recipients.add(user);
         }
+        self.surfaces.contains_key(&key)
     }
 
+    /// False when the surface is new and `max_surfaces` are followed already.
     #[inline]
-    pub fn unsubscribe(&mut self, key: u64, surface: &str, ts: i64) {
+    pub fn unsubscribe(&mut self, key: u64, surface: &str, ts: i64) -> bool {
         if let Some(s) = self.day(key, surface, ts) {
             s.unsubscribes += 1.0;
         }
+        self.surfaces.contains_key(&key)
     }
 
     /// Surfaces whose running day is over the cap (not yet in an incident), and incidents of
@@ -551,7 +616,7 @@ mod tests {
 
     #[test]
     fn sprawl_fires_within_the_window_and_clears_after_a_calm_one() {
-        let mut s = Sprawl::new(3_600_000, 3);
+        let mut s = Sprawl::new(3_600_000, 3, usize::MAX);
         for v in 0..5u64 {
             s.observe(7, "checkout", v, 1000 + v as i64);
         }
@@ -572,7 +637,7 @@ mod tests {
 
     #[test]
     fn pressure_needs_recipients_and_resets_daily() {
-        let mut p = Pressure::new(3.0, 10);
+        let mut p = Pressure::new(3.0, 10, usize::MAX);
         // 20 users x 4 messages on day 0.
         for u in 0..20u64 {
             for k in 0..4 {
@@ -594,7 +659,7 @@ mod tests {
         // The day ends: the incident ends with it.
         assert_eq!(p.evaluate(DAY_MS).1, vec![(1, 3)]);
         // Few recipients: not judged.
-        let mut q = Pressure::new(3.0, 10);
+        let mut q = Pressure::new(3.0, 10, usize::MAX);
         for k in 0..50 {
             q.message(1, "email", 42, k);
         }

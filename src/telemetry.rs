@@ -27,6 +27,8 @@ pub struct Telemetry {
     missing_value: IntCounterVec,
     series_overflow: IntCounter,
     clock_jumps_held: IntCounter,
+    untracked: IntCounterVec,
+    tracked: IntGaugeVec,
     holds_expired: IntCounter,
     windows_closed: IntCounter,
     changes: IntCounterVec,
@@ -513,6 +515,24 @@ impl Telemetry {
                 "guardrail_series_overflow_total",
                 "Events not tracked in a segment series because the metric reached max_series_per_metric (still counted in its total).",
             ),
+            untracked: counter_vec(
+                &r,
+                "guardrail_tracked_overflow_total",
+                "Events about an entry a bounded map could not take because it was full (sprawl_surfaces, pressure_surfaces): counted, not followed.",
+                &["map"],
+            ),
+            tracked: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "guardrail_tracked_entries",
+                        "Entries held in each bounded map (series, incidents, changes, sprawl_surfaces, pressure_surfaces).",
+                    ),
+                    &["map"],
+                )
+                .expect("metric");
+                r.register(Box::new(g.clone())).expect("register");
+                g
+            },
             clock_jumps_held: counter(
                 &r,
                 "guardrail_event_time_jumps_held_total",
@@ -622,6 +642,19 @@ impl Telemetry {
             .inc_by(s.series_overflow - prev.series_overflow);
         self.clock_jumps_held
             .inc_by(s.clock_jumps_held - prev.clock_jumps_held);
+        for (i, map) in ["sprawl_surfaces", "pressure_surfaces"]
+            .into_iter()
+            .enumerate()
+        {
+            self.untracked
+                .with_label_values(&[map])
+                .inc_by(s.untracked_surfaces[i] - prev.untracked_surfaces[i]);
+        }
+        if !stage1 {
+            for (map, n) in eng.tracked_entries() {
+                self.tracked.with_label_values(&[map]).set(n as i64);
+            }
+        }
         self.holds_expired
             .inc_by(s.holds_expired - prev.holds_expired);
         self.windows_closed

@@ -1602,7 +1602,10 @@ impl Engine {
     }
 
     pub(super) fn check_sprawl(&mut self, end: i64) {
-        let Some(sp) = &self.sprawl else { return };
+        let Some(sp) = self.sprawl.as_mut() else {
+            return;
+        };
+        sp.prune(end);
         let (over, back) = sp.evaluate(end);
         let wms = sp.window_ms();
         for (key, idx) in back {
@@ -1673,7 +1676,10 @@ impl Engine {
     }
 
     pub(super) fn check_pressure(&mut self, end: i64) {
-        let Some(p) = &self.pressure else { return };
+        let Some(p) = self.pressure.as_mut() else {
+            return;
+        };
+        p.prune(end);
         let (over, ended) = p.evaluate(end);
         for (key, idx) in ended {
             self.pressure

@@ -177,6 +177,13 @@ impl Engine {
         self.guards = p.guards;
         self.sprawl = p.sprawl;
         self.pressure = p.pressure;
+        // Bounds come from today's config, not from the checkpoint.
+        if let Some(sp) = self.sprawl.as_mut() {
+            sp.set_max_surfaces(self.cfg.guards.sprawl.max_surfaces);
+        }
+        if let Some(pr) = self.pressure.as_mut() {
+            pr.set_max_surfaces(self.cfg.guards.pressure.max_surfaces);
+        }
         self.auto_rollbacks = p.auto_rollbacks;
         self.vetoed = p.vetoed;
         self.shares = p.shares;
