@@ -1356,11 +1356,11 @@ impl Engine {
             ("changes", self.registry.all().count()),
             (
                 "sprawl_surfaces",
-                self.sprawl.as_ref().map_or(0, |s| s.len()),
+                self.sprawl.as_ref().map_or(0, |s| s.surfaces.len()),
             ),
             (
                 "pressure_surfaces",
-                self.pressure.as_ref().map_or(0, |p| p.len()),
+                self.pressure.as_ref().map_or(0, |p| p.surfaces.len()),
             ),
         ]
     }

@@ -277,7 +277,7 @@ impl Guards {
 
 /// Variants seen on one surface in the current and the previous sprawl window.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct SurfaceVariants {
+pub(crate) struct SurfaceVariants {
     name: String,
     bucket: i64,
     variants: Vec<u64>,
@@ -292,14 +292,53 @@ struct SurfaceVariants {
 pub struct Sprawl {
     window_ms: i64,
     limit: usize,
-    surfaces: HashMap<u64, SurfaceVariants>,
-    /// Surfaces tracked at most; set from the config, also after a restore.
+    pub(crate) surfaces: Bounded<SurfaceVariants>,
+}
+
+/// Entries by surface key, at most `max` of them: a new key beyond is refused rather than
+/// another evicted, so the surfaces already followed keep their evidence. Checkpointed as the
+/// map alone; the bound comes from the config, also after a restore.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Bounded<V> {
+    map: HashMap<u64, V>,
     #[serde(skip, default = "unbounded")]
-    max_surfaces: usize,
+    max: usize,
 }
 
 fn unbounded() -> usize {
     usize::MAX
+}
+
+impl<V> Bounded<V> {
+    pub fn new(max: usize) -> Self {
+        Bounded {
+            map: HashMap::new(),
+            max,
+        }
+    }
+
+    /// The bound comes from the config, also after a restore.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The entry of `key`, made with `make` if new; None when new and `max` are held.
+    #[inline]
+    fn entry(&mut self, key: u64, make: impl FnOnce() -> V) -> Option<&mut V> {
+        if self.map.len() >= self.max && !self.map.contains_key(&key) {
+            return None;
+        }
+        Some(self.map.entry(key).or_insert_with(make))
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&u64, &mut V) -> bool) {
+        self.map.retain(keep);
+    }
 }
 
 /// A surface over (or back under) its variant limit.
@@ -317,22 +356,8 @@ impl Sprawl {
         Sprawl {
             window_ms,
             limit,
-            surfaces: HashMap::new(),
-            max_surfaces,
+            surfaces: Bounded::new(max_surfaces),
         }
-    }
-
-    pub fn set_max_surfaces(&mut self, n: usize) {
-        self.max_surfaces = n;
-    }
-
-    /// Surfaces tracked now.
-    pub fn len(&self) -> usize {
-        self.surfaces.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.surfaces.is_empty()
     }
 
     /// Forgets surfaces with no variant since the previous sprawl window and no incident: a
@@ -349,20 +374,16 @@ impl Sprawl {
     pub fn observe(&mut self, surface_key: u64, surface: &str, variant: u64, ts: i64) -> bool {
         let b = ts.div_euclid(self.window_ms);
         let cap = 4 * self.limit + 1;
-        if self.surfaces.len() >= self.max_surfaces && !self.surfaces.contains_key(&surface_key) {
+        let Some(s) = self.surfaces.entry(surface_key, || SurfaceVariants {
+            name: surface.to_string(),
+            bucket: b,
+            variants: Vec::new(),
+            prev_bucket: b - 1,
+            prev_count: 0,
+            incident: None,
+        }) else {
             return false;
-        }
-        let s = self
-            .surfaces
-            .entry(surface_key)
-            .or_insert_with(|| SurfaceVariants {
-                name: surface.to_string(),
-                bucket: b,
-                variants: Vec::new(),
-                prev_bucket: b - 1,
-                prev_count: 0,
-                incident: None,
-            });
+        };
         if b > s.bucket {
             s.prev_bucket = s.bucket;
             s.prev_count = s.variants.len();
@@ -386,7 +407,7 @@ impl Sprawl {
         let mut over = Vec::new();
         let mut back = Vec::new();
         let cur = (end_ms - 1).div_euclid(self.window_ms);
-        for (k, s) in &self.surfaces {
+        for (k, s) in &self.surfaces.map {
             let (count, b) = if s.bucket == cur {
                 (s.variants.len(), s.bucket)
             } else {
@@ -414,7 +435,7 @@ impl Sprawl {
     }
 
     pub fn set_incident(&mut self, key: u64, incident: Option<usize>) {
-        if let Some(s) = self.surfaces.get_mut(&key) {
+        if let Some(s) = self.surfaces.map.get_mut(&key) {
             s.incident = incident;
         }
     }
@@ -426,6 +447,7 @@ impl Sprawl {
     /// Variants counted for a surface in its last complete window (for evidence).
     pub fn previous(&self, key: u64) -> Option<(i64, usize)> {
         self.surfaces
+            .map
             .get(&key)
             .map(|s| (s.prev_bucket * self.window_ms, s.prev_count))
     }
@@ -433,7 +455,7 @@ impl Sprawl {
 
 /// One surface's messaging in one UTC day.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct DayPressure {
+pub(crate) struct DayPressure {
     name: String,
     day: i64,
     messages: f64,
@@ -482,10 +504,7 @@ pub const HLL_MARGIN: f64 = 0.065;
 pub struct Pressure {
     cap: f64,
     min_users: f64,
-    surfaces: HashMap<u64, DayPressure>,
-    /// Surfaces tracked at most; set from the config, also after a restore.
-    #[serde(skip, default = "unbounded")]
-    max_surfaces: usize,
+    pub(crate) surfaces: Bounded<DayPressure>,
 }
 
 impl Pressure {
@@ -493,22 +512,8 @@ impl Pressure {
         Pressure {
             cap,
             min_users: min_users as f64,
-            surfaces: HashMap::new(),
-            max_surfaces,
+            surfaces: Bounded::new(max_surfaces),
         }
-    }
-
-    pub fn set_max_surfaces(&mut self, n: usize) {
-        self.max_surfaces = n;
-    }
-
-    /// Surfaces tracked now.
-    pub fn len(&self) -> usize {
-        self.surfaces.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.surfaces.is_empty()
     }
 
     /// Forgets surfaces with no message yesterday or today and no incident.
@@ -520,10 +525,7 @@ impl Pressure {
 
     fn day(&mut self, key: u64, surface: &str, ts: i64) -> Option<&mut DayPressure> {
         let d = ts.div_euclid(DAY_MS);
-        if self.surfaces.len() >= self.max_surfaces && !self.surfaces.contains_key(&key) {
-            return None;
-        }
-        let s = self.surfaces.entry(key).or_insert_with(|| DayPressure {
+        let s = self.surfaces.entry(key, || DayPressure {
             name: surface.to_string(),
             day: d,
             messages: 0.0,
@@ -531,7 +533,7 @@ impl Pressure {
             unsubscribes: 0.0,
             prev: None,
             incident: None,
-        });
+        })?;
         if d > s.day {
             s.prev = Some(PressureDay {
                 messages: s.messages,
@@ -553,7 +555,7 @@ impl Pressure {
             s.messages += 1.0;
             s.recipients.add(user);
         }
-        self.surfaces.contains_key(&key)
+        self.surfaces.map.contains_key(&key)
     }
 
     /// False when the surface is new and `max_surfaces` are followed already.
@@ -562,7 +564,7 @@ impl Pressure {
         if let Some(s) = self.day(key, surface, ts) {
             s.unsubscribes += 1.0;
         }
-        self.surfaces.contains_key(&key)
+        self.surfaces.map.contains_key(&key)
     }
 
     /// Surfaces whose running day is over the cap (not yet in an incident), and incidents of
@@ -571,7 +573,7 @@ impl Pressure {
         let today = (end_ms - 1).div_euclid(DAY_MS);
         let mut over = Vec::new();
         let mut ended = Vec::new();
-        for (k, s) in &self.surfaces {
+        for (k, s) in &self.surfaces.map {
             if let Some(i) = s.incident {
                 if s.day < today || end_ms % DAY_MS == 0 {
                     ended.push((*k, i));
@@ -604,7 +606,7 @@ impl Pressure {
     }
 
     pub fn set_incident(&mut self, key: u64, incident: Option<usize>) {
-        if let Some(s) = self.surfaces.get_mut(&key) {
+        if let Some(s) = self.surfaces.map.get_mut(&key) {
             s.incident = incident;
         }
     }

@@ -179,10 +179,10 @@ impl Engine {
         self.pressure = p.pressure;
         // Bounds come from today's config, not from the checkpoint.
         if let Some(sp) = self.sprawl.as_mut() {
-            sp.set_max_surfaces(self.cfg.guards.sprawl.max_surfaces);
+            sp.surfaces.set_max(self.cfg.guards.sprawl.max_surfaces);
         }
         if let Some(pr) = self.pressure.as_mut() {
-            pr.set_max_surfaces(self.cfg.guards.pressure.max_surfaces);
+            pr.surfaces.set_max(self.cfg.guards.pressure.max_surfaces);
         }
         self.auto_rollbacks = p.auto_rollbacks;
         self.vetoed = p.vetoed;
