@@ -504,6 +504,10 @@ fn no_jump() -> i64 {
     i64::MIN
 }
 
+/// How far an event's time may run ahead of the broker's receipt and still move event time:
+/// the clocks of producers and brokers differ by that much without being wrong.
+pub const INGEST_TOLERANCE_MS: i64 = 1_000;
+
 /// Event times before 2000-01-01 are no product's events (a zero or year-0001 clock).
 pub const MIN_PLAUSIBLE_TS: i64 = 946_684_800_000;
 
@@ -982,7 +986,7 @@ impl Engine {
         }
         self.apply(&ev, w);
         let trusted = match ingest_ms {
-            Some(i) => Some(ev.ts_ms.min(i)),
+            Some(i) => Some(ev.ts_ms.min(i.saturating_add(INGEST_TOLERANCE_MS))),
             None => self.confirmed(source, ev.ts_ms),
         };
         if let Some(t) = trusted {
@@ -1424,6 +1428,16 @@ impl Engine {
     pub fn finish(&mut self) {
         while let Some(c) = self.scheduled.pop_front() {
             self.apply_change(&c);
+        }
+        // The stream has ended: a jump held for confirmation was its last word.
+        let held: Vec<(i32, i64)> = self
+            .sources
+            .iter()
+            .filter(|c| c.jump != i64::MIN)
+            .map(|c| (c.source, c.jump))
+            .collect();
+        for (source, t) in held {
+            self.advance(source, t, self.last_event_wall_ms);
         }
         if let Some(t) = self.max_ts {
             let target = t.div_euclid(self.schema.window_ms);

@@ -71,7 +71,12 @@ impl Engine {
             shift,
         } = shifted;
         let metric = self.series[si].metric;
-        for c in cands.iter_mut() {
+        let rests: Vec<Option<Vec<usize>>> = cands
+            .iter()
+            .map(|c| self.rest_of(&c.change_id, metric, si))
+            .collect();
+        let narrowest = rests.iter().flatten().map(Vec::len).min();
+        for (c, rest) in cands.iter_mut().zip(&rests) {
             let Some(g) = self.latest_guard(&c.change_id) else {
                 continue;
             };
@@ -101,8 +106,11 @@ impl Engine {
                     pct(lo),
                     pct(hi)
                 ));
-                if !c.reversal {
-                    self.fit_scope(c, &mw.in_scope, (si, w), g.opened_ms);
+                let rest = rest
+                    .as_deref()
+                    .filter(|r| narrowest.is_some_and(|n| n < r.len()));
+                if let (Some(rest), false) = (rest, c.reversal) {
+                    self.fit_scope(c, rest, (si, w), g.opened_ms);
                 }
             }
         }
@@ -124,27 +132,13 @@ impl Engine {
     /// they did not move. The score is multiplied by the likelihood ratio of the rest's effect
     /// under the first against the second, bounded to [SCOPE_FIT_MIN, 1]: when a change scoped
     /// to the segment and a wide one are both in force, the one that fits wins.
-    fn fit_scope(
-        &self,
-        c: &mut Candidate,
-        in_scope: &[usize],
-        (si, w): (usize, i64),
-        from_ms: i64,
-    ) {
-        let Some(change) = self.registry.get(&c.change_id) else {
-            return;
-        };
-        let keys = |i: usize| self.series[i].dims.iter().map(|(k, _)| k);
-        let rest: Vec<usize> = in_scope
-            .iter()
-            .copied()
-            .filter(|&i| i != si && keys(i).eq(keys(si)))
-            .filter(|&i| crate::attribute::dims_within(&change.scope, &self.series[i].dims))
-            .collect();
+    /// Applied only when another candidate's audience is narrower: alone, a wide change that
+    /// hurt one segment first (the rest still thin in data) is not talked down.
+    fn fit_scope(&self, c: &mut Candidate, rest: &[usize], (si, w): (usize, i64), from_ms: i64) {
         let from = (from_ms.div_euclid(self.schema.window_ms)).max(w - HISTORY as i64 + 1);
         let (Some(this), Some(others)) = (
             self.effect_since(&[si], from, w),
-            self.effect_since(&rest, from, w),
+            self.effect_since(rest, from, w),
         ) else {
             return;
         };
@@ -164,6 +158,23 @@ impl Engine {
             pct(others.rel - 1.96 * others.se),
             pct(others.rel + 1.96 * others.se),
         ));
+    }
+
+    /// The rest of a change's audience beside series `si` of `metric`: its series of the same
+    /// dimensions, other values, inside the change's scope.
+    fn rest_of(&self, change_id: &str, metric: usize, si: usize) -> Option<Vec<usize>> {
+        let change = self.registry.get(change_id)?;
+        let g = self.latest_guard(change_id)?;
+        let keys = |i: usize| self.series[i].dims.iter().map(|(k, _)| k);
+        Some(
+            g.metrics[metric]
+                .in_scope
+                .iter()
+                .copied()
+                .filter(|&i| i != si && keys(i).eq(keys(si)))
+                .filter(|&i| crate::attribute::dims_within(&change.scope, &self.series[i].dims))
+                .collect(),
+        )
     }
 
     /// Relative effect against the forecast, and its standard error, of `series` summed over
