@@ -1357,7 +1357,7 @@ impl Engine {
         [
             ("series", self.series.len()),
             ("incidents", self.incidents.len()),
-            ("changes", self.registry.all().count()),
+            ("changes", self.registry.len()),
             (
                 "sprawl_surfaces",
                 self.sprawl.as_ref().map_or(0, |s| s.surfaces.len()),

@@ -46,15 +46,42 @@ pub struct Observational {
     pub windows: u32,
 }
 
+/// A relative effect against the forecast and its standard error.
+#[derive(Debug, Clone, Copy)]
+pub struct RelEffect {
+    pub rel: f64,
+    pub se: f64,
+}
+
 impl Observational {
-    /// Relative effect with a 95% interval, when there is anything to compare.
-    pub fn effect(&self) -> Option<(f64, f64, f64)> {
+    /// Adds one closed window of one series: its count and volume, the forecast rate and the
+    /// forecast's standard deviation. False (nothing added) when it has no forecast.
+    pub fn add(&mut self, num: f64, den: f64, exp: f64, sd: f64) -> bool {
+        if exp.is_nan() || sd.is_nan() {
+            return false;
+        }
+        self.observed += num;
+        self.expected += exp * den;
+        self.variance += (sd * den).powi(2);
+        self.volume += den;
+        true
+    }
+
+    /// Relative effect and its standard error, when there is anything to compare.
+    pub fn relative(&self) -> Option<RelEffect> {
         if self.windows == 0 || self.expected <= 0.0 {
             return None;
         }
-        let rel = self.observed / self.expected - 1.0;
-        let half = 1.96 * self.variance.max(0.0).sqrt() / self.expected;
-        Some((rel, rel - half, rel + half))
+        Some(RelEffect {
+            rel: self.observed / self.expected - 1.0,
+            se: self.variance.max(0.0).sqrt() / self.expected,
+        })
+    }
+
+    /// Relative effect with a 95% interval, when there is anything to compare.
+    pub fn effect(&self) -> Option<(f64, f64, f64)> {
+        let RelEffect { rel, se } = self.relative()?;
+        Some((rel, rel - 1.96 * se, rel + 1.96 * se))
     }
 }
 
@@ -523,7 +550,9 @@ impl Pressure {
             .retain(|_, s| s.day >= today - 1 || s.incident.is_some());
     }
 
-    fn day(&mut self, key: u64, surface: &str, ts: i64) -> Option<&mut DayPressure> {
+    /// The surface's running day if `ts` falls in it (None: a late event of an earlier day);
+    /// None outside when the surface is new and `max_surfaces` are followed already.
+    fn day(&mut self, key: u64, surface: &str, ts: i64) -> Option<Option<&mut DayPressure>> {
         let d = ts.div_euclid(DAY_MS);
         let s = self.surfaces.entry(key, || DayPressure {
             name: surface.to_string(),
@@ -545,26 +574,32 @@ impl Pressure {
             s.unsubscribes = 0.0;
             s.recipients.clear();
         }
-        (d == s.day).then_some(s)
+        Some((d == s.day).then_some(s))
     }
 
     /// False when the surface is new and `max_surfaces` are followed already.
     #[inline]
     pub fn message(&mut self, key: u64, surface: &str, user: u64, ts: i64) -> bool {
-        if let Some(s) = self.day(key, surface, ts) {
+        let Some(day) = self.day(key, surface, ts) else {
+            return false;
+        };
+        if let Some(s) = day {
             s.messages += 1.0;
             s.recipients.add(user);
         }
-        self.surfaces.map.contains_key(&key)
+        true
     }
 
     /// False when the surface is new and `max_surfaces` are followed already.
     #[inline]
     pub fn unsubscribe(&mut self, key: u64, surface: &str, ts: i64) -> bool {
-        if let Some(s) = self.day(key, surface, ts) {
+        let Some(day) = self.day(key, surface, ts) else {
+            return false;
+        };
+        if let Some(s) = day {
             s.unsubscribes += 1.0;
         }
-        self.surfaces.map.contains_key(&key)
+        true
     }
 
     /// Surfaces whose running day is over the cap (not yet in an incident), and incidents of

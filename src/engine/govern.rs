@@ -9,7 +9,9 @@ use serde_json::json;
 
 use super::*;
 use crate::control::{ControlError, DecisionCall, Outcome, Verb};
-use crate::guard::{ChangeGuard, PressureFinding, SprawlFinding, HOLDOUT, TREATMENT};
+use crate::guard::{
+    ChangeGuard, Observational, PressureFinding, RelEffect, SprawlFinding, HOLDOUT, TREATMENT,
+};
 use crate::repartition::GainEffect;
 use crate::seqtest::{self, ArmStats, MsprtConfig};
 
@@ -31,13 +33,6 @@ fn human(name: &str, role: &str) -> Actor {
         kind: "human".into(),
         name: format!("{name} ({role})"),
     }
-}
-
-/// A relative effect against the forecast and its standard error.
-#[derive(Debug, Clone, Copy)]
-struct RelEffect {
-    rel: f64,
-    se: f64,
 }
 
 fn pct(x: f64) -> String {
@@ -180,25 +175,13 @@ impl Engine {
     /// Relative effect against the forecast, and its standard error, of `series` summed over
     /// windows `from..=w` (as a guard's observational comparison sums them).
     fn effect_since(&self, series: &[usize], from: i64, w: i64) -> Option<RelEffect> {
-        let (mut observed, mut expected, mut variance) = (0.0, 0.0, 0.0);
+        let mut o = Observational::default();
         for &i in series {
-            for x in from..=w {
-                let Some(h) = self.series[i].hist_at(x, w) else {
-                    continue;
-                };
-                if h.exp.is_nan() || h.sd.is_nan() {
-                    continue;
-                }
-                let (den, sd) = (h.den as f64, h.sd as f64);
-                observed += h.num as f64;
-                expected += h.exp as f64 * den;
-                variance += (sd * den).powi(2);
+            for h in (from..=w).filter_map(|x| self.series[i].hist_at(x, w)) {
+                o.windows += o.add(h.num as f64, h.den as f64, h.exp as f64, h.sd as f64) as u32;
             }
         }
-        (expected > 0.0).then(|| RelEffect {
-            rel: observed / expected - 1.0,
-            se: variance.max(0.0).sqrt() / expected,
-        })
+        o.relative()
     }
 
     /// The most recent watch on a change (open or closed).
@@ -1223,16 +1206,8 @@ impl Engine {
                     let mut any = false;
                     for &si in &mw.in_scope {
                         if let Some(h) = self.series[si].hist_at(w, w) {
-                            if h.exp.is_nan() || h.sd.is_nan() {
-                                continue;
-                            }
-                            let (den, sd) = (h.den as f64, h.sd as f64);
                             let o = &mut mw.observational;
-                            o.observed += h.num as f64;
-                            o.expected += h.exp as f64 * den;
-                            o.variance += (sd * den).powi(2);
-                            o.volume += den;
-                            any = true;
+                            any |= o.add(h.num as f64, h.den as f64, h.exp as f64, h.sd as f64);
                         }
                     }
                     mw.observational.windows += any as u32;
