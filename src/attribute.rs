@@ -29,7 +29,21 @@ pub struct ChangeState {
     pub rolled_back_by: Option<Actor>,
     /// The metric the change is meant to improve.
     pub target_metric: Option<String>,
+    /// A gradual rollout's steps since the application (the first one at it), when its
+    /// records say how much of the audience it reached; empty when it reached all at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<RolloutStep>,
 }
+
+/// From `at_ms` on, the change reached `share` of its audience.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct RolloutStep {
+    pub at_ms: i64,
+    pub share: f64,
+}
+
+/// Rollout steps kept per change: later steps replace the last one kept.
+const MAX_STEPS: usize = 16;
 
 impl ChangeState {
     /// In force at event time `t`.
@@ -169,9 +183,37 @@ impl Registry {
                 rollback: None,
                 rolled_back_by: None,
                 target_metric: None,
+                steps: Vec::new(),
             });
+        let in_force = st.applied_ms.is_some_and(|a| a <= c.ts)
+            && st.rolled_back_ms.is_none()
+            && st.superseded_ms.is_none();
         match c.action {
+            ChangeAction::Applied if in_force && c.rollout.is_some() => {
+                let step = RolloutStep {
+                    at_ms: c.ts,
+                    share: c.rollout.unwrap_or(1.0),
+                };
+                if st.steps.is_empty() {
+                    // Applied without a share: it reached everyone then.
+                    st.steps.push(RolloutStep {
+                        at_ms: st.applied_ms.unwrap_or(c.ts),
+                        share: 1.0,
+                    });
+                }
+                if st.steps.len() >= MAX_STEPS {
+                    st.steps.pop();
+                }
+                st.steps.push(step);
+                // Records may arrive out of order.
+                st.steps.sort_by_key(|s| s.at_ms);
+            }
             ChangeAction::Applied => {
+                st.steps = c
+                    .rollout
+                    .map(|share| RolloutStep { at_ms: c.ts, share })
+                    .into_iter()
+                    .collect();
                 st.applied_ms = Some(c.ts);
                 st.rolled_back_ms = None;
                 st.superseded_ms = None;
@@ -230,7 +272,12 @@ impl Registry {
             // Ended before the onset: not in force when things went wrong, but its end may be
             // what moved the level.
             let over = ended.is_some_and(|e| e + q.skew_ms <= q.onset_ms);
-            let mut fit = if over { None } else { timing_fit(q, applied) };
+            let gradual = st.steps.len() > 1 || st.steps.first().is_some_and(|s| s.share < 1.0);
+            let mut fit = match (over, gradual) {
+                (true, _) => None,
+                (false, true) => stepped_fit(q, &st.steps),
+                (false, false) => timing_fit(q, applied),
+            };
             let mut reversal = false;
             if let (None, Some(e)) = (&fit, ended) {
                 if let Some(f) =
@@ -321,6 +368,49 @@ fn rollout_fit(q: &Query<'_>, applied: i64) -> Option<Fit> {
             crate::onset::COVERAGE * 100.0,
             fmt_time(o.low_window * wm),
             fmt_time(o.high_window * wm)
+        ),
+    })
+}
+
+/// How well a gradual rollout fits the incident: with an onset estimate, the likelihood of
+/// the shift following its steps (each showing from its window or the next, give or take the
+/// clock skew) against the best start and shape; with a point onset, its best step's timing.
+/// None when no step meets the onset set.
+fn stepped_fit(q: &Query<'_>, steps: &[RolloutStep]) -> Option<Fit> {
+    let Timing::Estimate(o) = q.timing else {
+        return steps
+            .iter()
+            .filter_map(|s| timing_fit(q, s.at_ms))
+            .max_by(|a, b| a.weight.total_cmp(&b.weight));
+    };
+    let wm = q.window_ms.max(1);
+    let skew_w = (q.skew_ms + wm - 1) / wm;
+    let schedule: Vec<(i64, f64)> = steps
+        .iter()
+        .map(|s| (s.at_ms.div_euclid(wm), s.share))
+        .collect();
+    let (first, last) = (schedule.first()?.0, schedule.last()?.0);
+    if last + 1 + skew_w < o.low_window || first - skew_w > o.high_window {
+        return None;
+    }
+    let lr = o
+        .rollout_fit(&schedule, -skew_w..=skew_w + 1)
+        .unwrap_or(0.0);
+    let text = steps
+        .iter()
+        .map(|s| format!("{:.0}% {}", s.share * 100.0, fmt_time(s.at_ms)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(Fit {
+        weight: lr.max(MIN_TIMING),
+        distance: schedule
+            .iter()
+            .map(|(w, _)| (o.window - w).abs())
+            .min()
+            .unwrap_or(0),
+        text: format!(
+            "rolled out in steps ({text}); likelihood of the shift following its rollout \
+             (averaged over the clock skew) {lr:.2} of the best start and shape"
         ),
     })
 }
@@ -527,6 +617,7 @@ mod tests {
             Model::Rate { scale: 1.0 },
             crate::detect::Side::Down,
             0.95,
+            &crate::onset::ramp_windows(w),
         )
         .unwrap();
         let dims = vec![("country".to_string(), "FR".to_string())];
@@ -544,6 +635,76 @@ mod tests {
         assert!(c.iter().all(|c| c.change_id != "late"), "{c:?}");
         if let Some(e) = c.iter().find(|c| c.change_id == "early") {
             assert!(e.score < c[0].score / 2.0, "{c:?}");
+        }
+    }
+
+    /// A rollout announced in steps (10% -> 50% -> 100%) and a one-off change on the same
+    /// segment 15 minutes after its first step: the series moved with the rollout, so the
+    /// rollout is named first, and a step record keeps the change's first application time.
+    #[test]
+    fn a_rollout_is_judged_by_its_own_steps() {
+        use crate::onset::{estimate, Model, Span, Suff};
+        let mut r = Registry::default();
+        let w = 300_000i64;
+        let scope = r#""scope":{"dims":{"country":["IE"]}}"#;
+        let actor = r#""actor":{"kind":"agent","name":"a"}"#;
+        let mut apply = |json: String| {
+            r.apply(&decode_change(json.as_bytes(), 10000).unwrap());
+        };
+        for (at, share) in [(100 * w, 0.1), (112 * w, 0.5), (124 * w, 1.0)] {
+            apply(format!(
+                r#"{{"change_id":"ramp","ts":{at},"action":"applied",{actor},{scope},"rollout":{share}}}"#
+            ));
+        }
+        apply(format!(
+            r#"{{"change_id":"copy","ts":{},"action":"applied",{actor},{scope}}}"#,
+            103 * w
+        ));
+        let st = r.get("ramp").unwrap();
+        assert_eq!(st.applied_ms, Some(100 * w));
+        assert_eq!(st.steps.len(), 3);
+        // 40 expected events per window, down 40% at full rollout.
+        let spans: Vec<Span> = (60..140)
+            .map(|k| {
+                let share = match k {
+                    k if k >= 124 => 1.0,
+                    k if k >= 112 => 0.5,
+                    k if k >= 100 => 0.1,
+                    _ => 0.0,
+                };
+                Span {
+                    first_window: k,
+                    windows: 1,
+                    stat: Suff {
+                        x: (40.0 * (1.0 - 0.4 * share) as f32).round(),
+                        e: 40.0,
+                    },
+                }
+            })
+            .collect();
+        let o = estimate(
+            &spans,
+            Model::Rate { scale: 1.0 },
+            crate::detect::Side::Down,
+            0.95,
+            &crate::onset::ramp_windows(w),
+        )
+        .unwrap();
+        let dims = vec![("country".to_string(), "IE".to_string())];
+        let q = Query {
+            dims: &dims,
+            surface: None,
+            timing: Timing::Estimate(&o),
+            onset_ms: o.window * w,
+            window_ms: w,
+            lookback_ms: 7 * 86_400_000,
+            skew_ms: 300_000,
+        };
+        let c = r.candidates(&q);
+        assert_eq!(c[0].change_id, "ramp", "{c:?}");
+        assert!(c[0].evidence.contains("rolled out in steps"), "{c:?}");
+        if let Some(copy) = c.iter().find(|c| c.change_id == "copy") {
+            assert!(copy.score < c[0].score / 2.0, "{c:?}");
         }
     }
 

@@ -320,7 +320,7 @@ impl Default for AttributionConfig {
     fn default() -> Self {
         Self {
             clock_skew_secs: 300,
-            min_score_ratio: 2.0,
+            min_score_ratio: 8.0,
             min_score_to_act: 0.3,
         }
     }

@@ -1842,7 +1842,8 @@ impl Engine {
             },
             Family::Poisson => Model::Rate { scale: e.phi },
         };
-        crate::onset::estimate(&spans, model, a.side, crate::onset::COVERAGE)
+        let ramps = crate::onset::ramp_windows(self.schema.window_ms);
+        crate::onset::estimate(&spans, model, a.side, crate::onset::COVERAGE, &ramps)
     }
 
     /// What attribution needs of an incident on a series with `dims`, with the configured
@@ -2910,6 +2911,44 @@ dims = ["k"]
         assert!(e.watermark_ms().unwrap() > T0 + 3_000_000);
         let late = from(&mut e, 1, T0 + 600_001, later);
         assert_eq!(late.unwrap_err().code, ErrorCode::TooLate);
+    }
+
+    /// A gradual rollout's step records keep the change's watch (its holdout comparison goes
+    /// on) and its first application time; applying it again after a rollback opens a new one.
+    #[test]
+    fn a_rollout_step_keeps_the_watch() {
+        let mut e = engine(COUNT_X);
+        let rec = |ts: i64, action: &str, extra: &str| {
+            format!(
+                r#"{{"change_id":"c1","ts":{ts},"action":"{action}","actor":{{"kind":"agent","name":"a"}}{extra}}}"#
+            )
+        };
+        let opened = |e: &mut Engine| {
+            e.take_outputs()
+                .filter(|o| matches!(o, Output::Audit(r) if r.action == "guard_opened"))
+                .count()
+        };
+        e.process_change(rec(T0, "applied", r#","holdout":0.1,"rollout":0.1"#).as_bytes())
+            .unwrap();
+        assert_eq!(opened(&mut e), 1);
+        for (k, share) in [(1, 0.5), (2, 1.0)] {
+            let r = rec(
+                T0 + k * 1_800_000,
+                "applied",
+                &format!(r#","rollout":{share}"#),
+            );
+            e.process_change(r.as_bytes()).unwrap();
+        }
+        assert_eq!(opened(&mut e), 0);
+        let st = e.registry.get("c1").unwrap();
+        assert_eq!((st.applied_ms, st.steps.len()), (Some(T0), 3));
+        assert_eq!(e.latest_guard("c1").map(|g| g.opened_ms), Some(T0));
+        e.process_change(rec(T0 + 7_200_000, "rolled_back", "").as_bytes())
+            .unwrap();
+        e.process_change(rec(T0 + 9_000_000, "applied", r#","rollout":0.2"#).as_bytes())
+            .unwrap();
+        assert_eq!(opened(&mut e), 1);
+        assert_eq!(e.registry.get("c1").unwrap().steps.len(), 1);
     }
 
     #[test]

@@ -612,6 +612,11 @@ pub struct Change {
     /// `policy.target_metrics` for its kind.
     #[serde(default)]
     pub target_metric: Option<String>,
+    /// Extension: the share of the scope's audience reached from `ts` on, in (0, 1] (a gradual
+    /// rollout). An `applied` record carrying it for a change already in force is a rollout
+    /// step: the change keeps its first application time.
+    #[serde(default)]
+    pub rollout: Option<f64>,
 }
 
 fn de_time<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
@@ -659,6 +664,14 @@ pub fn decode_change(bytes: &[u8], max_bytes: usize) -> Result<Change, Reject> {
             return Err(Reject::new(
                 ErrorCode::InvalidField,
                 format!("`holdout` must be in [0, 1), got {h}"),
+            ));
+        }
+    }
+    if let Some(r) = c.rollout {
+        if !(r > 0.0 && r <= 1.0) {
+            return Err(Reject::new(
+                ErrorCode::InvalidField,
+                format!("`rollout` must be in (0, 1], got {r}"),
             ));
         }
     }

@@ -337,6 +337,7 @@ mod tests {
             rollback: None,
             rolled_back_by: None,
             target_metric: None,
+            steps: Vec::new(),
         }
     }
 
@@ -365,9 +366,10 @@ mod tests {
             ..cand()
         };
         let mut d = auto();
-        close_call(&mut d, &cand(), Some(&second(0.3)), &cfg, 1000);
+        let top = cand().score;
+        close_call(&mut d, &cand(), Some(&second(top / 8.5)), &cfg, 1000);
         assert_eq!(d.action, DecisionAction::RollbackRequested, "clear: acts");
-        close_call(&mut d, &cand(), Some(&second(0.6)), &cfg, 1000);
+        close_call(&mut d, &cand(), Some(&second(top / 7.5)), &cfg, 1000);
         assert_eq!(d.action, DecisionAction::NeedsHumanDecision);
         assert!(d.reason.contains("about equally well"), "{}", d.reason);
         assert_eq!(d.deadline_ms, Some(1000));

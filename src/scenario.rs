@@ -1758,7 +1758,8 @@ pub fn generate(sc: &Scenario, out: &mut dyn Write) -> io::Result<GenStats> {
 }
 
 /// The change records (contract section 2): each `change` incident applied at its start (plus
-/// its `record_skew`) and rolled back at its (true) end.
+/// its `record_skew`) and rolled back at its (true) end; a gradual rollout's records carry
+/// `rollout`, the share reached, and each later step is an `applied` record of its own.
 pub fn changes(sc: &Scenario) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for inc in &sc.incidents {
@@ -1784,7 +1785,20 @@ pub fn changes(sc: &Scenario) -> Vec<serde_json::Value> {
         if let Some(h) = c.holdout {
             rec["holdout"] = serde_json::json!(h);
         }
+        if let Some(&(_, share)) = c.rollout.first() {
+            rec["rollout"] = serde_json::json!(share);
+        }
         out.push(rec);
+        // A flag service announces each later step of a gradual rollout (same clock).
+        for &(at, share) in c.rollout.iter().skip(1) {
+            out.push(serde_json::json!({
+                "change_id": c.change_id,
+                "ts": fmt_time(inc.from_ms + at + c.record_skew_ms),
+                "action": "applied",
+                "actor": {"kind": "agent", "name": format!("scenario-{}", sc.name)},
+                "rollout": share,
+            }));
+        }
         out.push(serde_json::json!({
             "change_id": c.change_id,
             "ts": fmt_time(inc.to_ms),
@@ -2758,6 +2772,16 @@ mod tests {
         assert_eq!(rec("chg-harm", "applied"), fmt_time(t0 + 25 * MIN_MS));
         assert_eq!(rec("chg-harm", "rolled_back"), fmt_time(t0 + 150 * MIN_MS));
         assert_eq!(rec("chg-nice", "applied"), fmt_time(t0 + 20 * MIN_MS));
+        // The rollout's steps are announced on the same (early) clock.
+        let steps: Vec<_> = ch
+            .iter()
+            .filter(|c| c["change_id"] == "chg-harm" && c["action"] == "applied")
+            .map(|c| (c["ts"].as_str().unwrap().to_string(), c["rollout"].as_f64()))
+            .collect();
+        assert_eq!(
+            steps,
+            [(25, 0.1), (55, 0.5), (85, 1.0)].map(|(m, s)| (fmt_time(t0 + m * MIN_MS), Some(s)))
+        );
         // The events: the users reached grow 10% -> 50% -> 100%, a fifth of them held out;
         // only exposed users convert less.
         let mut buf = Vec::new();

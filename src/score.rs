@@ -631,6 +631,8 @@ pub struct Attribution {
     pub onset_coverage: Option<f64>,
     /// ... whose detecting alert has an onset interval at all.
     pub onset_intervals: usize,
+    /// The records whose interval misses the true start (truth id).
+    pub onset_misses: Vec<String>,
     /// Windows in the interval, `(onset_high - onset_low) / window + 1`, median.
     pub onset_width_windows_median: Option<f64>,
     /// `|onset - true start|` in windows, median.
@@ -709,8 +711,10 @@ pub fn attribution(
                 widths.push(((hi - lo) as f64 / w + 1.0).max(0.0));
                 if lo <= t.start && t.start < hi + rules.window_ms {
                     r.onset_covered += 1;
+                    continue;
                 }
             }
+            r.onset_misses.push(t.t.id.clone());
         }
     }
     let share = |n: usize, d: usize| (d > 0).then(|| n as f64 / d as f64);
@@ -1977,6 +1981,13 @@ pub fn attribution_md(a: &Attribution) -> String {
                 .join("; ")
         );
     }
+    if !a.onset_misses.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nOnset interval misses the true start: {}.",
+            a.onset_misses.join(", ")
+        );
+    }
     if !a.rollbacks_per_harmful_change.is_empty() {
         let _ = writeln!(
             o,
@@ -2423,6 +2434,7 @@ mod tests {
         // Onsets: fr covered, fr:tickets no interval, us not covered, de covered.
         assert_eq!((x.onset_n, x.onset_intervals, x.onset_covered), (4, 3, 2));
         assert_eq!(x.onset_coverage, Some(0.5));
+        assert_eq!(x.onset_misses.len(), 2, "{:?}", x.onset_misses);
         // Widths 3, 2, 2 windows; |onset - start| 0.2, 0.8, 1.8, 1.2 windows (the starts are
         // 1 minute into their window).
         assert_eq!(x.onset_width_windows_median, Some(2.0));

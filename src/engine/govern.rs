@@ -185,7 +185,7 @@ impl Engine {
     }
 
     /// The most recent watch on a change (open or closed).
-    fn latest_guard(&self, change_id: &str) -> Option<&ChangeGuard> {
+    pub(super) fn latest_guard(&self, change_id: &str) -> Option<&ChangeGuard> {
         if let Some(i) = self.guards.lookup(change_id) {
             return Some(&self.guards.all[i]);
         }
@@ -1012,11 +1012,16 @@ impl Engine {
     pub(super) fn change_guards_on(&mut self, c: &Change) {
         match c.action {
             ChangeAction::Applied => {
-                // Applied again: a new decision, not bound by an old veto.
-                self.vetoed.remove(&c.change_id);
                 let Some(st) = self.registry.get(&c.change_id) else {
                     return;
                 };
+                // A rollout step of a change in force: its watch (and holdout comparison) and
+                // any veto carry on.
+                if st.applied_ms != Some(c.ts) {
+                    return;
+                }
+                // Applied again: a new decision, not bound by an old veto.
+                self.vetoed.remove(&c.change_id);
                 let g = ChangeGuard::new(
                     st,
                     c.ts,
