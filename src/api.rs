@@ -224,15 +224,105 @@ async fn safe_headers(mut r: Response) -> Response {
     r
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// What the HTTP server allows a client, so that slow or idle clients cannot hold it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A request's head must arrive within this (also the time an idle keep-alive
+    /// connection waits for its next request).
+    pub header_read_timeout: Duration,
+    /// A request, its body included, must be answered within this.
+    pub request_timeout: Duration,
+    /// Open connections at most; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 256,
+        }
+    }
+}
+
+/// Reasons of `guardrail_http_limited_total`.
+pub const HTTP_LIMITS: [&str; 2] = ["connections", "request_timeout"];
+
+/// Serves the API on `listener` until `shutdown` completes, with the default [`HttpLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ApiState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, state, shutdown, HttpLimits::default()).await
+}
+
+/// [`serve`] with explicit limits: HTTP/1.1 connections, each bounded by `limits`; on
+/// `shutdown`, open connections finish their request in flight and close.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: HttpLimits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let limited = state.telemetry.http_limited.clone();
+    let for_requests = limited.clone();
+    let app = router(state).layer(axum::middleware::from_fn(move |req, next| {
+        request_deadline(req, next, limits.request_timeout, for_requests.clone())
+    }));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of descriptors and the like: the next accept may work.
+                Err(e) => {
+                    tracing::warn!(error = %e, "http: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            limited.with_label_values(&["connections"]).inc();
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Answers 408 when a request, its body included, is not done within `limit` (a client that
+/// trickles its body holds nothing longer than that).
+async fn request_deadline(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    limit: Duration,
+    limited: prometheus::IntCounterVec,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            limited.with_label_values(&["request_timeout"]).inc();
+            (StatusCode::REQUEST_TIMEOUT, "request timed out\n").into_response()
+        }
+    }
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {

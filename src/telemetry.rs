@@ -42,6 +42,9 @@ pub struct Telemetry {
     pub outputs_produced: IntCounterVec,
     /// Requests to peer instances' APIs, by result (`guardrail::peer`).
     pub peer_requests: IntCounterVec,
+    /// HTTP connections and requests cut off by the server's limits, by reason
+    /// (`guardrail::api::HTTP_LIMITS`).
+    pub http_limited: IntCounterVec,
     incidents_firing: IntGaugeVec,
     series_tracked: IntGauge,
     watermark: Gauge,
@@ -443,6 +446,15 @@ impl Telemetry {
         for l in crate::peer::RESULTS {
             peer_requests.with_label_values(&[l]);
         }
+        let http_limited = counter_vec(
+            &r,
+            "guardrail_http_limited_total",
+            "HTTP connections and requests cut off by the server's limits, by reason: connections (refused over max connections), request_timeout (a request, its body included, not done in time).",
+            &["reason"],
+        );
+        for l in crate::api::HTTP_LIMITS {
+            http_limited.with_label_values(&[l]);
+        }
         let incidents_firing = IntGaugeVec::new(
             Opts::new(
                 "guardrail_incidents_firing",
@@ -583,6 +595,7 @@ impl Telemetry {
             output_errors,
             outputs_produced,
             peer_requests,
+            http_limited,
             incidents_firing,
             series_tracked,
             watermark,

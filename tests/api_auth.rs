@@ -615,3 +615,88 @@ async fn engine_gone_is_503() {
     let r = get_as(&srv, &format!("/api/changes/{CHANGE}/audit"), BOB).await;
     assert_eq!(r.status, 503, "{}", r.body);
 }
+
+/// Serves the bare API (no actors) with `limits`: its address and telemetry.
+async fn start_limited(
+    limits: guardrail::api::HttpLimits,
+) -> (String, Arc<guardrail::telemetry::Telemetry>) {
+    let telemetry = Arc::new(guardrail::telemetry::Telemetry::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(guardrail::api::serve_with(
+        listener,
+        ApiState::new(telemetry.clone()),
+        std::future::pending(),
+        limits,
+    ));
+    (addr, telemetry)
+}
+
+/// Sends `bytes` on a new connection and reads until the server closes it (failing if it
+/// has not within 10 s): what the server sent.
+async fn send_until_closed(addr: &str, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+const HEALTH: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+#[tokio::test]
+async fn slow_idle_and_surplus_clients_are_cut_off() {
+    use guardrail::api::HttpLimits;
+    use std::time::Duration;
+    let short = Duration::from_millis(300);
+    let (addr, tel) = start_limited(HttpLimits {
+        header_read_timeout: short,
+        request_timeout: short,
+        max_connections: 8,
+    })
+    .await;
+    // A half-sent head, and an idle keep-alive connection after its answer: both closed.
+    send_until_closed(&addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    let idle = send_until_closed(&addr, HEALTH).await;
+    assert!(idle.starts_with("HTTP/1.1 200"), "{idle}");
+    // A body trickled in: 408, counted.
+    let slow = send_until_closed(
+        &addr,
+        b"POST /api/incidents/x/approve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":",
+    )
+    .await;
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
+    assert!(tel
+        .render()
+        .contains("guardrail_http_limited_total{reason=\"request_timeout\"} 1"));
+
+    // Two connections at most: a third is closed unanswered until one of the two leaves.
+    let (addr, tel) = start_limited(HttpLimits {
+        header_read_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(60),
+        max_connections: 2,
+    })
+    .await;
+    let first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(send_until_closed(&addr, HEALTH).await, "");
+    assert!(tel
+        .render()
+        .contains("guardrail_http_limited_total{reason=\"connections\"} 1"));
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(HEALTH).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if buf[..n].starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot came free");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
