@@ -163,6 +163,31 @@ struct Fit {
 }
 
 impl Registry {
+    /// Applies a change record, keeping at most `max` changes: a new change past the bound
+    /// makes room by forgetting the change that ended first, else the one applied first.
+    /// Returns whether one was forgotten.
+    pub fn apply_bounded(&mut self, c: &Change, max: usize) -> bool {
+        let evict = !self.changes.contains_key(&c.change_id) && self.changes.len() >= max.max(1);
+        if evict {
+            let victim = self
+                .changes
+                .values()
+                .min_by_key(|s| {
+                    let ended = [s.rolled_back_ms, s.superseded_ms]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    (ended.is_none(), ended.or(s.applied_ms).unwrap_or(i64::MIN))
+                })
+                .map(|s| s.change_id.clone());
+            if let Some(v) = victim {
+                self.changes.remove(&v);
+            }
+        }
+        self.apply(c);
+        evict
+    }
+
     /// Applies a change record; returns the state after it.
     pub fn apply(&mut self, c: &Change) -> &ChangeState {
         let st = self
@@ -706,6 +731,29 @@ mod tests {
         if let Some(copy) = c.iter().find(|c| c.change_id == "copy") {
             assert!(copy.score < c[0].score / 2.0, "{c:?}");
         }
+    }
+
+    /// Past the bound the change that ended first goes, then the one applied first; a record
+    /// for a change already held never evicts.
+    #[test]
+    fn the_registry_is_bounded() {
+        let mut r = Registry::default();
+        let rec = |id: &str, ts: i64, action: &str| {
+            decode_change(
+                format!(r#"{{"change_id":"{id}","ts":{ts},"action":"{action}","actor":{{"kind":"agent","name":"a"}}}}"#).as_bytes(),
+                10000,
+            )
+            .unwrap()
+        };
+        assert!(!r.apply_bounded(&rec("a", 1, "applied"), 2));
+        assert!(!r.apply_bounded(&rec("b", 2, "applied"), 2));
+        assert!(!r.apply_bounded(&rec("b", 3, "rolled_back"), 2));
+        assert!(r.apply_bounded(&rec("c", 4, "applied"), 2));
+        let ids: Vec<_> = r.all().map(|s| s.change_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert!(r.apply_bounded(&rec("d", 5, "applied"), 2));
+        let ids: Vec<_> = r.all().map(|s| s.change_id.as_str()).collect();
+        assert_eq!(ids, ["c", "d"]);
     }
 
     #[test]

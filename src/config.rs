@@ -556,6 +556,9 @@ pub struct PolicyConfig {
     pub max_auto_rollbacks_per_hour_per_surface: u32,
     /// The metric a change of each kind is meant to improve, for "local gain, global loss".
     pub target_metrics: BTreeMap<String, String>,
+    /// Changes the registry keeps; past it the change that ended first (else the oldest) is
+    /// forgotten, counted in `guardrail_tracked_overflow_total{map="changes"}`.
+    pub max_changes: usize,
 }
 
 impl Default for PolicyConfig {
@@ -571,6 +574,7 @@ impl Default for PolicyConfig {
             max_auto_rollbacks_per_hour: 5,
             max_auto_rollbacks_per_hour_per_surface: 2,
             target_metrics: BTreeMap::new(),
+            max_changes: 100_000,
         }
     }
 }
@@ -1196,6 +1200,13 @@ impl Config {
             errs.push(at(
                 loc("escalate_after_secs"),
                 "policy.escalate_after_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if p.max_changes == 0 {
+            errs.push(at(
+                loc("max_changes"),
+                "policy.max_changes".into(),
                 "must be at least 1".into(),
             ));
         }

@@ -454,6 +454,8 @@ pub struct EngineStats {
     pub clock_jumps_held: u64,
     /// Events on surfaces not followed because `max_surfaces` were: sprawl, pressure.
     pub untracked_surfaces: [u64; 2],
+    /// Changes forgotten to keep the registry within `policy.max_changes`.
+    pub untracked_changes: u64,
     /// Stage 2: alerts published after `[scale] hold_max_secs` without an owner's answer.
     pub holds_expired: u64,
     pub windows_closed: u64,
@@ -2371,7 +2373,9 @@ impl Engine {
             ChangeAction::Superseded => 2,
         }] += 1;
         self.dirty = true;
-        self.registry.apply(c);
+        if self.registry.apply_bounded(c, self.cfg.policy.max_changes) {
+            self.stats.untracked_changes += 1;
+        }
         self.change_guards_on(c);
         if c.action == ChangeAction::RolledBack {
             self.granted.remove(&c.change_id);

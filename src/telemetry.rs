@@ -530,7 +530,7 @@ impl Telemetry {
             untracked: counter_vec(
                 &r,
                 "guardrail_tracked_overflow_total",
-                "Events about an entry a bounded map could not take because it was full (sprawl_surfaces, pressure_surfaces): counted, not followed.",
+                "Entries a bounded map could not take or had to forget because it was full (sprawl_surfaces, pressure_surfaces: events not followed; changes: the change that ended first forgotten).",
                 &["map"],
             ),
             tracked: {
@@ -663,6 +663,9 @@ impl Telemetry {
                 .with_label_values(&[map])
                 .inc_by(s.untracked_surfaces[i] - prev.untracked_surfaces[i]);
         }
+        self.untracked
+            .with_label_values(&["changes"])
+            .inc_by(s.untracked_changes - prev.untracked_changes);
         if !stage1 {
             for (map, n) in eng.tracked_entries() {
                 self.tracked.with_label_values(&[map]).set(n as i64);
