@@ -608,12 +608,36 @@ mod tests {
         }
     }
 
+    /// The candidates of `r` for a drop on country `country`'s series with history `spans`
+    /// (windows of `w` ms), with its onset estimated as the engine does.
+    fn ranked(r: &Registry, spans: &[crate::onset::Span], country: &str, w: i64) -> Vec<Candidate> {
+        use crate::onset::{estimate, Model};
+        let o = estimate(
+            spans,
+            Model::Rate { scale: 1.0 },
+            crate::detect::Side::Down,
+            0.95,
+            &crate::onset::ramp_windows(w),
+        )
+        .unwrap();
+        let dims = vec![("country".to_string(), country.to_string())];
+        r.candidates(&Query {
+            dims: &dims,
+            surface: None,
+            timing: Timing::Estimate(&o),
+            onset_ms: o.window * w,
+            window_ms: w,
+            lookback_ms: 7 * 86_400_000,
+            skew_ms: 300_000,
+        })
+    }
+
     /// Two changes on the same segment, 40 minutes apart: the onset's likelihood picks the one
     /// applied when the shift began, and the other is listed below it, or not at all when its
     /// time does not meet the onset set.
     #[test]
     fn the_change_that_fits_the_onset_wins() {
-        use crate::onset::{estimate, Model, Span, Suff};
+        use crate::onset::{Span, Suff};
         let mut r = Registry::default();
         let w = 300_000i64;
         for (id, at) in [
@@ -637,25 +661,7 @@ mod tests {
                 },
             })
             .collect();
-        let o = estimate(
-            &spans,
-            Model::Rate { scale: 1.0 },
-            crate::detect::Side::Down,
-            0.95,
-            &crate::onset::ramp_windows(w),
-        )
-        .unwrap();
-        let dims = vec![("country".to_string(), "FR".to_string())];
-        let q = Query {
-            dims: &dims,
-            surface: None,
-            timing: Timing::Estimate(&o),
-            onset_ms: o.window * w,
-            window_ms: w,
-            lookback_ms: 7 * 86_400_000,
-            skew_ms: 300_000,
-        };
-        let c = r.candidates(&q);
+        let c = ranked(&r, &spans, "FR", w);
         assert_eq!(c[0].change_id, "harmful", "{c:?}");
         assert!(c.iter().all(|c| c.change_id != "late"), "{c:?}");
         if let Some(e) = c.iter().find(|c| c.change_id == "early") {
@@ -668,7 +674,7 @@ mod tests {
     /// rollout is named first, and a step record keeps the change's first application time.
     #[test]
     fn a_rollout_is_judged_by_its_own_steps() {
-        use crate::onset::{estimate, Model, Span, Suff};
+        use crate::onset::{Span, Suff};
         let mut r = Registry::default();
         let w = 300_000i64;
         let scope = r#""scope":{"dims":{"country":["IE"]}}"#;
@@ -707,25 +713,7 @@ mod tests {
                 }
             })
             .collect();
-        let o = estimate(
-            &spans,
-            Model::Rate { scale: 1.0 },
-            crate::detect::Side::Down,
-            0.95,
-            &crate::onset::ramp_windows(w),
-        )
-        .unwrap();
-        let dims = vec![("country".to_string(), "IE".to_string())];
-        let q = Query {
-            dims: &dims,
-            surface: None,
-            timing: Timing::Estimate(&o),
-            onset_ms: o.window * w,
-            window_ms: w,
-            lookback_ms: 7 * 86_400_000,
-            skew_ms: 300_000,
-        };
-        let c = r.candidates(&q);
+        let c = ranked(&r, &spans, "IE", w);
         assert_eq!(c[0].change_id, "ramp", "{c:?}");
         assert!(c[0].evidence.contains("rolled out in steps"), "{c:?}");
         if let Some(copy) = c.iter().find(|c| c.change_id == "copy") {

@@ -640,18 +640,23 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn finds_a_clear_step() {
-        let mut xs = vec![(100.0, 100.0); 30];
-        xs.extend(vec![(70.0, 100.0); 10]);
-        let o = estimate(
-            &spans(&xs),
+    /// The onset of a drop on counts `xs` (observed, expected per window).
+    fn rate_down(xs: &[(f64, f64)]) -> Onset {
+        estimate(
+            &spans(xs),
             Model::Rate { scale: 1.0 },
             Side::Down,
             COVERAGE,
             RAMPS,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn finds_a_clear_step() {
+        let mut xs = vec![(100.0, 100.0); 30];
+        xs.extend(vec![(70.0, 100.0); 10]);
+        let o = rate_down(&xs);
         assert_eq!(o.window, 30);
         assert!(o.low_window >= 29 && o.high_window <= 31, "{o:?}");
         assert_eq!(o.mean_ratio_in(30, 30), Some(1.0));
@@ -733,14 +738,7 @@ mod tests {
                 (100.0 * f, 100.0)
             })
             .collect();
-        let o = estimate(
-            &spans(&xs),
-            Model::Rate { scale: 1.0 },
-            Side::Down,
-            COVERAGE,
-            RAMPS,
-        )
-        .unwrap();
+        let o = rate_down(&xs);
         let schedule = [(40, 0.1), (52, 0.5), (64, 1.0)];
         let own = o.rollout_fit(&schedule, -1..=1).unwrap();
         assert!(own > 0.5, "{own} {o:?}");
