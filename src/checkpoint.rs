@@ -10,7 +10,9 @@
 //! ```
 //!
 //! A file is written to a temporary name, fsynced, renamed over the old one and the directory
-//! fsynced: a crash leaves either the old checkpoint or the new one, never a torn file. On load,
+//! fsynced: a crash leaves either the old checkpoint or the new one, never a torn file. The
+//! checkpoint it replaces is kept as a previous generation (`engine.ckpt.1`, `.2`, ...), so a
+//! current file damaged on disk costs the input since the previous one, not the state. On load,
 //! every way a file can be wrong (another format, a version this build does not read, a
 //! different metric configuration, truncation, a checksum mismatch, a payload that does not
 //! decode) is an error with a bounded reason code; a bad file is moved aside, reported and
@@ -32,6 +34,17 @@ pub const FILE_NAME: &str = "engine.ckpt";
 /// becomes [`FILE_NAME`] once the commit succeeded; found at startup, it is promoted only if
 /// the consumer group's committed offsets show that its transaction did commit.
 pub const PENDING_NAME: &str = "engine.ckpt.pending";
+/// Most checkpoint generations kept (`[state] generations`), the current one included.
+pub const MAX_GENERATIONS: usize = 16;
+
+/// Generation `k` of the current checkpoint: 0 is [`FILE_NAME`], 1 the one before it, ...
+pub fn generation_name(k: usize) -> String {
+    if k == 0 {
+        FILE_NAME.to_string()
+    } else {
+        format!("{FILE_NAME}.{k}")
+    }
+}
 
 /// Stage 2: the checkpoint kept for the next owner of repartition partition `x`.
 pub fn handover_name(x: i32) -> String {
@@ -193,28 +206,99 @@ pub fn unframe(path: &Path, bytes: &[u8], fingerprint: u64) -> Result<Loaded, Ch
 /// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename, fsync of the
 /// directory.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let path = dir.join(name);
+    let tmp = write_tmp(dir, name, bytes)?;
+    rename(&tmp, &dir.join(name))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Writes the current checkpoint atomically, keeping the one it replaces as generation 1 of
+/// `generations` (older ones shift up, the oldest is dropped).
+pub fn write_current(dir: &Path, bytes: &[u8], generations: usize) -> Result<(), CheckpointError> {
+    let tmp = write_tmp(dir, FILE_NAME, bytes)?;
+    keep_generations(dir, generations)?;
+    rename(&tmp, &dir.join(FILE_NAME))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Writes and fsyncs `bytes` under a temporary name next to `dir/name`, and returns it.
+fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, CheckpointError> {
+    let tmp = dir.join(format!(".{name}.tmp"));
     let io = |source| CheckpointError::Io {
-        path: path.clone(),
+        path: dir.join(name),
         source,
     };
     fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    fs::rename(&tmp, &path).map_err(io)?;
-    // The rename is durable only once the directory entry is.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(tmp)
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), CheckpointError> {
+    fs::rename(from, to).map_err(|source| CheckpointError::Io {
+        path: to.to_path_buf(),
+        source,
+    })
+}
+
+/// A rename is durable only once the directory entry is. Best effort: some filesystems refuse
+/// to fsync a directory, and the rename itself is atomic either way.
+fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// Before the current checkpoint is replaced: shifts generations 1.. up by one (dropping the
+/// oldest, and any beyond `generations` left by a larger setting) and makes the current file
+/// generation 1. The current file is linked, not moved, so that `engine.ckpt` exists at every
+/// instant; a crash part-way leaves at worst one generation missing or doubled.
+fn keep_generations(dir: &Path, generations: usize) -> Result<(), CheckpointError> {
+    let current = dir.join(FILE_NAME);
+    if !current.exists() {
+        return Ok(());
+    }
+    // Generations beyond the setting are never read, and would be far behind if it grew again.
+    for k in generations.max(1)..=MAX_GENERATIONS {
+        let _ = fs::remove_file(dir.join(generation_name(k)));
+    }
+    if generations <= 1 {
+        return Ok(());
+    }
+    for k in (1..generations - 1).rev() {
+        match fs::rename(
+            dir.join(generation_name(k)),
+            dir.join(generation_name(k + 1)),
+        ) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::Io {
+                    path: dir.join(generation_name(k)),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    let tmp = dir.join(format!(".{}.tmp", generation_name(1)));
+    let _ = fs::remove_file(&tmp);
+    let io = |source| CheckpointError::Io {
+        path: dir.join(generation_name(1)),
+        source,
+    };
+    // A filesystem without hard links gets a copy.
+    if fs::hard_link(&current, &tmp).is_err() {
+        fs::copy(&current, &tmp).map_err(io)?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    }
+    rename(&tmp, &dir.join(generation_name(1)))?;
+    sync_dir(dir);
     Ok(())
 }
 
@@ -225,6 +309,57 @@ pub fn read(dir: &Path, name: &str, fingerprint: u64) -> Result<Option<Loaded>, 
         Ok(bytes) => unframe(&path, &bytes, fingerprint).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(CheckpointError::Io { path, source }),
+    }
+}
+
+/// What [`load_newest`] found.
+#[derive(Debug)]
+pub struct Newest<T> {
+    /// The generation taken (0: the current checkpoint) and what `accept` made of it.
+    pub taken: Option<(usize, T)>,
+    /// Newer generations passed over: file name and why (a rejection reason, or `missing`).
+    pub passed: Vec<(String, &'static str)>,
+}
+
+/// Reads the newest checkpoint generation that verifies and that `accept` takes: the current
+/// one, else the previous ones in order. Each file that fails is handed to `reject` (to be
+/// reported and moved aside) and the next older one is tried; a missing one is skipped, so
+/// that a crash between moving a damaged file aside and writing its successor still finds
+/// the generation restored from.
+pub fn load_newest<T>(
+    dir: &Path,
+    fingerprint: u64,
+    generations: usize,
+    mut accept: impl FnMut(&Path, Loaded) -> Result<T, CheckpointError>,
+    mut reject: impl FnMut(&str, &CheckpointError),
+) -> Newest<T> {
+    let mut passed = Vec::new();
+    for k in 0..generations.max(1) {
+        let name = generation_name(k);
+        let result = match read(dir, &name, fingerprint) {
+            Ok(None) => {
+                passed.push((name, "missing"));
+                continue;
+            }
+            Ok(Some(l)) => accept(&dir.join(&name), l),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(v) => {
+                return Newest {
+                    taken: Some((k, v)),
+                    passed,
+                }
+            }
+            Err(e) => {
+                reject(&name, &e);
+                passed.push((name, e.reason()));
+            }
+        }
+    }
+    Newest {
+        taken: None,
+        passed,
     }
 }
 
@@ -259,16 +394,19 @@ pub fn probe_writable(dir: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Makes the pending checkpoint the current one (its transaction committed).
-pub fn promote(dir: &Path) -> Result<(), CheckpointError> {
-    let path = dir.join(FILE_NAME);
-    fs::rename(dir.join(PENDING_NAME), &path).map_err(|source| CheckpointError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+/// Makes the pending checkpoint the current one (its transaction committed), keeping the
+/// current one as a generation.
+pub fn promote(dir: &Path, generations: usize) -> Result<(), CheckpointError> {
+    let pending = dir.join(PENDING_NAME);
+    if let Err(source) = fs::metadata(&pending) {
+        return Err(CheckpointError::Io {
+            path: pending,
+            source,
+        });
     }
+    keep_generations(dir, generations)?;
+    rename(&pending, &dir.join(FILE_NAME))?;
+    sync_dir(dir);
     Ok(())
 }
 
@@ -490,6 +628,111 @@ mod tests {
         let to = quarantine(&dir, FILE_NAME, 5).unwrap();
         assert!(to.exists());
         assert!(read(&dir, FILE_NAME, 1).unwrap().is_none());
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The `written_ms` of every generation in `dir`, current first (None: absent).
+    fn generations_in(dir: &Path) -> Vec<Option<i64>> {
+        (0..=MAX_GENERATIONS)
+            .map(|k| {
+                read(dir, &generation_name(k), 1)
+                    .unwrap()
+                    .map(|l| l.written_ms)
+            })
+            .collect()
+    }
+
+    fn only(present: &[i64]) -> Vec<Option<i64>> {
+        let mut v: Vec<Option<i64>> = present.iter().map(|&t| Some(t)).collect();
+        v.resize(MAX_GENERATIONS + 1, None);
+        v
+    }
+
+    #[test]
+    fn generations_rotate_and_stay_bounded() {
+        let dir = tmpdir("generations");
+        for t in 1..=5 {
+            write_current(&dir, &frame(b"x", 1, t), 3).unwrap();
+        }
+        assert_eq!(generations_in(&dir), only(&[5, 4, 3]));
+        // A promoted pending checkpoint keeps the current one as a generation too.
+        write_atomic(&dir, PENDING_NAME, &frame(b"x", 1, 6)).unwrap();
+        promote(&dir, 3).unwrap();
+        assert_eq!(generations_in(&dir), only(&[6, 5, 4]));
+        assert!(!dir.join(PENDING_NAME).exists());
+        // A smaller setting drops the generations beyond it; one keeps the current file alone.
+        write_current(&dir, &frame(b"x", 1, 7), 2).unwrap();
+        assert_eq!(generations_in(&dir), only(&[7, 6]));
+        write_current(&dir, &frame(b"x", 1, 8), 1).unwrap();
+        assert_eq!(generations_in(&dir), only(&[8]));
+        // No temporary file is left behind.
+        let names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, [FILE_NAME]);
+        // A missing generation (a crash mid-rotation, a file moved aside) is no obstacle.
+        for t in 9..=10 {
+            write_current(&dir, &frame(b"x", 1, t), 4).unwrap();
+        }
+        fs::remove_file(dir.join(generation_name(1))).unwrap();
+        write_current(&dir, &frame(b"x", 1, 11), 4).unwrap();
+        let mut want = only(&[11, 10]);
+        want[3] = Some(8);
+        assert_eq!(generations_in(&dir), want);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_newest_good_generation_is_taken_and_the_damaged_ones_passed_over() {
+        let dir = tmpdir("newest");
+        for t in 1..=3 {
+            write_current(&dir, &frame(b"x", 1, t), 3).unwrap();
+        }
+        let current = dir.join(FILE_NAME);
+        let bytes = fs::read(&current).unwrap();
+        fs::write(&current, &bytes[..bytes.len() - 1]).unwrap();
+        let mut rejected = Vec::new();
+        let mut reject = |name: &str, e: &CheckpointError| {
+            rejected.push((name.to_string(), e.reason()));
+            quarantine(&dir, name, 9);
+        };
+        let n = load_newest(&dir, 1, 3, |_, l| Ok(l.written_ms), &mut reject);
+        assert_eq!(n.taken, Some((1, 2)));
+        assert_eq!(n.passed, [(FILE_NAME.to_string(), "truncated")]);
+        // A file that verifies but is refused (its payload does not decode) is passed over too;
+        // the current one, moved aside, is missing now.
+        let n = load_newest(
+            &dir,
+            1,
+            3,
+            |p, l| match l.written_ms {
+                2 => Err(CheckpointError::Decode {
+                    path: p.to_path_buf(),
+                    message: "test".into(),
+                }),
+                t => Ok(t),
+            },
+            &mut reject,
+        );
+        assert_eq!(n.taken, Some((2, 1)));
+        assert_eq!(
+            n.passed,
+            [
+                (FILE_NAME.to_string(), "missing"),
+                (generation_name(1), "decode")
+            ]
+        );
+        // Generations beyond the setting are not looked at.
+        let n = load_newest(&dir, 1, 2, |_, l| Ok(l.written_ms), &mut reject);
+        assert_eq!(n.taken, None);
+        assert_eq!(
+            rejected,
+            [
+                (FILE_NAME.to_string(), "truncated"),
+                (generation_name(1), "decode")
+            ]
+        );
         fs::remove_dir_all(&dir).ok();
     }
 

@@ -214,6 +214,9 @@ pub struct StateConfig {
     /// A checkpoint is also written after every batch that produced a decision, and on
     /// shutdown and partition revocation.
     pub checkpoint_interval_secs: u64,
+    /// Checkpoint files kept, the current one included: a damaged current file falls back to
+    /// the newest good previous one (1 to `checkpoint::MAX_GENERATIONS`).
+    pub generations: usize,
 }
 
 impl Default for StateConfig {
@@ -221,6 +224,7 @@ impl Default for StateConfig {
         Self {
             dir: None,
             checkpoint_interval_secs: 30,
+            generations: 3,
         }
     }
 }
@@ -917,6 +921,17 @@ impl Config {
                 ),
             ));
         }
+        let max_generations = crate::checkpoint::MAX_GENERATIONS;
+        if !(1..=max_generations).contains(&st.generations) {
+            errs.push(at(
+                find_key(text, "generations").unwrap_or(top),
+                "state.generations".into(),
+                format!(
+                    "must be between 1 and {max_generations}, got {}",
+                    st.generations
+                ),
+            ));
+        }
         if self.scale.hold_max_secs == 0 || self.scale.hold_max_secs > 86_400 {
             errs.push(at(
                 find_key(text, "hold_max_secs").unwrap_or(top),
@@ -1462,6 +1477,25 @@ severity = "critical"
         let s = err.to_string();
         assert!(s.contains("t.toml:3:"), "{s}");
         assert!(s.contains("denominator"), "{s}");
+    }
+
+    #[test]
+    fn checkpoint_generations_are_bounded() {
+        let c = Config::from_str_named(MIN, "t.toml").unwrap();
+        assert_eq!(c.state.generations, 3);
+        for (n, ok) in [(0, false), (1, true), (16, true), (17, false)] {
+            let text = format!("[state]\ngenerations = {n}\n{MIN}");
+            match Config::from_str_named(&text, "t.toml") {
+                Ok(c) => assert!(ok && c.state.generations == n, "{n}"),
+                Err(e) => {
+                    let s = e.to_string();
+                    assert!(
+                        !ok && s.contains("state.generations") && s.contains("t.toml:2:"),
+                        "{s}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

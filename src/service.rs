@@ -982,6 +982,8 @@ struct StateKeeper {
     /// Stage 2: the directory shared by the instances, `dir`'s parent.
     shared: Option<PathBuf>,
     exactly_once: bool,
+    /// Checkpoint files kept, the current one included (`[state] generations`).
+    generations: usize,
     /// This incarnation, as written in the state directory's owner file.
     token: String,
     /// Set when a write found the directory claimed by a newer incarnation.
@@ -1000,6 +1002,7 @@ impl StateKeeper {
             seek_to: HashMap::new(),
             shared: None,
             exactly_once: cfg.kafka.delivery == Delivery::ExactlyOnce,
+            generations: cfg.state.generations,
             token: format!(
                 "{}/pid-{}/{:016x}",
                 cfg.service.instance,
@@ -1222,12 +1225,12 @@ impl StateKeeper {
         }
         let Some(dir) = &self.dir else { return true };
         let started = Instant::now();
-        let name = if pending {
-            checkpoint::PENDING_NAME
+        let written = if pending {
+            checkpoint::write_atomic(dir, checkpoint::PENDING_NAME, bytes)
         } else {
-            checkpoint::FILE_NAME
+            checkpoint::write_current(dir, bytes, self.generations)
         };
-        match checkpoint::write_atomic(dir, name, bytes) {
+        match written {
             Ok(()) => {
                 t.state
                     .checkpoint_seconds
@@ -1266,15 +1269,16 @@ impl StateKeeper {
             return;
         }
         let Some(dir) = &self.dir else { return };
-        match checkpoint::promote(dir) {
+        match checkpoint::promote(dir, self.generations) {
             Ok(()) => self.written(t),
             // Startup promotes it (the committed offsets prove the commit).
             Err(e) => tracing::warn!(error = %e, "cannot promote the pending checkpoint"),
         }
     }
 
-    /// Startup: resolves a pending checkpoint, restores the current one into `engine` and
-    /// remembers where to seek. Anything wrong is reported, moved aside and not trusted.
+    /// Startup: resolves a pending checkpoint, restores the newest good checkpoint generation
+    /// into `engine` and remembers where to seek. Anything wrong is reported, moved aside and
+    /// not trusted.
     fn restore(
         &mut self,
         engine: &mut Engine,
@@ -1289,57 +1293,75 @@ impl StateKeeper {
                 .with_label_values(&[e.reason()])
                 .inc();
             let moved = checkpoint::quarantine(dir, name, now_ms());
-            tracing::error!(error = %e, moved_to = ?moved, "checkpoint not trusted; starting without it");
+            tracing::error!(error = %e, moved_to = ?moved, "checkpoint not trusted; not restoring it");
         };
-        match checkpoint::read(dir, checkpoint::PENDING_NAME, fp) {
-            Ok(Some(l)) => {
-                let path = dir.join(checkpoint::PENDING_NAME);
-                match crate::engine::offsets_of(&path, &l.payload) {
-                    Ok(offs) if committed_at(consumer, &offs) => {
-                        tracing::info!(
-                            "the pending checkpoint's transaction committed; promoting it"
-                        );
-                        if let Err(e) = checkpoint::promote(dir) {
-                            reject(&e, checkpoint::PENDING_NAME);
-                        }
-                    }
-                    Ok(_) => {
-                        tracing::info!(
-                            "discarding a pending checkpoint whose transaction did not commit"
-                        );
-                        checkpoint::discard_pending(dir);
-                    }
-                    Err(e) => reject(&e, checkpoint::PENDING_NAME),
-                }
-            }
-            Ok(None) => {}
-            Err(e) => reject(&e, checkpoint::PENDING_NAME),
-        }
-        let path = dir.join(checkpoint::FILE_NAME);
-        let loaded = match checkpoint::read(dir, checkpoint::FILE_NAME, fp) {
-            Ok(Some(l)) => l,
-            Ok(None) => {
+        self.resolve_pending(dir, fp, consumer, &reject);
+        let newest = checkpoint::load_newest(
+            dir,
+            fp,
+            self.generations,
+            |path, loaded| engine.restore(path, &loaded),
+            |name, e| reject(e, name),
+        );
+        let Some((generation, r)) = newest.taken else {
+            if newest.passed.iter().all(|(_, why)| *why == "missing") {
                 tracing::info!(dir = %dir.display(), "no checkpoint yet: starting cold");
-                return;
+            } else {
+                tracing::error!(dir = %dir.display(), passed = ?newest.passed, "no checkpoint generation is usable: starting cold");
             }
-            Err(e) => return reject(&e, checkpoint::FILE_NAME),
+            return;
         };
-        match engine.restore(&path, &loaded) {
-            Ok(r) => {
-                tracing::info!(
-                    series = r.series,
-                    incidents = r.incidents,
-                    bytes = r.bytes,
-                    age_secs = (now_ms() - r.written_ms) / 1000,
-                    "state restored from checkpoint"
-                );
-                t.state.restored.set(1);
-                for (topic, p, o) in r.offsets {
-                    self.positions.insert((topic.clone(), p), o);
-                    self.seek_to.insert((topic, p), o);
+        say_restored(dir, generation, &r);
+        t.state.restored.set(1);
+        if generation > 0 {
+            t.state
+                .checkpoint_fallbacks
+                .with_label_values(&[&generation.to_string()])
+                .inc();
+            tracing::warn!(
+                generation,
+                file = %checkpoint::generation_name(generation),
+                newer = ?newest.passed,
+                read_again = %read_again(consumer, &r.offsets),
+                dir = %dir.display(),
+                "restored an older checkpoint generation: the newer ones are damaged or missing; \
+                 the input since it is read again, and decisions already committed from that \
+                 input are produced again (same incident and rollback ids)"
+            );
+        }
+        for (topic, p, o) in r.offsets {
+            self.positions.insert((topic.clone(), p), o);
+            self.seek_to.insert((topic, p), o);
+        }
+    }
+
+    /// A pending checkpoint whose transaction committed becomes the current one; one whose
+    /// transaction did not is dropped.
+    fn resolve_pending(
+        &self,
+        dir: &Path,
+        fp: u64,
+        consumer: &StreamConsumer<source::SourceContext>,
+        reject: &impl Fn(&CheckpointError, &str),
+    ) {
+        let l = match checkpoint::read(dir, checkpoint::PENDING_NAME, fp) {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => return reject(&e, checkpoint::PENDING_NAME),
+        };
+        let path = dir.join(checkpoint::PENDING_NAME);
+        match crate::engine::offsets_of(&path, &l.payload) {
+            Ok(offs) if committed_at(consumer, &offs) => {
+                tracing::info!("the pending checkpoint's transaction committed; promoting it");
+                if let Err(e) = checkpoint::promote(dir, self.generations) {
+                    reject(&e, checkpoint::PENDING_NAME);
                 }
             }
-            Err(e) => reject(&e, checkpoint::FILE_NAME),
+            Ok(_) => {
+                tracing::info!("discarding a pending checkpoint whose transaction did not commit");
+                checkpoint::discard_pending(dir);
+            }
+            Err(e) => reject(&e, checkpoint::PENDING_NAME),
         }
     }
 
@@ -1429,6 +1451,44 @@ fn committed_of<'a>(
         tpl.add_partition(t, p);
     }
     consumer.committed_offsets(tpl, Duration::from_secs(15))
+}
+
+/// What was restored from `dir`.
+fn say_restored(dir: &Path, generation: usize, r: &crate::engine::Restored) {
+    let dir = dir.display();
+    tracing::info!(
+        series = r.series,
+        incidents = r.incidents,
+        bytes = r.bytes,
+        age_secs = (now_ms() - r.written_ms) / 1000,
+        generation,
+        %dir,
+        "state restored from checkpoint"
+    );
+}
+
+/// The input a restore from `offs` reads again past the group's committed offsets, as
+/// `topic/partition:from..to` (what was committed from it is produced again).
+fn read_again(
+    consumer: &StreamConsumer<source::SourceContext>,
+    offs: &crate::engine::Offsets,
+) -> String {
+    let got = match committed_of(consumer, offs.iter().map(|(t, p, _)| (t.as_str(), *p))) {
+        Ok(got) => got,
+        Err(e) => return format!("unknown (committed offsets unreadable: {e})"),
+    };
+    let ranges: Vec<String> = offs
+        .iter()
+        .filter_map(|(t, p, o)| match got.find_partition(t, *p)?.offset() {
+            Offset::Offset(c) if c > *o => Some(format!("{t}/{p}:{o}..{c}")),
+            _ => None,
+        })
+        .collect();
+    if ranges.is_empty() {
+        "nothing past the committed offsets".into()
+    } else {
+        ranges.join(", ")
+    }
 }
 
 /// True if the group's committed offsets are exactly `offs` (so the transaction that went with

@@ -72,6 +72,7 @@ pub struct Telemetry {
 pub struct StateMetrics {
     pub checkpoint_writes: IntCounter,
     pub checkpoint_errors: IntCounterVec,
+    pub checkpoint_fallbacks: IntCounterVec,
     pub checkpoint_bytes: IntGauge,
     pub checkpoint_seconds: Histogram,
     pub checkpoint_age: Gauge,
@@ -93,6 +94,12 @@ impl StateMetrics {
         for reason in crate::checkpoint::CheckpointError::REASONS {
             checkpoint_errors.with_label_values(&[reason]);
         }
+        let checkpoint_fallbacks = counter_vec(
+            r,
+            "guardrail_checkpoint_fallbacks_total",
+            "Starts that restored an older checkpoint generation (the newer ones damaged or missing), by generation (1: the one before the current).",
+            &["generation"],
+        );
         let handovers = counter_vec(
             r,
             "guardrail_handovers_total",
@@ -167,6 +174,7 @@ impl StateMetrics {
                 "Checkpoints written.",
             ),
             checkpoint_errors,
+            checkpoint_fallbacks,
             checkpoint_bytes,
             checkpoint_seconds,
             checkpoint_age,
