@@ -5,7 +5,7 @@
 //! File layout (all integers little-endian):
 //!
 //! ```text
-//! magic "GRDCKPT\0" (8) | format version u16 | config fingerprint u64 | written at (ms) i64
+//! magic "GRDCKPT\0" (8) | format version u16 | window fingerprint u64 | written at (ms) i64
 //! | payload length u64 | CRC-32 of the payload u32 | payload (postcard)
 //! ```
 //!
@@ -13,8 +13,8 @@
 //! fsynced: a crash leaves either the old checkpoint or the new one, never a torn file. The
 //! checkpoint it replaces is kept as a previous generation (`engine.ckpt.1`, `.2`, ...), so a
 //! current file damaged on disk costs the input since the previous one, not the state. On load,
-//! every way a file can be wrong (another format, a version this build does not read, a
-//! different metric configuration, truncation, a checksum mismatch, a payload that does not
+//! every way a file can be wrong (another format, a version this build does not read, another
+//! window or lateness, truncation, a checksum mismatch, a payload that does not
 //! decode) is an error with a bounded reason code; a bad file is moved aside, reported and
 //! never trusted.
 
@@ -26,7 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub const MAGIC: [u8; 8] = *b"GRDCKPT\0";
 /// Bumped whenever the payload's shape changes: an older file is reported, not misread.
-pub const FORMAT_VERSION: u16 = 7;
+pub const FORMAT_VERSION: u16 = 8;
 const HEADER_LEN: usize = 8 + 2 + 8 + 8 + 8 + 4;
 /// The file name inside the state directory.
 pub const FILE_NAME: &str = "engine.ckpt";
@@ -80,7 +80,7 @@ pub enum CheckpointError {
         found: u16,
         expected: u16,
     },
-    #[error("checkpoint {path} was written for another metric configuration (fingerprint {found:016x}, now {expected:016x}); its state does not fit the metrics now configured")]
+    #[error("checkpoint {path} was written for another window_secs or allowed_lateness_secs (fingerprint {found:016x}, now {expected:016x}); its state does not fit the windows now configured")]
     ConfigChanged {
         path: PathBuf,
         found: u64,

@@ -1453,7 +1453,7 @@ fn committed_of<'a>(
     consumer.committed_offsets(tpl, Duration::from_secs(15))
 }
 
-/// What was restored from `dir`.
+/// What was restored from `dir`, and per metric what became of its state.
 fn say_restored(dir: &Path, generation: usize, r: &crate::engine::Restored) {
     let dir = dir.display();
     tracing::info!(
@@ -1465,6 +1465,13 @@ fn say_restored(dir: &Path, generation: usize, r: &crate::engine::Restored) {
         %dir,
         "state restored from checkpoint"
     );
+    for (metric, fate) in &r.metrics {
+        if fate.is_kept() {
+            tracing::info!(%metric, state = %fate, %dir, "metric state from the checkpoint");
+        } else {
+            tracing::warn!(%metric, state = %fate, %dir, "metric state from the checkpoint");
+        }
+    }
 }
 
 /// The input a restore from `offs` reads again past the group's committed offsets, as

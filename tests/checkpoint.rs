@@ -2,10 +2,11 @@
 //! reported, moved aside and never trusted; a pending checkpoint whose transaction did not
 //! commit is discarded; a clean stop leaves a checkpoint that restores. Across restarts on one
 //! broker: a damaged current checkpoint falls back to the previous generation and its input is
-//! read again.
+//! read again; an edit of one metric keeps the state of the others.
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::{metric_value, start, story_afternoon, HOUR};
 use guardrail::api::ApiState;
 use guardrail::checkpoint;
-use guardrail::config::Config;
+use guardrail::config::{Config, MetricConfig, Seasonality};
 use guardrail::engine::Engine;
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
@@ -452,4 +453,129 @@ async fn a_damaged_current_checkpoint_falls_back_to_the_previous_generation() {
     assert_eq!(left[..3], names, "{left:?}");
     assert_eq!(left.len(), 4, "{left:?}");
     assert!(left[3].starts_with("engine.ckpt.rejected-"), "{left:?}");
+}
+
+fn metric_mut<'a>(cfg: &'a mut Config, name: &str) -> &'a mut MetricConfig {
+    cfg.metrics
+        .iter_mut()
+        .map(|m| m.get_mut())
+        .find(|m| m.name == name)
+        .unwrap()
+}
+
+/// Per metric name: its series (label, season buckets learnt), sorted.
+fn state_by_metric(cfg: &Config, dir: &Path) -> HashMap<String, Vec<(String, usize)>> {
+    let (e, _) = restored(cfg, dir, checkpoint::FILE_NAME);
+    let mut m: HashMap<String, Vec<(String, usize)>> = HashMap::new();
+    for s in &e.series {
+        m.entry(e.metrics()[s.metric].name().to_string())
+            .or_default()
+            .push((s.label.clone(), s.season_buckets()));
+    }
+    for s in &e.shares {
+        m.entry(e.metrics()[s.metric].name().to_string())
+            .or_default()
+            .push((s.label.clone(), s.learnt as usize));
+    }
+    m.values_mut().for_each(|v| v.sort());
+    m
+}
+
+/// Starts `cfg` on the state left by the last incarnation, lets it read one heartbeat at
+/// event time `ts` (no window closes: the state it checkpoints at its stop is the state it
+/// restored) and stops it.
+async fn restart(b: &mut Broker, cfg: &Config, ts: i64) {
+    let svc = Incarnation::start(cfg).await;
+    b.send(
+        b"k",
+        format!(r#"{{"type":"heartbeat","ts":{ts}}}"#).as_bytes(),
+    )
+    .await;
+    svc.wait_metric("guardrail_events_received_total", |v| v >= 1.0)
+        .await;
+    svc.stop().await;
+}
+
+/// The `state=` said at startup for `metric`, each time.
+fn fates(log: &[String], metric: &str) -> Vec<String> {
+    let key = format!("metric={metric} state=");
+    log.iter()
+        .filter(|l| l.contains("metric state from the checkpoint"))
+        .filter_map(|l| {
+            let rest = &l[l.find(&key)? + key.len()..];
+            Some(rest[..rest.find(" dir=")?].to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_one_metric_keeps_the_state_of_the_others() {
+    capture_logs();
+    let mut b = Broker::new();
+    let (cfg, dir) = (b.cfg.clone(), b.dir.clone());
+    let first = Incarnation::start(&cfg).await;
+    let mut sim = light_sim(story_afternoon() - 3 * HOUR);
+    while sim.now_ms() < story_afternoon() {
+        b.step(&first, &mut sim, 10 * MIN).await;
+    }
+    b.read_all(&first, 0).await;
+    first.stop().await;
+    let before = state_by_metric(&cfg, &dir);
+    let ts = sim.now_ms() - 1;
+    let names: Vec<String> = cfg.metrics().map(|m| m.name.clone()).collect();
+    for m in &names {
+        assert!(
+            before[m].iter().any(|(_, learnt)| *learnt > 0),
+            "{m} has learnt: {before:?}"
+        );
+    }
+
+    // An owner (and a severity) edited: everything is kept, nothing learnt again.
+    let mut owner = cfg.clone();
+    let m = metric_mut(&mut owner, "conversion_rate");
+    m.owner = Some("team-checkout".into());
+    m.severity = guardrail::config::Severity::Info;
+    restart(&mut b, &owner, ts).await;
+    assert_eq!(state_by_metric(&owner, &dir), before);
+    let log = logged(&dir);
+    for m in &names {
+        assert_eq!(fates(&log, m), ["kept"], "{m}: {log:#?}");
+    }
+    let total: usize = before.values().map(Vec::len).sum();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("state restored from checkpoint")
+                && l.contains(&format!("series={total} "))),
+        "{log:#?}"
+    );
+
+    // One metric's seasonality edited and a metric added before the others: that one starts
+    // again, the new one starts fresh, the others keep everything (under new indices).
+    let mut edited = owner.clone();
+    metric_mut(&mut edited, "click_through_rate")
+        .detection
+        .seasonality = Some(Seasonality::None);
+    let added: MetricConfig = toml::from_str(
+        "name = \"tickets\"\nkind = \"count\"\nnumerator = { type = \"support_ticket\" }\n",
+    )
+    .unwrap();
+    edited.metrics.insert(0, toml::Spanned::new(0..0, added));
+    restart(&mut b, &edited, ts).await;
+    let after = state_by_metric(&edited, &dir);
+    for m in names.iter().filter(|m| *m != "click_through_rate") {
+        assert_eq!(after[m], before[m], "{m}");
+    }
+    for m in ["click_through_rate", "tickets"] {
+        assert_eq!(after[m], [("total".to_string(), 0)], "{m}");
+    }
+    let log = logged(&dir);
+    assert_eq!(
+        fates(&log, "click_through_rate"),
+        ["kept", "reset (detection changed)"]
+    );
+    assert_eq!(
+        fates(&log, "tickets"),
+        ["new (not in the checkpoint): starts fresh"]
+    );
+    assert_eq!(fates(&log, "conversion_rate"), ["kept", "kept"]);
 }

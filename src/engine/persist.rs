@@ -5,8 +5,13 @@
 //! registry, guards, sprawl and pressure, the circuit breaker's recent rollbacks, vetoes,
 //! pending rollbacks, the dedup horizon and the newest audit records. Not saved: counters
 //! (Prometheus counters restart with the process) and anything derived from config (schema,
-//! thresholds), which a restore takes from the running config; the config fingerprint makes
-//! sure the two match.
+//! thresholds), which a restore takes from the running config.
+//!
+//! What the state was built for is saved with it: the window and lateness, which shape every
+//! series, as the file's fingerprint (a checkpoint of others is refused whole), and per metric
+//! and per guard the settings their state is built from ([`Prints`]). A restore keeps the state
+//! of each metric whose settings match, by name (metrics may be reordered, added or removed),
+//! and starts the others fresh.
 
 use std::path::Path;
 
@@ -20,6 +25,70 @@ const AUDIT_RECORDS_KEPT: usize = 2_000;
 
 /// Input position a checkpoint corresponds to: (topic, partition, next offset to read).
 pub type Offsets = Vec<(String, i32, i64)>;
+
+/// Stands for a held incident's target metric that is no longer configured, until the restore
+/// publishes the incident without waiting for it.
+const LOST: usize = usize::MAX;
+
+/// What the saved state was built for, compared part by part on restore.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Prints {
+    /// Per configured metric, in order.
+    metrics: Vec<MetricPrint>,
+    sprawl: u64,
+    pressure: u64,
+    /// The event change watches count as their arms' exposure.
+    exposure: u64,
+}
+
+/// A metric's name and the hash of each part of the settings its series are built from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct MetricPrint {
+    name: String,
+    parts: Vec<(String, u64)>,
+}
+
+/// What a restore did with one metric's saved state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricFate {
+    /// Same settings: its series, baselines, detectors and incidents are as saved.
+    Kept,
+    /// Settings its state is built from changed (these parts): it starts fresh, and its open
+    /// incidents end.
+    Reset(Vec<String>),
+    /// Not in the checkpoint: starts fresh.
+    New,
+    /// In the checkpoint, no longer configured: its state is dropped.
+    Removed,
+}
+
+impl MetricFate {
+    pub fn is_kept(&self) -> bool {
+        *self == MetricFate::Kept
+    }
+}
+
+impl std::fmt::Display for MetricFate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricFate::Kept => f.write_str("kept"),
+            MetricFate::Reset(parts) => write!(f, "reset ({} changed)", parts.join(", ")),
+            MetricFate::New => f.write_str("new (not in the checkpoint): starts fresh"),
+            MetricFate::Removed => f.write_str("removed (no longer configured): state dropped"),
+        }
+    }
+}
+
+/// How a checkpoint's metrics map onto the configured ones.
+struct Fit {
+    /// Per metric of the checkpoint: its index here if its state is kept.
+    kept: Vec<Option<usize>>,
+    /// Per metric of the checkpoint: its index here by name, kept or not.
+    named: Vec<Option<usize>>,
+    /// Per configured metric: the checkpoint's metric whose state it keeps.
+    origin: Vec<Option<usize>>,
+    fates: Vec<(String, MetricFate)>,
+}
 
 /// An incident with the fields its API shape leaves out.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -37,7 +106,9 @@ struct PersistedIncident {
 /// moved back afterwards, so a checkpoint copies no series.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Persisted {
+    /// First, for [`offsets_of`].
     offsets: Offsets,
+    prints: Prints,
     series: Vec<Series>,
     index: super::KeyMap<usize>,
     max_ts: Option<i64>,
@@ -78,6 +149,8 @@ pub struct Restored {
     pub series: usize,
     pub incidents: usize,
     pub bytes: usize,
+    /// Per metric (configured ones in order, then removed ones), what became of its state.
+    pub metrics: Vec<(String, MetricFate)>,
 }
 
 /// The input offsets a checkpoint payload corresponds to, read without decoding the rest.
@@ -91,21 +164,36 @@ pub fn offsets_of(path: &Path, payload: &[u8]) -> Result<Offsets, CheckpointErro
 }
 
 impl Engine {
-    /// Identifies the configuration a checkpoint's state fits: the metrics, windowing and
-    /// detection settings. Any change there makes an old checkpoint untrusted.
+    /// Identifies what every series' state is shaped by: the window (window indices, and the
+    /// detectors' thresholds per window) and the allowed lateness (the open windows each series
+    /// keeps). A checkpoint of other values is refused whole; what shapes one metric's or one
+    /// guard's state is compared on restore, so that only that state starts again.
     pub fn state_fingerprint(&self) -> u64 {
-        use sha2::{Digest, Sha256};
-        let c = &self.cfg;
-        let text = format!(
-            "{:?}|{}|{}|{:?}|{:?}",
-            c.metrics().collect::<Vec<_>>(),
-            c.engine.window_secs,
-            c.engine.allowed_lateness_secs,
-            c.detection,
-            c.guards,
-        );
-        let d = Sha256::digest(text.as_bytes());
-        u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"))
+        let e = &self.cfg.engine;
+        hash64(&format!("{}|{}", e.window_secs, e.allowed_lateness_secs))
+    }
+
+    fn prints(&self) -> Prints {
+        let g = &self.cfg.guards;
+        let (sp, pr) = (&g.sprawl, &g.pressure);
+        Prints {
+            metrics: self.schema.metrics.iter().map(metric_print).collect(),
+            // What the trackers were built with (limits, window) and what they count; their
+            // severities and surface bounds are read from the config as they are used.
+            sprawl: hash64(&format!(
+                "{}|{}|{}",
+                sp.enabled, sp.window_secs, sp.max_variants_per_surface
+            )),
+            pressure: hash64(&format!(
+                "{}|{}|{}|{}|{}",
+                pr.enabled,
+                pr.message_event,
+                pr.unsubscribe_event,
+                pr.max_messages_per_user_day,
+                pr.min_users
+            )),
+            exposure: hash64(&g.exposure_event),
+        }
     }
 
     /// A framed checkpoint of the current state, tagged with the input `offsets` it
@@ -127,6 +215,7 @@ impl Engine {
         let skip = self.audit_log.len().saturating_sub(AUDIT_RECORDS_KEPT);
         let p = Persisted {
             offsets,
+            prints: self.prints(),
             series: std::mem::take(&mut self.series),
             index: std::mem::take(&mut self.index),
             max_ts: self.max_ts,
@@ -222,59 +311,429 @@ impl Engine {
         self.dirty = true;
     }
 
-    /// Replaces this (fresh) engine's state with a checkpoint's. Checks that the state fits
-    /// the configured metrics before taking any of it: on error the engine is unchanged.
+    /// Replaces this (fresh) engine's state with a checkpoint's: of each metric whose settings
+    /// match, its state; the other metrics start fresh. Checks that the state is consistent
+    /// before taking any of it: on error the engine is unchanged.
     pub fn restore(
         &mut self,
         path: &Path,
         loaded: &checkpoint::Loaded,
     ) -> Result<Restored, CheckpointError> {
-        let p: Persisted = checkpoint::decode(path, &loaded.payload)?;
-        let inconsistent = |what: &str| CheckpointError::Decode {
-            path: path.to_path_buf(),
-            message: format!("inconsistent state: {what}"),
-        };
-        let metrics = self.schema.metrics.len();
-        if p.series.iter().any(|s| s.metric >= metrics)
-            || p.shares.iter().any(|s| s.metric >= metrics)
-        {
-            return Err(inconsistent("a series of a metric that is not configured"));
-        }
-        if p.index.values().any(|&i| i >= p.series.len())
-            || p.share_index.values().any(|&i| i >= p.shares.len())
-            || p.resume_at.keys().any(|&i| i >= p.series.len())
-            || p.behind.keys().any(|&m| m >= metrics)
-        {
-            return Err(inconsistent("series index out of range"));
-        }
-        if p.series.iter().any(|s| {
-            !s.baseline.consistent()
-                || !s.detector.consistent()
-                || s.hist_sumsq.is_some() != super::keeps_sumsq(&self.schema.metrics[s.metric])
-        }) {
-            return Err(inconsistent("a series state of the wrong shape"));
-        }
-        let n_inc = p.incidents.len();
+        let mut p: Persisted = checkpoint::decode(path, &loaded.payload)?;
+        check(path, &p)?;
+        let fit = self.plan(&p.prints);
+        let orphans = self.refit(&mut p, &fit);
         if p.series
             .iter()
-            .any(|s| s.incident.is_some_and(|i| i >= n_inc))
-            || p.incidents.iter().any(|i| {
-                i.series_idx.is_some_and(|s| s >= p.series.len())
-                    || i.metric_idx.is_some_and(|m| m >= metrics)
-            })
+            .any(|s| s.hist_sumsq.is_some() != super::keeps_sumsq(&self.schema.metrics[s.metric]))
         {
-            return Err(inconsistent("incident reference out of range"));
+            return Err(inconsistent(path, "a series state of the wrong shape"));
         }
+        self.refit_trackers(&mut p);
         let r = Restored {
             offsets: p.offsets.clone(),
             written_ms: loaded.written_ms,
             series: p.series.len() + p.shares.len(),
-            incidents: n_inc,
+            incidents: p.incidents.len(),
             bytes: loaded.payload.len(),
+            metrics: fit.fates,
         };
         self.put_back(p, true);
+        self.relink_series();
+        self.settle(&orphans);
         Ok(r)
     }
+
+    /// Sprawl and pressure built or counting otherwise than configured now start fresh (as
+    /// this engine's own), and so do watches' exposure counts of another event.
+    fn refit_trackers(&mut self, p: &mut Persisted) {
+        let now = self.prints();
+        if p.prints.sprawl != now.sprawl {
+            p.sprawl = self.sprawl.take();
+        }
+        if p.prints.pressure != now.pressure {
+            p.pressure = self.pressure.take();
+        }
+        if p.prints.exposure != now.exposure {
+            for g in &mut p.guards.all {
+                g.exposure = [0.0; 2];
+                g.exposure_at.clear();
+                g.srm = None;
+            }
+        }
+    }
+
+    /// Which of the checkpoint's metrics (`old`) keep their state here, by name.
+    fn plan(&self, old: &Prints) -> Fit {
+        let now: Vec<MetricPrint> = self.schema.metrics.iter().map(metric_print).collect();
+        let named: Vec<Option<usize>> = old
+            .metrics
+            .iter()
+            .map(|o| now.iter().position(|n| n.name == o.name))
+            .collect();
+        let kept: Vec<Option<usize>> = old
+            .metrics
+            .iter()
+            .zip(&named)
+            .map(|(o, n)| n.filter(|&n| now[n].parts == o.parts))
+            .collect();
+        let mut origin = vec![None; now.len()];
+        for (oi, n) in kept.iter().enumerate() {
+            if let Some(n) = *n {
+                origin[n] = Some(oi);
+            }
+        }
+        let mut fates: Vec<(String, MetricFate)> = now
+            .iter()
+            .enumerate()
+            .map(|(ni, n)| {
+                let fate = match old.metrics.iter().position(|o| o.name == n.name) {
+                    None => MetricFate::New,
+                    Some(_) if origin[ni].is_some() => MetricFate::Kept,
+                    Some(oi) => MetricFate::Reset(
+                        n.parts
+                            .iter()
+                            .filter(|p| !old.metrics[oi].parts.contains(p))
+                            .map(|(k, _)| k.clone())
+                            .collect(),
+                    ),
+                };
+                (n.name.clone(), fate)
+            })
+            .collect();
+        for (o, n) in old.metrics.iter().zip(&named) {
+            if n.is_none() {
+                fates.push((o.name.clone(), MetricFate::Removed));
+            }
+        }
+        Fit {
+            kept,
+            named,
+            origin,
+            fates,
+        }
+    }
+
+    /// Lays a checkpoint's state onto the configured metrics: series and share series of kept
+    /// metrics under their index here, fresh totals for the others, and every reference to a
+    /// metric or a series renumbered. Returns the incidents of the series dropped.
+    fn refit(&self, p: &mut Persisted, fit: &Fit) -> Vec<usize> {
+        let (smap, mut orphans) = self.refit_series(p, fit);
+        orphans.extend(self.refit_shares(p, fit));
+        let series = |j: usize| smap.get(j).copied().flatten();
+        let metric = |m: usize| fit.kept.get(m).copied().flatten();
+        p.resume_at = std::mem::take(&mut p.resume_at)
+            .into_iter()
+            .filter_map(|(j, w)| Some((series(j)?, w)))
+            .collect();
+        p.behind = std::mem::take(&mut p.behind)
+            .into_iter()
+            .filter_map(|(m, w)| Some((metric(m)?, w)))
+            .collect();
+        p.gain_hist
+            .retain_mut(|g| metric(g.metric).map(|m| g.metric = m).is_some());
+        p.gain_asks
+            .retain_mut(|a| metric(a.metric).map(|m| a.metric = m).is_some());
+        for pi in &mut p.incidents {
+            pi.series_idx = pi.series_idx.and_then(series);
+            // An incident stays about its metric while one of that name is configured.
+            pi.metric_idx = pi
+                .metric_idx
+                .and_then(|m| fit.named.get(m).copied().flatten());
+            if let Some((_, ti, _, _)) = pi.held.as_mut().and_then(|h| h.gain.as_mut()) {
+                *ti = fit.named.get(*ti).copied().flatten().unwrap_or(LOST);
+            }
+        }
+        let relaid =
+            smap.len() != p.series.len() || smap.iter().enumerate().any(|(j, &n)| n != Some(j));
+        for g in &mut p.guards.all {
+            let mut old: Vec<Option<crate::guard::MetricWatch>> = std::mem::take(&mut g.metrics)
+                .into_iter()
+                .map(Some)
+                .collect();
+            g.metrics = fit
+                .origin
+                .iter()
+                .map(|o| o.and_then(|oi| old.get_mut(oi)?.take()))
+                .map(Option::unwrap_or_default)
+                .collect();
+            if relaid {
+                // The series in scope are indices: taking over from itself, with nothing to
+                // take, is the way to have them found again.
+                let same = g.clone();
+                g.take_over(&same, |_| false, |_| false, false);
+            }
+        }
+        orphans.sort_unstable();
+        orphans.dedup();
+        orphans
+    }
+
+    /// The series of kept metrics, totals first in metric order as `Engine::new` lays them out
+    /// (fresh ones for the other metrics), then the others in saved order; their index
+    /// rebuilt. Returns each saved series' new index and the incidents of those dropped.
+    fn refit_series(&self, p: &mut Persisted, fit: &Fit) -> (Vec<Option<usize>>, Vec<usize>) {
+        let mut slots: Vec<Option<Series>> = std::mem::take(&mut p.series)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut smap = vec![None; slots.len()];
+        let mut totals: HashMap<usize, usize> = HashMap::new();
+        for (j, s) in slots.iter().enumerate() {
+            let s = s.as_ref().expect("all there");
+            if let (true, Some(m)) = (s.dims.is_empty(), fit.kept[s.metric]) {
+                totals.insert(m, j);
+            }
+        }
+        let mut series = Vec::with_capacity(slots.len());
+        for (mi, m) in self.schema.metrics.iter().enumerate() {
+            if m.total.is_none() {
+                continue;
+            }
+            let saved = totals.get(&mi).and_then(|&j| Some((j, slots[j].take()?)));
+            let total = match saved {
+                Some((j, mut s)) => {
+                    smap[j] = Some(series.len());
+                    s.metric = mi;
+                    s
+                }
+                None => make_series(&self.schema, mi, Vec::new(), i64::MIN),
+            };
+            push_series(&mut series, total);
+        }
+        let mut orphans = Vec::new();
+        for (j, s) in slots.into_iter().enumerate() {
+            let Some(mut s) = s else { continue };
+            match fit.kept[s.metric] {
+                Some(m) if !s.dims.is_empty() => {
+                    s.metric = m;
+                    smap[j] = Some(push_series(&mut series, s));
+                }
+                _ => orphans.extend(s.incident.into_iter().chain(s.trend.incident)),
+            }
+        }
+        p.index = KeyMap::default();
+        for (si, s) in series.iter().enumerate() {
+            if !s.dims.is_empty() {
+                p.index
+                    .insert(self.series_key(s.metric, &s.dims, false), si);
+            }
+        }
+        p.series = series;
+        (smap, orphans)
+    }
+
+    /// The share series of kept metrics, their index and category names. Returns the
+    /// incidents of those dropped.
+    fn refit_shares(&self, p: &mut Persisted, fit: &Fit) -> Vec<usize> {
+        let mut orphans = Vec::new();
+        let mut shares = Vec::new();
+        for mut s in std::mem::take(&mut p.shares) {
+            match fit.kept[s.metric] {
+                Some(m) => {
+                    s.metric = m;
+                    shares.push(s);
+                }
+                None => orphans.extend(s.incident),
+            }
+        }
+        p.share_index = shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (self.series_key(s.metric, &s.dims, true), i))
+            .collect();
+        p.shares = shares;
+        let mut cats: Vec<Option<crate::share::Categories>> = std::mem::take(&mut p.share_cats)
+            .into_iter()
+            .map(Some)
+            .collect();
+        p.share_cats = fit
+            .origin
+            .iter()
+            .map(|o| {
+                o.and_then(|oi| cats.get_mut(oi)?.take())
+                    .unwrap_or_default()
+            })
+            .collect();
+        orphans
+    }
+
+    /// A series' key in `index` (`share`: in `share_index`), as the hot path computes it.
+    fn series_key(&self, metric: usize, dims: &[(String, String)], share: bool) -> u64 {
+        let k = self.schema.series_key;
+        let mut h = SipHasher13::new_with_keys(k.0, k.1);
+        h.write_usize(metric);
+        if share {
+            h.write_u8(0xfe);
+        }
+        for (_, v) in dims {
+            h.write(v.as_bytes());
+            h.write_u8(0xff);
+        }
+        h.finish()
+    }
+
+    /// Points each metric at its total series and counts its others, from the series held.
+    fn relink_series(&mut self) {
+        for m in &mut self.schema.metrics {
+            m.total = None;
+            m.series_count = 0;
+        }
+        for (si, s) in self.series.iter().enumerate() {
+            let m = &mut self.schema.metrics[s.metric];
+            if s.dims.is_empty() {
+                m.total = Some(si);
+            } else {
+                m.series_count += 1;
+            }
+        }
+    }
+
+    /// After a restore: incidents of series that were not kept end (nothing would ever end
+    /// them), and holds waiting on a metric no longer configured stop waiting.
+    fn settle(&mut self, orphans: &[usize]) {
+        let end = self
+            .closed_upto
+            .map(|c| c * self.schema.window_ms)
+            .or(self.max_ts)
+            .unwrap_or(0);
+        for &k in orphans {
+            let why = match self.incidents[k].metric_idx {
+                Some(_) => "the metric's settings changed; its series start again",
+                None => "the metric is no longer configured",
+            };
+            self.resolve_incident(
+                k,
+                end,
+                format!("reset: {why}"),
+                serde_json::json!({"rule": "checkpoint-restore", "reason": why}),
+            );
+        }
+        self.settle_lost_gains();
+    }
+
+    /// Stage 2: a held incident waiting for the effect on a target metric that is no longer
+    /// configured is published without it, as when the wait times out.
+    fn settle_lost_gains(&mut self) {
+        for idx in 0..self.incidents.len() {
+            let Some(h) = self.incidents[idx].held.as_mut() else {
+                continue;
+            };
+            let Some((_, _, evidence, policy)) = h.gain.take_if(|g| g.1 == LOST) else {
+                continue;
+            };
+            let mut evidence: serde_json::Value =
+                serde_json::from_str(&evidence).unwrap_or(serde_json::Value::Null);
+            if let Some(o) = evidence.as_object_mut() {
+                o.insert(
+                    "local_gain_global_loss_missing".into(),
+                    "the change's target metric is no longer configured".into(),
+                );
+            }
+            let policy = serde_json::from_str(&policy).unwrap_or(serde_json::Value::Null);
+            self.audit_detection(idx, evidence, policy);
+            self.release_held(idx);
+        }
+    }
+}
+
+fn hash64(text: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(text.as_bytes());
+    u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"))
+}
+
+/// The settings a metric's series are built from, by part: what decides which series exist
+/// and what they count, and what a series bakes in when it is created (its baseline's
+/// seasonality and half-life, its detector's sides, threshold and tuning, a gauge's clipping
+/// warm-up). Left out, as they change nothing saved: `name` (the key), `owner` and `severity`
+/// (routing and presentation, read when an incident is raised), `min_psi`,
+/// `min_volume_per_window`, `incident_max_secs` and, but for gauges, `warmup_windows` (read
+/// from the config at every window).
+fn metric_print(m: &MetricDef) -> MetricPrint {
+    let (c, d) = (&m.cfg, &m.det);
+    // The detector is tuned to one of the two smallest effects, by family.
+    let min_effect = if m.family == Family::Gaussian {
+        d.min_effect_sd
+    } else {
+        d.min_relative_effect
+    };
+    let gauge_warmup = (c.kind == MetricKind::Gauge).then_some(d.warmup_windows);
+    let parts = [
+        ("kind", format!("{:?}", c.kind)),
+        (
+            "events",
+            format!("{:?}|{:?}|{:?}", c.numerator, c.denominator, c.exposure),
+        ),
+        (
+            "dims",
+            format!("{:?}|{}|{:?}", c.dims, c.include_total, c.share_of),
+        ),
+        ("direction", format!("{:?}", c.direction)),
+        (
+            "detection",
+            format!(
+                "{:?}|{}|{}|{}|{}|{:?}",
+                d.seasonality,
+                d.baseline_half_life_windows,
+                d.false_alarms_per_series_week,
+                min_effect,
+                d.min_expected_events,
+                gauge_warmup
+            ),
+        ),
+    ];
+    MetricPrint {
+        name: c.name.clone(),
+        parts: parts
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), hash64(&v)))
+            .collect(),
+    }
+}
+
+fn inconsistent(path: &Path, what: &str) -> CheckpointError {
+    CheckpointError::Decode {
+        path: path.to_path_buf(),
+        message: format!("inconsistent state: {what}"),
+    }
+}
+
+/// Checks that a decoded checkpoint is consistent in itself (every reference in range, for
+/// the metrics it was written for) before anything is taken from it.
+fn check(path: &Path, p: &Persisted) -> Result<(), CheckpointError> {
+    let metrics = p.prints.metrics.len();
+    let (n_series, n_shares, n_inc) = (p.series.len(), p.shares.len(), p.incidents.len());
+    if p.series.iter().any(|s| s.metric >= metrics) || p.shares.iter().any(|s| s.metric >= metrics)
+    {
+        return Err(inconsistent(path, "a series of a metric it does not list"));
+    }
+    if p.index.values().any(|&i| i >= n_series)
+        || p.share_index.values().any(|&i| i >= n_shares)
+        || p.resume_at.keys().any(|&i| i >= n_series)
+        || p.behind.keys().any(|&m| m >= metrics)
+    {
+        return Err(inconsistent(path, "series index out of range"));
+    }
+    if p.series
+        .iter()
+        .any(|s| !s.baseline.consistent() || !s.detector.consistent())
+    {
+        return Err(inconsistent(path, "a series state of the wrong shape"));
+    }
+    let bad = |i: &Option<usize>| i.is_some_and(|i| i >= n_inc);
+    if p.series
+        .iter()
+        .any(|s| bad(&s.incident) || bad(&s.trend.incident))
+        || p.shares.iter().any(|s| bad(&s.incident))
+        || p.incidents.iter().any(|i| {
+            i.series_idx.is_some_and(|s| s >= n_series)
+                || i.metric_idx.is_some_and(|m| m >= metrics)
+        })
+    {
+        return Err(inconsistent(path, "incident reference out of range"));
+    }
+    Ok(())
 }
 
 /// What a handover import took over.
@@ -299,24 +758,17 @@ impl Engine {
         let Stage::Merge { partitions } = self.stage else {
             return Ok(Imported::default());
         };
-        let p: Persisted = checkpoint::decode(path, &loaded.payload)?;
+        let mut p: Persisted = checkpoint::decode(path, &loaded.payload)?;
+        check(path, &p)?;
+        let fit = self.plan(&p.prints);
+        // Incidents of series not kept stay with the instance that held them.
+        let _ = self.refit(&mut p, &fit);
         let metrics = self.schema.metrics.len();
-        let n_inc = p.incidents.len();
-        if p.series.iter().any(|s| s.metric >= metrics)
-            || p.shares.iter().any(|s| s.metric >= metrics)
-            || p.series
-                .iter()
-                .any(|s| s.incident.is_some_and(|i| i >= n_inc))
-            || p.shares
-                .iter()
-                .any(|s| s.incident.is_some_and(|i| i >= n_inc))
-        {
-            return Err(CheckpointError::Decode {
-                path: path.to_path_buf(),
-                message: "inconsistent state: a reference out of range".into(),
-            });
-        }
-        let ours = |e: &Engine, metric: usize| parts.contains(&e.partition_of(metric, partitions));
+        // Metrics whose settings differ from the other instance's are not taken: they start
+        // fresh here.
+        let ours = |e: &Engine, metric: usize| {
+            fit.origin[metric].is_some() && parts.contains(&e.partition_of(metric, partitions))
+        };
         let mut incidents = p.incidents;
         let mut moved: HashMap<usize, usize> = HashMap::new();
         let mut take_incident = |e: &mut Engine, k: usize, series_idx: Option<usize>| -> usize {
@@ -490,6 +942,7 @@ impl Engine {
             }
         }
         done.incidents = moved.len();
+        self.settle_lost_gains();
         self.dirty = true;
         Ok(done)
     }
@@ -608,16 +1061,13 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_for_other_metrics_is_refused_and_the_engine_kept_fresh() {
+    fn a_checkpoint_of_another_window_is_refused_and_the_engine_kept_fresh() {
         let mut a = engine();
         let mut sim = Sim::new(Scenario::default(), T0);
         feed(&mut a, &mut sim, T0 + H);
         let bytes = a.checkpoint(Vec::new(), T0);
-        let other = Config::from_str_named(
-            "[[metrics]]\nname = \"n\"\nkind = \"count\"\nnumerator = { type = \"x\" }\n",
-            "t.toml",
-        )
-        .unwrap();
+        let mut other = a.config().clone();
+        other.engine.window_secs = 600;
         let b = Engine::new(&other).unwrap();
         let e = checkpoint::unframe(Path::new("p"), &bytes, b.state_fingerprint()).unwrap_err();
         assert_eq!(e.reason(), "config_changed");
@@ -632,5 +1082,209 @@ mod tests {
             "decode"
         );
         assert_eq!(c.series.len(), fresh);
+    }
+
+    /// Per metric: (series labels, season buckets learnt), sorted.
+    fn by_metric(e: &Engine) -> HashMap<String, Vec<(String, usize)>> {
+        let mut m: HashMap<String, Vec<(String, usize)>> = HashMap::new();
+        for s in &e.series {
+            m.entry(e.metrics()[s.metric].name().to_string())
+                .or_default()
+                .push((s.label.clone(), s.season_buckets()));
+        }
+        for s in &e.shares {
+            m.entry(e.metrics()[s.metric].name().to_string())
+                .or_default()
+                .push((s.label.clone(), s.learnt as usize));
+        }
+        m.values_mut().for_each(|v| v.sort());
+        m
+    }
+
+    /// The default config, edited: `conversion_rate`'s owner and severity, a metric inserted
+    /// first, `click_through_rate`'s seasonality, `unsubscribe_rate` removed.
+    fn edited() -> Engine {
+        let mut text = crate::demo::DEFAULT_CONFIG
+            .replacen("owner = \"team-growth\"", "owner = \"team-checkout\"", 1)
+            .replacen("severity = \"critical\"", "severity = \"info\"", 1)
+            .replace(
+                "name = \"click_through_rate\"\n",
+                "name = \"click_through_rate\"\ndetection = { seasonality = \"none\" }\n",
+            )
+            .replacen(
+                "\n[[metrics]]\n",
+                "\n[[metrics]]\nname = \"tickets\"\nkind = \"count\"\n\
+                 numerator = { type = \"support_ticket\" }\n\n[[metrics]]\n",
+                1,
+            );
+        let from = text
+            .find("[[metrics]]\nname = \"unsubscribe_rate\"")
+            .unwrap();
+        let to = from + 1 + text[from + 1..].find("[[metrics]]").unwrap();
+        text.replace_range(from..to, "");
+        Engine::new(&Config::from_str_named(&text, "t.toml").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_restore_keeps_the_metrics_whose_settings_still_fit_by_name() {
+        let mut a = engine();
+        let mut sim = Sim::new(Scenario::default(), T0);
+        feed(&mut a, &mut sim, T0 + 26 * H);
+        let bytes = a.checkpoint(Vec::new(), T0);
+        let mut b = edited();
+        let l = checkpoint::unframe(Path::new("p"), &bytes, b.state_fingerprint()).unwrap();
+        let r = b.restore(Path::new("p"), &l).unwrap();
+        let fate = |n: &str| r.metrics.iter().find(|(m, _)| m == n).unwrap().1.clone();
+        assert_eq!(fate("conversion_rate"), MetricFate::Kept, "{r:?}");
+        assert_eq!(fate("support_tickets_per_session"), MetricFate::Kept);
+        assert_eq!(fate("device_mix"), MetricFate::Kept);
+        assert_eq!(
+            fate("click_through_rate"),
+            MetricFate::Reset(vec!["detection".into()])
+        );
+        assert_eq!(fate("tickets"), MetricFate::New);
+        assert_eq!(fate("unsubscribe_rate"), MetricFate::Removed);
+        let (before, after) = (by_metric(&a), by_metric(&b));
+        for m in [
+            "conversion_rate",
+            "support_tickets_per_session",
+            "brand_sentiment",
+            "device_mix",
+        ] {
+            assert!(before[m].len() > 1 || m == "brand_sentiment", "{m}");
+            assert!(before[m].iter().any(|(_, learnt)| *learnt > 0), "{m}");
+            assert_eq!(before[m], after[m], "{m} kept whole");
+        }
+        // Fresh: the total alone, nothing learnt.
+        for m in ["click_through_rate", "tickets"] {
+            assert_eq!(after[m], [("total".to_string(), 0)], "{m}");
+        }
+        assert!(!after.contains_key("unsubscribe_rate"));
+
+        // The series kept are found again under their new metric index: the next day adds no
+        // series to them, and what the original learns, the restored engine learns alike.
+        let mut sim_b = sim.clone();
+        feed(&mut a, &mut sim, T0 + 28 * H);
+        feed(&mut b, &mut sim_b, T0 + 28 * H);
+        let (before, after) = (by_metric(&a), by_metric(&b));
+        for m in [
+            "conversion_rate",
+            "support_tickets_per_session",
+            "device_mix",
+        ] {
+            assert_eq!(before[m], after[m], "{m} goes on alike");
+        }
+        assert_eq!(
+            after["click_through_rate"].len(),
+            before["click_through_rate"].len(),
+            "the reset metric's series come back as events arrive"
+        );
+    }
+
+    #[test]
+    fn sprawl_and_pressure_restart_alone_when_their_own_settings_change() {
+        let mut a = engine();
+        let mut sim = Sim::new(Scenario::default(), T0);
+        feed(&mut a, &mut sim, T0 + 2 * H);
+        let bytes = a.checkpoint(Vec::new(), T0);
+        let tracked = |e: &Engine| {
+            (
+                e.sprawl.as_ref().map(|s| s.surfaces.len()),
+                e.pressure.as_ref().map(|p| p.surfaces.len()),
+                by_metric(e),
+            )
+        };
+        let (sprawl, pressure, metrics) = tracked(&a);
+        assert!(
+            sprawl > Some(0) && pressure > Some(0),
+            "{sprawl:?} {pressure:?}"
+        );
+        let restore = |edit: &dyn Fn(&mut Config)| {
+            let mut cfg = a.config().clone();
+            edit(&mut cfg);
+            let mut e = Engine::new(&cfg).unwrap();
+            let l = checkpoint::unframe(Path::new("p"), &bytes, e.state_fingerprint()).unwrap();
+            e.restore(Path::new("p"), &l).unwrap();
+            tracked(&e)
+        };
+        // Severities and bounds are read as they are used: kept.
+        let same = restore(&|c| {
+            c.guards.sprawl.severity = crate::config::Severity::Critical;
+            c.guards.pressure.max_surfaces = 5_000;
+        });
+        assert_eq!(same, (sprawl, pressure, metrics.clone()));
+        // Another sprawl window, another message event: each starts fresh, nothing else.
+        let fresh = restore(&|c| {
+            c.guards.sprawl.window_secs = 7200;
+            c.guards.pressure.message_event = "push_sent".into();
+        });
+        assert_eq!(fresh, (Some(0), Some(0), metrics.clone()));
+        // Turned off: gone.
+        let off = restore(&|c| c.guards.sprawl.enabled = false);
+        assert_eq!(off, (None, pressure, metrics));
+    }
+
+    #[test]
+    fn the_open_incidents_of_a_metric_reset_resolve_and_say_why() {
+        let mut a = engine();
+        let mut sim = Sim::new(Scenario::default(), T0);
+        feed(&mut a, &mut sim, T0 + 26 * H);
+        a.process_change(story_change("chg-1", T0 + 26 * H).as_bytes())
+            .unwrap();
+        sim.scenario_mut()
+            .effects
+            .push(story_effect("chg-1", T0 + 26 * H));
+        feed(&mut a, &mut sim, T0 + 30 * H);
+        let firing = |e: &Engine| -> Vec<(String, String)> {
+            e.incidents
+                .iter()
+                .filter(|i| i.status == IncidentStatus::Firing && i.series_idx.is_some())
+                .map(|i| (i.id.clone(), i.metric.clone()))
+                .collect()
+        };
+        let open = firing(&a);
+        assert!(!open.is_empty(), "the story's drop is firing");
+        let metric = open[0].1.clone();
+        let bytes = a.checkpoint(Vec::new(), T0);
+        let mut cfg = a.config().clone();
+        let m = cfg
+            .metrics
+            .iter_mut()
+            .map(|m| m.get_mut())
+            .find(|m| m.name == metric)
+            .unwrap();
+        m.detection.seasonality = Some(crate::config::Seasonality::None);
+        let mut b = Engine::new(&cfg).unwrap();
+        let l = checkpoint::unframe(Path::new("p"), &bytes, b.state_fingerprint()).unwrap();
+        b.restore(Path::new("p"), &l).unwrap();
+        let still: Vec<_> = firing(&b);
+        assert!(still.iter().all(|(_, m)| *m != metric), "{still:?}");
+        assert_eq!(
+            still,
+            open.iter()
+                .filter(|(_, m)| *m != metric)
+                .cloned()
+                .collect::<Vec<_>>(),
+            "the other metrics' incidents stay open"
+        );
+        let resolved: Vec<String> = b
+            .take_outputs()
+            .filter_map(|o| match o {
+                Output::Alert(a) if a.status == "resolved" => Some(a.incident_id.clone()),
+                _ => None,
+            })
+            .collect();
+        for (id, m) in &open {
+            let i = &b.incidents[b.incident_ids[id]];
+            if *m == metric {
+                assert!(resolved.contains(id), "{id}: {resolved:?}");
+                let why = i.resolution.as_deref().unwrap_or_default();
+                assert!(
+                    why.starts_with("reset: the metric's settings changed"),
+                    "{why}"
+                );
+                assert_eq!(i.series_idx, None);
+            }
+        }
     }
 }
