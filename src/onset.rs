@@ -136,8 +136,6 @@ pub struct Onset {
     /// First and last window of the onset set (inclusive).
     pub low_window: i64,
     pub high_window: i64,
-    /// The shape of the most likely start: 1 for a step, else the windows its ramp took.
-    pub ramp_windows: i64,
     spans: Vec<Span>,
     /// Per span as the start: the step's profile log-likelihood.
     step: Vec<f64>,
@@ -514,7 +512,7 @@ pub fn estimate(
         let shapes = ramps.len() * RAMP_POWERS.len();
         (STEP_PRIOR, (1.0 - STEP_PRIOR) / shapes as f64)
     };
-    let (mut step, mut marg, mut shape) = (vec![0.0; n], vec![0.0; n], vec![1i64; n]);
+    let (mut step, mut marg) = (vec![0.0; n], vec![0.0; n]);
     // Per shape (the step first), its best log-likelihood over the starts.
     let mut shape_best = vec![f64::NEG_INFINITY; 1 + ramps.len() * RAMP_POWERS.len()];
     for i in 0..n {
@@ -524,16 +522,11 @@ pub fn estimate(
         };
         step[i] = profile(model, side, pre, suffix[i], prior);
         let mut terms = vec![(step_w, step[i])];
-        let mut top = step[i];
         for (&len, &power) in ramps
             .iter()
             .flat_map(|l| RAMP_POWERS.iter().map(move |p| (l, p)))
         {
             let ll = fit.ll(pre, &ramp_pieces(spans, &suffix, i, len, power));
-            if ll > top {
-                top = ll;
-                shape[i] = len;
-            }
             terms.push((ramp_w, ll));
         }
         for (b, t) in shape_best.iter_mut().zip(&terms) {
@@ -550,7 +543,6 @@ pub fn estimate(
         window: spans[bi].first_window,
         low_window: low,
         high_window: high,
-        ramp_windows: shape[bi],
         spans: spans.to_vec(),
         best_step: shape_best[0],
         mixed_best: log_mix(&mixed),

@@ -465,20 +465,9 @@ fn metric_mut<'a>(cfg: &'a mut Config, name: &str) -> &'a mut MetricConfig {
 
 /// Per metric name: its series (label, season buckets learnt), sorted.
 fn state_by_metric(cfg: &Config, dir: &Path) -> HashMap<String, Vec<(String, usize)>> {
-    let (e, _) = restored(cfg, dir, checkpoint::FILE_NAME);
-    let mut m: HashMap<String, Vec<(String, usize)>> = HashMap::new();
-    for s in &e.series {
-        m.entry(e.metrics()[s.metric].name().to_string())
-            .or_default()
-            .push((s.label.clone(), s.season_buckets()));
-    }
-    for s in &e.shares {
-        m.entry(e.metrics()[s.metric].name().to_string())
-            .or_default()
-            .push((s.label.clone(), s.learnt as usize));
-    }
-    m.values_mut().for_each(|v| v.sort());
-    m
+    restored(cfg, dir, checkpoint::FILE_NAME)
+        .0
+        .learnt_by_metric()
 }
 
 /// Starts `cfg` on the state left by the last incarnation, lets it read one heartbeat at

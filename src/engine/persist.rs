@@ -90,6 +90,21 @@ struct Fit {
     fates: Vec<(String, MetricFate)>,
 }
 
+impl Fit {
+    /// A per-metric list of the checkpoint laid out per configured metric: kept entries moved
+    /// to their new place, fresh (default) ones for the rest.
+    fn reorder<T: Default>(&self, saved: Vec<T>) -> Vec<T> {
+        let mut saved: Vec<Option<T>> = saved.into_iter().map(Some).collect();
+        self.origin
+            .iter()
+            .map(|o| {
+                o.and_then(|oi| saved.get_mut(oi)?.take())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
 /// An incident with the fields its API shape leaves out.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct PersistedIncident {
@@ -164,6 +179,25 @@ pub fn offsets_of(path: &Path, payload: &[u8]) -> Result<Offsets, CheckpointErro
 }
 
 impl Engine {
+    /// What each metric has learnt, by name: per series its label and the season buckets (a
+    /// share series: windows) learnt, sorted. The state a restart keeps or resets per metric.
+    pub fn learnt_by_metric(&self) -> HashMap<String, Vec<(String, usize)>> {
+        let mut m: HashMap<String, Vec<(String, usize)>> = HashMap::new();
+        let mut add = |metric: usize, label: &str, learnt: usize| {
+            m.entry(self.metrics()[metric].name().to_string())
+                .or_default()
+                .push((label.to_string(), learnt));
+        };
+        for s in &self.series {
+            add(s.metric, &s.label, s.season_buckets());
+        }
+        for s in &self.shares {
+            add(s.metric, &s.label, s.learnt as usize);
+        }
+        m.values_mut().for_each(|v| v.sort());
+        m
+    }
+
     /// Identifies what every series' state is shaped by: the window (window indices, and the
     /// detectors' thresholds per window) and the allowed lateness (the open windows each series
     /// keeps). A checkpoint of other values is refused whole; what shapes one metric's or one
@@ -447,16 +481,7 @@ impl Engine {
         let relaid =
             smap.len() != p.series.len() || smap.iter().enumerate().any(|(j, &n)| n != Some(j));
         for g in &mut p.guards.all {
-            let mut old: Vec<Option<crate::guard::MetricWatch>> = std::mem::take(&mut g.metrics)
-                .into_iter()
-                .map(Some)
-                .collect();
-            g.metrics = fit
-                .origin
-                .iter()
-                .map(|o| o.and_then(|oi| old.get_mut(oi)?.take()))
-                .map(Option::unwrap_or_default)
-                .collect();
+            g.metrics = fit.reorder(std::mem::take(&mut g.metrics));
             if relaid {
                 // The series in scope are indices: taking over from itself, with nothing to
                 // take, is the way to have them found again.
@@ -543,18 +568,7 @@ impl Engine {
             .map(|(i, s)| (self.series_key(s.metric, &s.dims, true), i))
             .collect();
         p.shares = shares;
-        let mut cats: Vec<Option<crate::share::Categories>> = std::mem::take(&mut p.share_cats)
-            .into_iter()
-            .map(Some)
-            .collect();
-        p.share_cats = fit
-            .origin
-            .iter()
-            .map(|o| {
-                o.and_then(|oi| cats.get_mut(oi)?.take())
-                    .unwrap_or_default()
-            })
-            .collect();
+        p.share_cats = fit.reorder(std::mem::take(&mut p.share_cats));
         orphans
     }
 
@@ -1084,23 +1098,6 @@ mod tests {
         assert_eq!(c.series.len(), fresh);
     }
 
-    /// Per metric: (series labels, season buckets learnt), sorted.
-    fn by_metric(e: &Engine) -> HashMap<String, Vec<(String, usize)>> {
-        let mut m: HashMap<String, Vec<(String, usize)>> = HashMap::new();
-        for s in &e.series {
-            m.entry(e.metrics()[s.metric].name().to_string())
-                .or_default()
-                .push((s.label.clone(), s.season_buckets()));
-        }
-        for s in &e.shares {
-            m.entry(e.metrics()[s.metric].name().to_string())
-                .or_default()
-                .push((s.label.clone(), s.learnt as usize));
-        }
-        m.values_mut().for_each(|v| v.sort());
-        m
-    }
-
     /// The default config, edited: `conversion_rate`'s owner and severity, a metric inserted
     /// first, `click_through_rate`'s seasonality, `unsubscribe_rate` removed.
     fn edited() -> Engine {
@@ -1144,7 +1141,7 @@ mod tests {
         );
         assert_eq!(fate("tickets"), MetricFate::New);
         assert_eq!(fate("unsubscribe_rate"), MetricFate::Removed);
-        let (before, after) = (by_metric(&a), by_metric(&b));
+        let (before, after) = (a.learnt_by_metric(), b.learnt_by_metric());
         for m in [
             "conversion_rate",
             "support_tickets_per_session",
@@ -1166,7 +1163,7 @@ mod tests {
         let mut sim_b = sim.clone();
         feed(&mut a, &mut sim, T0 + 28 * H);
         feed(&mut b, &mut sim_b, T0 + 28 * H);
-        let (before, after) = (by_metric(&a), by_metric(&b));
+        let (before, after) = (a.learnt_by_metric(), b.learnt_by_metric());
         for m in [
             "conversion_rate",
             "support_tickets_per_session",
@@ -1191,7 +1188,7 @@ mod tests {
             (
                 e.sprawl.as_ref().map(|s| s.surfaces.len()),
                 e.pressure.as_ref().map(|p| p.surfaces.len()),
-                by_metric(e),
+                e.learnt_by_metric(),
             )
         };
         let (sprawl, pressure, metrics) = tracked(&a);
